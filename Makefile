@@ -1,0 +1,30 @@
+# Two commands do all set-up: `make demo` and `make test` (each creates .venv on first use).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install bench clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	VENV=$(VENV) bash scripts/install.sh
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m search demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check search trainers spaces tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	@start=$$(date +%s); \
+	$(PY) -m pytest -q; status=$$?; \
+	echo "test suite: $$(( $$(date +%s) - start )) s"; exit $$status
+
+bench: $(STAMP)
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf runs data/synth .pytest_cache .mypy_cache

@@ -1,0 +1,45 @@
+"""Shared fixtures: synthetic datasets written once per session, and the tiny trial preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from search.synth import write_dataset
+from spaces.dataset import Dataset, open_dataset
+
+CASCADE_BASE = "mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py"
+FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
+
+
+def tiny_point(**changes: Any) -> dict[str, Any]:
+    """A point that trains in seconds on the CPU: tiny preset, ResNet-18, 160 px."""
+    point = dict(backbone="r18", preset="tiny", scale=[160, 160], optimizer="sgd", lr=0.02,
+                 schedule="step", epochs=2, batch_size=4)
+    point.update(changes)
+    return point
+
+
+def _dataset(tmp_path_factory: pytest.TempPathFactory, images: int) -> Dataset:
+    root = tmp_path_factory.mktemp(f"synth{images}")
+    write_dataset(root, images=images, size=160, seed=0)
+    return open_dataset(root, "train.json", "val.json")
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """48 images, 36 for training: enough for a couple of quick epochs."""
+    return _dataset(tmp_path_factory, 48)
+
+
+@pytest.fixture(scope="session")
+def synth_large(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """96 images: enough for mAP to rise clearly within a few epochs."""
+    return _dataset(tmp_path_factory, 96)
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path) -> Path:
+    return tmp_path / "trial"

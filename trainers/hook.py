@@ -1,0 +1,60 @@
+"""The one mmengine Hook that joins training to the search: it reports after every validation epoch."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from mmengine.hooks import Hook
+
+from trainers.metrics import EPOCH, train_metrics, val_metrics
+
+Report = Callable[[dict[str, float], Path], None]
+"""Receives one epoch's flat metrics and the checkpoint saved at the end of that epoch."""
+
+
+class EpochReportHook(Hook):
+    """Collects epoch means of the train losses and lr, joins them with the val metrics, and reports.
+
+    Runs at ``LOWEST`` priority so mmengine's own CheckpointHook has already saved the epoch's checkpoint.
+    Under DDP every rank calls ``report`` (Ray Train expects all workers to report) with the same values:
+    the train means are averaged over ranks first.
+    """
+
+    priority = "LOWEST"
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+
+    def before_train_epoch(self, runner: Any) -> None:
+        self._sums.clear()
+        self._count = 0
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                         outputs: Mapping[str, Any] | None = None) -> None:
+        for key, value in (outputs or {}).items():
+            self._sums[key] += float(value.detach()) if torch.is_tensor(value) else float(value)
+        self._sums["lr"] += float(runner.optim_wrapper.get_lr()["lr"][0])
+        self._count += 1
+
+    def after_val_epoch(self, runner: Any, metrics: Mapping[str, float] | None = None) -> None:
+        epoch = int(runner.epoch)
+        sums, count = self._summed_over_ranks()
+        row = {**train_metrics(sums, count), **val_metrics(metrics or {}), EPOCH: float(epoch)}
+        self._report(row, Path(runner.work_dir) / f"epoch_{epoch}.pth")
+
+    def _summed_over_ranks(self) -> tuple[dict[str, float], int]:
+        keys = sorted(self._sums)
+        values = torch.tensor([self._sums[k] for k in keys] + [float(self._count)], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                values = values.cuda()
+            dist.all_reduce(values)
+        *sums, count = values.tolist()
+        return dict(zip(keys, sums, strict=True)), int(count)

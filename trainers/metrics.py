@@ -1,0 +1,37 @@
+"""Metric names: mmengine/mmdet keys in, the experiment log's column names out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+VAL_PREFIX = "val/"
+TRAIN_PREFIX = "train/"
+EPOCH = "epoch"
+
+
+def val_metrics(evaluated: Mapping[str, float]) -> dict[str, float]:
+    """Renames evaluator output (``coco/bbox_mAP``) to the log's names (``val/bbox_mAP``).
+
+    mmengine's LogProcessor strips ``val/``, so this is the one place the prefix comes back. COCO writes -1
+    when an area range holds no objects: that is not a score, so the key is left out (missing).
+    Non-numeric entries (e.g. mmdet's ``*_copypaste`` strings) are dropped.
+    """
+    out: dict[str, float] = {}
+    for key, value in evaluated.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value == -1:
+            continue
+        out[VAL_PREFIX + key.split("/", 1)[-1]] = float(value)
+    return out
+
+
+def train_metrics(sums: Mapping[str, float], count: int) -> dict[str, float]:
+    """Epoch means of the loss/acc values the model logged, under ``train/`` + mmdet's key."""
+    if count == 0:
+        return {}
+    return {TRAIN_PREFIX + key: value / count for key, value in sums.items()}
+
+
+def non_finite(metrics: Mapping[str, float]) -> list[str]:
+    """Names of the metrics whose value is NaN or infinite."""
+    return sorted(k for k, v in metrics.items() if not math.isfinite(v))

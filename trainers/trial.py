@@ -1,0 +1,116 @@
+"""One MMDetection trial: build the config for a sampled point, train it with a real mmengine Runner,
+report every validation epoch, checkpoint every epoch and resume from a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+
+from spaces.build import build_config
+from spaces.dataset import Dataset
+from trainers.hook import EpochReportHook, Report
+from trainers.runner import build_runner, release_globals
+
+TRIAL_LOG = "trial.log"
+TRIAL_CONFIG = "config.py"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSpec:
+    """Everything that defines one trial; the same spec always trains the same model."""
+
+    base: str
+    dataset: Dataset
+    point: Mapping[str, Any]
+    work_dir: Path
+    pretrained: Mapping[str, str] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    dataloader_workers: int = 0
+
+
+def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | None = None) -> Config:
+    """The full config the Runner gets: the knobs' config plus this trial's runtime settings."""
+    cfg = build_config(spec.base, spec.point, spec.dataset, pretrained=spec.pretrained,
+                       overrides=spec.overrides)
+    distributed = dist.is_available() and dist.is_initialized()
+    cuda = torch.cuda.is_available()
+    cfg.work_dir = str(spec.work_dir)
+    cfg.experiment_name = experiment_name
+    # Ray Train has already built the process group: 'pytorch' makes mmengine use it (and wrap DDP).
+    cfg.launcher = "pytorch" if distributed else "none"
+    cfg.env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl" if cuda else "gloo"),
+                       mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0))
+    if distributed and not cuda:
+        # mmengine's default wrapper passes device_ids=[LOCAL_RANK], which torch refuses for CPU modules.
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False, device_ids=None)
+    cfg.randomness = dict(seed=spec.seed)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,
+                                        max_keep_ckpts=KEEP_CHECKPOINTS)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)
+    # One visualizer per trial, writing only locally: MLflow hears each metric once, from the search.
+    cfg.visualizer = dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")],
+                          name=experiment_name)
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if cfg.get(key) is not None:
+            cfg[key].num_workers = spec.dataloader_workers
+            cfg[key].persistent_workers = spec.dataloader_workers > 0
+    cfg.resume = resume_from is not None
+    cfg.load_from = str(resume_from) if resume_from is not None else None
+    return cfg
+
+
+def run_trial(spec: TrialSpec, *, report: Report | None = None, resume_from: Path | None = None
+              ) -> list[dict[str, float]]:
+    """Trains the trial to its last epoch and returns each epoch's metrics, in order.
+
+    Args:
+        spec: what to train.
+        report: called after every validation epoch with that epoch's metrics and checkpoint path.
+        resume_from: a checkpoint this trial saved earlier; training continues after its epoch with the
+            weights, optimizer and scheduler state it holds.
+
+    The Runner's logs, and anything else printed during the trial, go to ``work_dir/trial.log``.
+    """
+    spec.work_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, float]] = []
+
+    def collect(row: dict[str, float], checkpoint: Path) -> None:
+        rows.append(row)
+        if report is not None:
+            report(row, checkpoint)
+
+    name = f"dettune-{uuid.uuid4().hex[:12]}"
+    with _trial_log(spec.work_dir / TRIAL_LOG):
+        try:
+            cfg = trial_config(spec, experiment_name=name, resume_from=resume_from)
+            cfg.dump(str(spec.work_dir / TRIAL_CONFIG))
+            _bind_local_gpu()
+            runner = build_runner(cfg)
+            runner.register_hook(EpochReportHook(collect), priority="LOWEST")
+            runner.train()
+        finally:
+            release_globals(name)
+    return rows
+
+
+@contextlib.contextmanager
+def _trial_log(path: Path) -> Any:
+    with open(path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
+def _bind_local_gpu() -> None:
+    """mmengine skips ``torch.cuda.set_device`` when the process group already exists, so do it here."""
+    if torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
