@@ -11,21 +11,74 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from search.driver import SearchExists, SearchOptions, SearchOutcome, run_search
 from spaces.build import BuildError
 from spaces.dataset import DatasetError
+from spaces.distributions import DistributionError
+from spaces.errors import SpaceError
 
 USAGE_ERROR = 2
 # The errors that mean "the user's input is wrong" (as opposed to a bug): reported without a traceback.
-INPUT_ERRORS: tuple[type[Exception], ...] = (BuildError, DatasetError, ValueError, FileNotFoundError)
+INPUT_ERRORS: tuple[type[Exception], ...] = (BuildError, DatasetError, DistributionError, SpaceError, SearchExists)
+DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
+DEMO_DATA = Path("data/synth")
+DEMO_IMAGES = 96
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from search.synth import write_dataset
 
-    summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
+    try:
+        summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
+    except ValueError as exc:  # argument rules, e.g. --images must be >= 4
+        raise BuildError(str(exc)) from None
     print(f"wrote {summary.train_images} train + {summary.val_images} val images, "
           f"{summary.annotations} objects {summary.area_counts} to {summary.out}")
     return 0
+
+
+def _search_options(args: argparse.Namespace, **changes: object) -> SearchOptions:
+    fields = dict(space_file=Path(args.space), name=args.name, address=args.address, tracking_uri=args.tracking_uri,
+                  storage=Path(args.storage), trials=args.trials, max_concurrent=args.max_concurrent,
+                  overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False))
+    fields.update(changes)
+    return SearchOptions(**fields)  # type: ignore[arg-type]
+
+
+def _print_outcome(outcome: SearchOutcome) -> None:
+    print(f"\nsearch {outcome.name}: best trial {outcome.best_trial_id or '-'}\n")
+    print(outcome.table)
+    print(f"\nRay results: {outcome.experiment_dir}")
+    if outcome.tracking_uri.startswith("sqlite:"):
+        print(f"MLflow:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    else:
+        print(f"MLflow:      {outcome.tracking_uri}")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    _print_outcome(run_search(_search_options(args)))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from search.synth import write_dataset
+
+    if not (DEMO_DATA / "train.json").is_file():
+        write_dataset(DEMO_DATA, images=DEMO_IMAGES, size=160, seed=0)
+        print(f"wrote the demo dataset to {DEMO_DATA}")
+    args.space = str(DEMO_SPACE)
+    _print_outcome(run_search(_search_options(args, overwrite=True)))
+    return 0
+
+
+def _add_search_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="search name (default: the space's name)")
+    parser.add_argument("--address", help="Ray cluster address (default: inside a Ray job its cluster, "
+                                          "else Ray in this process)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --storage)")
+    parser.add_argument("--storage", default="runs", help="Ray storage path, shared by all nodes (default: runs)")
+    parser.add_argument("--trials", type=int, help="number of trials (default: budget.trials)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: budget.max_concurrent)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=160, help="image side in pixels (default 160)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     synth.set_defaults(handler=_cmd_data_synth)
+
+    search = commands.add_parser("search", help="run a hyperparameter search over a space file")
+    search.add_argument("space", help="space YAML file")
+    _add_search_flags(search)
+    search.add_argument("--overwrite", action="store_true", help="replace an existing search of this name")
+    search.add_argument("--resume", action="store_true", help="continue an existing search of this name")
+    search.set_defaults(handler=_cmd_search)
+
+    demo = commands.add_parser("demo", help="search spaces/demo.yaml on synthetic data (written on first use)")
+    _add_search_flags(demo)
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 

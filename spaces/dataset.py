@@ -23,6 +23,8 @@ class Dataset:
     classes: tuple[str, ...]
     has_masks: bool
     num_train_images: int
+    val_area_ranges: frozenset[str]
+    """COCO area ranges ('s', 'm', 'l') that hold at least one val object: the mAP columns that are defined."""
 
     @property
     def train_json(self) -> Path:
@@ -59,7 +61,16 @@ def open_dataset(root: str | Path, train: str, val: str, images: str = "images")
         root=root, train=train, val=val, images=images, classes=classes,
         has_masks=all(ann.get("segmentation") for ann in train_doc["annotations"]),
         num_train_images=len(train_doc["images"]),
+        val_area_ranges=_area_ranges(val_doc),
     )
+
+
+def _area_ranges(doc: dict[str, Any]) -> frozenset[str]:
+    """COCO's area ranges: small < 32², medium < 96², large beyond (by the annotation's ``area``)."""
+    def kind(area: float) -> str:
+        return "s" if area < 32**2 else "m" if area < 96**2 else "l"
+
+    return frozenset(kind(float(a.get("area", 0.0))) for a in doc["annotations"] if not a.get("iscrowd"))
 
 
 def _load_coco(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from mmengine.hooks import Hook
 
-from trainers.metrics import EPOCH, train_metrics, val_metrics
+from trainers.metrics import EPOCH, VAL_PREFIX, train_metrics, val_metrics
 
 Report = Callable[[dict[str, float], Path], None]
 """Receives one epoch's flat metrics and the checkpoint saved at the end of that epoch."""
@@ -20,15 +20,17 @@ Report = Callable[[dict[str, float], Path], None]
 class EpochReportHook(Hook):
     """Collects epoch means of the train losses and lr, joins them with the val metrics, and reports.
 
-    Runs at ``LOWEST`` priority so mmengine's own CheckpointHook has already saved the epoch's checkpoint.
+    ``empty_scores`` stands in for the val columns when the evaluator returns none because nothing was
+    detected. Runs at ``LOWEST`` priority so mmengine's own CheckpointHook has already saved the epoch's checkpoint.
     Under DDP every rank calls ``report`` (Ray Train expects all workers to report) with the same values:
     the train means are averaged over ranks first.
     """
 
     priority = "LOWEST"
 
-    def __init__(self, report: Report) -> None:
+    def __init__(self, report: Report, *, empty_scores: Mapping[str, float]) -> None:
         self._report = report
+        self._empty_scores = dict(empty_scores)
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
 
@@ -46,7 +48,10 @@ class EpochReportHook(Hook):
     def after_val_epoch(self, runner: Any, metrics: Mapping[str, float] | None = None) -> None:
         epoch = int(runner.epoch)
         sums, count = self._summed_over_ranks()
-        row = {**train_metrics(sums, count), **val_metrics(metrics or {}), EPOCH: float(epoch)}
+        val = val_metrics(metrics or {})
+        if not any(key.startswith(VAL_PREFIX + "bbox_mAP") for key in val):
+            val.update(self._empty_scores)
+        row = {**train_metrics(sums, count), **val, EPOCH: float(epoch)}
         self._report(row, Path(runner.work_dir) / f"epoch_{epoch}.pth")
 
     def _summed_over_ranks(self) -> tuple[dict[str, float], int]:

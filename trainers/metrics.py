@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 VAL_PREFIX = "val/"
 TRAIN_PREFIX = "train/"
@@ -23,6 +23,16 @@ def val_metrics(evaluated: Mapping[str, float]) -> dict[str, float]:
             continue
         out[VAL_PREFIX + key.split("/", 1)[-1]] = float(value)
     return out
+
+
+def no_detection_scores(area_ranges: Iterable[str]) -> dict[str, float]:
+    """The val columns of a model that detects nothing: AP 0 wherever ground truth exists.
+
+    mmdet's CocoMetric returns no numbers at all when a whole val set yields no boxes (common in a
+    from-scratch model's first epoch); that is a real score of zero, not a missing one.
+    """
+    suffixes = ["", "_50", "_75", *(f"_{r}" for r in sorted(area_ranges))]
+    return {f"{VAL_PREFIX}bbox_mAP{s}": 0.0 for s in suffixes}
 
 
 def train_metrics(sums: Mapping[str, float], count: int) -> dict[str, float]:

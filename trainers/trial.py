@@ -18,6 +18,7 @@ from mmengine.config import Config
 from spaces.build import build_config
 from spaces.dataset import Dataset
 from trainers.hook import EpochReportHook, Report
+from trainers.metrics import no_detection_scores
 from trainers.runner import build_runner, release_globals
 
 TRIAL_LOG = "trial.log"
@@ -97,7 +98,8 @@ def run_trial(spec: TrialSpec, *, report: Report | None = None, resume_from: Pat
             cfg.dump(str(spec.work_dir / TRIAL_CONFIG))
             _bind_local_gpu()
             runner = build_runner(cfg)
-            runner.register_hook(EpochReportHook(collect), priority="LOWEST")
+            empty_scores = no_detection_scores(spec.dataset.val_area_ranges)
+            runner.register_hook(EpochReportHook(collect, empty_scores=empty_scores), priority="LOWEST")
             runner.train()
         finally:
             release_globals(name)

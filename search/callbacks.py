@@ -1,0 +1,111 @@
+"""Ray Tune callbacks on the driver: MLflow bookkeeping and one console line per trial event.
+
+Both run in the driver process, after Tune has processed a result (its checkpoint is already in storage), so
+only one process ever writes to MLflow.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+from search.tracking import Tracker
+from trainers.metrics import EPOCH
+
+
+def trial_outcome(trial: Any, max_epochs: int) -> tuple[str, int | None]:
+    """How a finished trial ended: ('completed', None) or ('stopped', epoch) when it ended early.
+
+    ASHA is the only thing that ends a healthy trial before its last epoch, so fewer epochs means ASHA.
+    """
+    epoch = int((trial.last_result or {}).get(EPOCH, 0))
+    return ("completed", None) if epoch >= max_epochs else ("stopped", epoch)
+
+
+def failure_reason(trial: Any) -> str:
+    """The last line of the trial's error (the exception message), or a generic reason."""
+    error = trial.get_error() if hasattr(trial, "get_error") else None
+    text = str(error).strip() if error is not None else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "trial failed (see its trial.log and Ray's error file)"
+
+
+class MlflowCallback(Callback):
+    """Keeps each Tune trial in one MLflow run, whatever restarts happen around it."""
+
+    def __init__(self, tracker: Tracker, *, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
+                 max_epochs: int) -> None:
+        self._tracker = tracker
+        self._params_of = params_of
+        self._max_epochs = max_epochs
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
+        self._tracker.log_epoch(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        status, stopped_at = trial_outcome(trial, self._max_epochs)
+        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
+        self._tracker.end_trial(trial.trial_id, status=status, stopped_at=stopped_at)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
+        self._tracker.end_trial(trial.trial_id, status="failed", failure=failure_reason(trial))
+
+
+class ConsoleCallback(Callback):
+    """Prints one line per trial event (started, epoch result, stopped by ASHA, completed, failed) and,
+    every ``table_every_s`` seconds while trials run, a status table."""
+
+    def __init__(self, *, metric: str, max_epochs: int, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
+                 out: TextIO = sys.stdout, table_every_s: float = 60.0) -> None:
+        self._metric = metric
+        self._max_epochs = max_epochs
+        self._params_of = params_of
+        self._out = out
+        self._table_every_s = table_every_s
+        self._last_table = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if time.monotonic() - self._last_table < self._table_every_s:
+            return
+        self._last_table = time.monotonic()
+        lines = [f"{'trial':<10} {'status':<11} {'epoch':>5} {self._metric:>14}"]
+        for trial in trials:
+            result = trial.last_result or {}
+            value = result.get(self._metric)
+            lines.append(f"{trial.trial_id:<10} {trial.status:<11} {int(result.get(EPOCH, 0)):>5} "
+                         f"{value if isinstance(value, float) else '-':>14.14}")
+        print("\n".join(["", *lines, ""]), file=self._out, flush=True)
+
+    def _say(self, trial: Any, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] trial {trial.trial_id}: {text}", file=self._out, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        knobs = " ".join(f"{k}={_short(v)}" for k, v in self._params_of(trial.config).items())
+        self._say(trial, f"started {knobs}")
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        value = result.get(self._metric)
+        shown = f"{value:.4f}" if isinstance(value, float) else "-"
+        self._say(trial, f"epoch {int(result[EPOCH])}/{self._max_epochs} {self._metric}={shown}")
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        status, stopped_at = trial_outcome(trial, self._max_epochs)
+        self._say(trial, "completed" if status == "completed" else f"stopped by ASHA at epoch {stopped_at}")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._say(trial, f"failed: {failure_reason(trial)}")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

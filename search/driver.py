@@ -1,0 +1,240 @@
+"""The search driver: assemble Ray Tune (searcher, ASHA, resources, storage, callbacks) and run it.
+
+Searchers: Optuna TPE (Bergstra et al., "Algorithms for Hyper-Parameter Optimization", NeurIPS 2011) through
+Ray Tune's ``OptunaSearch``, random sampling, or Tune's grid search. Early stopping: ASHA (Li et al., "A System
+for Massively Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its time attribute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm
+
+from search.callbacks import ConsoleCallback, MlflowCallback
+from search.tracking import Tracker, local_tracking_uri
+from search.trainable import TrialPlan, tune_trial
+from spaces.build import MMDET_PREFIX, resolve_base
+from spaces.dataset import open_dataset
+from spaces.schema import Space, load_space
+from trainers.metrics import EPOCH
+
+KEEP_CHECKPOINTS = 2
+
+
+class SearchExists(ValueError):
+    """The search name is taken; the message says how to resume or overwrite it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """The command line's settings for one search; None means "as the space file says"."""
+
+    space_file: Path
+    name: str | None = None
+    address: str | None = None
+    tracking_uri: str | None = None
+    storage: Path = Path("runs")
+    trials: int | None = None
+    max_concurrent: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOutcome:
+    name: str
+    tracking_uri: str
+    experiment_dir: Path
+    best_trial_id: str | None
+    table: str
+
+
+def load_for_search(options: SearchOptions) -> Space:
+    """The space with the command line's overrides (name, trials, concurrency) applied and re-checked."""
+    space = load_space(options.space_file)
+    data = space.to_json()
+    if options.name:
+        data["name"] = options.name
+    for key, value in (("trials", options.trials), ("max_concurrent", options.max_concurrent)):
+        if value is not None:
+            data["budget"][key] = value
+    return Space.from_json(data, str(options.space_file))
+
+
+def make_plan(space: Space, storage: Path) -> TrialPlan:
+    """Resolves every path now, in the driver: trials run with another working directory, maybe elsewhere."""
+    root = Path(space.data.root).resolve()
+    open_dataset(root, space.data.train, space.data.val, space.data.images)  # fail here, not in every trial
+    base = space.base if space.base.startswith(MMDET_PREFIX) else str(resolve_base(space.base).resolve())
+    resolve_base(base)
+    budget = space.budget
+    return TrialPlan(space=space.to_json(), base=base, data_root=str(root), workers=budget.workers_per_trial,
+                     cpus_per_worker=budget.cpus_per_worker,
+                     gpus_per_worker=budget.gpus_per_trial // budget.workers_per_trial if budget.gpus_per_trial else 0,
+                     storage=str(storage), name=space.name,
+                     pretrained={k: str(Path(v).resolve()) for k, v in space.pretrained.items()})
+
+
+def trial_resources(plan: TrialPlan) -> dict[str, float]:
+    """With one worker the Tune trial trains itself; with more, Train's workers hold the resources."""
+    if plan.workers == 1:
+        return {"CPU": plan.cpus_per_worker, "GPU": plan.gpus_per_worker}
+    return {"CPU": 0}
+
+
+def make_searcher(space: Space) -> tuple[SearchAlgorithm | Any, dict[str, Any], int]:
+    """The searcher, the Tuner's param_space and num_samples for the space's algorithm."""
+    algorithm, seed = space.search.algorithm, space.search.seed
+    if algorithm == "tpe":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
+                                sampler=TPESampler(seed=seed))
+        return searcher, {}, space.budget.trials
+    samples = 1 if algorithm == "grid" else space.budget.trials
+    return BasicVariantGenerator(random_state=seed), space.tune_param_space(), samples
+
+
+def make_scheduler(space: Space) -> TrialScheduler:
+    if space.scheduler.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=EPOCH, metric=space.metric, mode=space.mode, max_t=space.budget.epochs,
+                         grace_period=space.scheduler.grace_epochs,
+                         reduction_factor=space.scheduler.reduction_factor)
+
+
+def connect_ray(address: str | None) -> None:
+    """Joins the given cluster, the cluster of the Ray job we run in, or starts Ray in this process."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or "auto", log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def run_search(options: SearchOptions) -> SearchOutcome:
+    """Runs (or resumes) a search to its end and returns where its results are."""
+    space = load_for_search(options)
+    storage = options.storage.resolve()
+    experiment_dir = storage / space.name
+    _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
+    plan = make_plan(space, storage)
+    tracking_uri = options.tracking_uri or local_tracking_uri(storage)
+    tracker = Tracker(tracking_uri, space.name,
+                      artifact_root=None if options.tracking_uri else storage / "mlartifacts")
+    tracker.describe_search(tags=_search_tags(space), space_yaml=options.space_file.read_text(),
+                            space_json=json.dumps(space.to_json(), indent=2))
+    connect_ray(options.address)
+    tuner = _tuner(space, plan, tracker, storage, resume=options.resume and experiment_dir.exists())
+    results = tuner.fit()
+    best_id = _record_best(results, space, plan, tracker)
+    tracker.finish_search()
+    return SearchOutcome(name=space.name, tracking_uri=tracking_uri, experiment_dir=experiment_dir,
+                         best_trial_id=best_id, table=results_table(tracker, space))
+
+
+def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if experiment_dir.exists() and not (resume or overwrite):
+        raise SearchExists(f"a search named {experiment_dir.name} already exists in {experiment_dir.parent}: "
+                           "continue it with `dettune resume NAME`, pass --overwrite to start again, "
+                           "or choose another --name")
+    if overwrite and experiment_dir.exists():
+        shutil.rmtree(experiment_dir)
+
+
+def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, plan=plan), trial_resources(plan))
+    if resume:
+        return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
+    searcher, param_space, samples = make_searcher(space)
+    params_of = _params_of(plan)
+    callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=space.budget.epochs),
+                 ConsoleCallback(metric=space.metric, max_epochs=space.budget.epochs, params_of=params_of)]
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space), num_samples=samples,
+                                    max_concurrent_trials=space.budget.max_concurrent),
+        run_config=tune.RunConfig(
+            name=space.name, storage_path=str(storage), callbacks=callbacks, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=space.budget.max_retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS,
+                                                    checkpoint_score_attribute=space.metric,
+                                                    checkpoint_score_order=space.mode)),
+    )
+
+
+def _params_of(plan: TrialPlan) -> Any:
+    def params_of(config: Mapping[str, Any]) -> dict[str, Any]:
+        return plan.point(config)
+
+    return params_of
+
+
+def _search_tags(space: Space) -> dict[str, str]:
+    tags = {
+        "dettune.space": space.name,
+        "dettune.searcher": json.dumps(space.search.model_dump()),
+        "dettune.scheduler": json.dumps(space.scheduler.model_dump()),
+        "dettune.metric": f"{space.metric} ({space.mode})",
+        "dettune.base": space.base,
+    }
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _record_best(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> str | None:
+    try:
+        best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
+    except RuntimeError:  # no trial reported the metric
+        return None
+    history = best.metrics_dataframe
+    row = history.loc[history[space.metric].idxmax() if space.mode == "max" else history[space.metric].idxmin()]
+    trial_id = str(best.metrics.get("trial_id", ""))
+    tracker.record_best(plan.point(best.config), row.dropna().to_dict(), epoch=int(row[EPOCH]), trial_id=trial_id)
+    return trial_id
+
+
+def results_table(tracker: Tracker, space: Space) -> str:
+    """The end-of-search summary, read back from MLflow: one line per trial."""
+    knobs = list(space.space)
+    header = ["trial", *knobs, "epochs", space.metric, "status"]
+    lines = [header]
+    for run in tracker.trial_runs():
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        status = tags.get("dettune.status", "?")
+        if status == "stopped":
+            status = f"stopped by ASHA at epoch {tags.get('dettune.stopped_at_epoch')}"
+        elif status == "failed":
+            status = f"failed: {tags.get('dettune.failure', '')}"
+        value = metrics.get(space.metric)
+        epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
+        lines.append([tags.get("dettune.exp_num", "?"), *(params.get(k, "-") for k in knobs), str(epochs),
+                      f"{value:.4f}" if value is not None else "-", status])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
+

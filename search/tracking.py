@@ -1,0 +1,160 @@
+"""MLflow bookkeeping: one parent run per search, exactly one nested run per trial, each point once.
+
+The trial -> run mapping is durable: every run carries tags (``dettune.search``, ``dettune.trial_id``), and a
+run is looked up by them before one is created. After ``dettune resume`` or a retried trial the same run
+continues. Which epochs a run already holds is read back from MLflow, so a point is never written twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+TAG_SEARCH = "dettune.search"
+TAG_ROLE = "dettune.role"
+TAG_TRIAL = "dettune.trial_id"
+TAG_EXP_NUM = "dettune.exp_num"
+TAG_STATUS = "dettune.status"
+TAG_STOPPED_AT = "dettune.stopped_at_epoch"
+TAG_FAILURE = "dettune.failure"
+LOGGED_PREFIXES = ("val/", "train/", "inference/", "lb/")
+
+
+def is_log_column(key: str) -> bool:
+    """Whether a result key is one of the experiment log's metric columns."""
+    return key.startswith(LOGGED_PREFIXES)
+
+
+def local_tracking_uri(storage: Path) -> str:
+    """The embedded default: a SQLite store next to the search's Ray storage."""
+    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+
+
+@dataclass
+class _RunState:
+    run_id: str
+    logged_epochs: set[int]
+
+
+class Tracker:
+    """Writes one search to MLflow through an explicit client (no process-global active run)."""
+
+    def __init__(self, tracking_uri: str, search: str, *, artifact_root: Path | None = None) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.search = search
+        experiment = self.client.get_experiment_by_name(search)
+        if experiment is None:
+            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(search, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self._runs: dict[str, _RunState] = {}
+        self.parent_run_id = self._find_or_create_parent()
+
+    # --- lookup ---------------------------------------------------------------------------------------
+
+    def _find(self, **tags: str) -> Any:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {TAG_SEARCH: self.search, **tags}.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2)
+        return runs[0] if runs else None
+
+    def _find_or_create_parent(self) -> str:
+        found = self._find(**{TAG_ROLE: "parent"})
+        if found is not None:
+            return str(found.info.run_id)
+        run = self.client.create_run(self.experiment_id, run_name=self.search,
+                                     tags={TAG_SEARCH: self.search, TAG_ROLE: "parent"})
+        return str(run.info.run_id)
+
+    def trial_runs(self) -> list[Any]:
+        """Every trial run of this search, in the order they were created."""
+        query = f"tags.`{TAG_SEARCH}` = '{self.search}' and tags.`{TAG_ROLE}` = 'trial'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000,
+                                       order_by=["attributes.start_time ASC"])
+        return list(runs)
+
+    # --- parent ---------------------------------------------------------------------------------------
+
+    def describe_search(self, *, tags: Mapping[str, str], space_yaml: str, space_json: str) -> None:
+        """Tags the parent run and stores the space (as written, and as reloadable JSON)."""
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_text(self.parent_run_id, space_yaml, "space.yaml")
+        self.client.log_text(self.parent_run_id, space_json, "space.json")
+
+    def record_best(self, params: Mapping[str, Any], metrics: Mapping[str, float], *, epoch: int,
+                    trial_id: str) -> None:
+        """Gives the parent run the best trial's params and metrics (params once: MLflow can't change them)."""
+        existing = self.client.get_run(self.parent_run_id).data.params
+        new_params = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        stamp = _now_ms()
+        self.client.log_batch(
+            self.parent_run_id,
+            metrics=[Metric(k, float(v), stamp, epoch) for k, v in metrics.items() if is_log_column(k)],
+            params=new_params, tags=[RunTag("dettune.best_trial", trial_id)])
+
+    def finish_search(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_run_id, status)
+
+    # --- trials ---------------------------------------------------------------------------------------
+
+    def start_trial(self, trial_id: str, params: Mapping[str, Any]) -> str:
+        """Returns the trial's run, creating it (nested under the parent) the first time."""
+        if trial_id in self._runs:
+            return self._runs[trial_id].run_id
+        found = self._find(**{TAG_TRIAL: trial_id})
+        if found is None:
+            exp_num = f"{self.search}-{len(self.trial_runs()) + 1}"
+            run = self.client.create_run(self.experiment_id, run_name=exp_num, tags={
+                TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_EXP_NUM: exp_num,
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: exp_num, TAG_STATUS: "running"})
+            run_id = str(run.info.run_id)
+            self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+            self._runs[trial_id] = _RunState(run_id, set())
+        else:
+            run_id = str(found.info.run_id)
+            self._runs[trial_id] = _RunState(run_id, self._logged_epochs(run_id, found.data.metrics))
+        return run_id
+
+    def _logged_epochs(self, run_id: str, latest: Mapping[str, float]) -> set[int]:
+        return {int(m.step) for key in latest for m in self.client.get_metric_history(run_id, key)}
+
+    def log_epoch(self, trial_id: str, result: Mapping[str, Any]) -> bool:
+        """Writes one epoch's log columns at step = epoch, unless the run already has that epoch."""
+        state = self._runs[trial_id]
+        epoch = int(result["epoch"])
+        if epoch in state.logged_epochs:
+            return False
+        stamp = _now_ms()
+        metrics = [Metric(k, float(v), stamp, epoch) for k, v in result.items()
+                   if is_log_column(k) and isinstance(v, (int, float))]
+        self.client.log_batch(state.run_id, metrics=metrics)
+        state.logged_epochs.add(epoch)
+        return True
+
+    def end_trial(self, trial_id: str, *, status: str, stopped_at: int | None = None,
+                  failure: str | None = None) -> None:
+        """Tags how the trial ended (completed, stopped by ASHA at epoch k, failed: reason) and closes it."""
+        run_id = self._runs[trial_id].run_id
+        tags = [RunTag(TAG_STATUS, status)]
+        if stopped_at is not None:
+            tags.append(RunTag(TAG_STOPPED_AT, str(stopped_at)))
+        if failure is not None:
+            tags.append(RunTag(TAG_FAILURE, failure[:4000]))
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+
+
+def _param(value: Any) -> str:
+    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

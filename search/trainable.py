@@ -1,0 +1,132 @@
+"""The Ray Tune function trainable: one Tune trial trains one point of the space.
+
+With one worker per trial the trainer runs inside the Tune trial itself (no Ray Train controller: each
+TorchTrainer start costs 15-20 s on a small machine). With N workers the trial launches a Ray Train
+``TorchTrainer`` (Train V2 can't be handed to the Tuner) whose workers run mmengine with ``launcher='pytorch'``
+on the process group Ray made, and ``TuneReportCallback`` forwards rank 0's reports to Tune.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.tune
+from ray.train import Checkpoint
+
+from spaces.dataset import open_dataset
+from spaces.schema import Space
+from trainers.trial import TRIAL_CONFIG, TrialSpec, run_trial
+
+CHECKPOINT_FILE = "checkpoint.pth"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialPlan:
+    """What every trial of one search shares; built by the driver with absolute paths, sent to each trial."""
+
+    space: dict[str, Any]  # Space.to_json(): decodes sampled values inside the trial
+    base: str
+    data_root: str
+    workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    storage: str
+    name: str
+    pretrained: Mapping[str, str] = field(default_factory=dict)
+
+    def point(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """The full knob values of a trial: the space's fixed knobs plus the sampled ones, decoded."""
+        space = Space.from_json(self.space)
+        return {**space.point_defaults(), **space.decode_optuna(dict(sampled))}
+
+    def work_dir(self, trial_id: str, rank: int) -> Path:
+        """Where a worker's mmengine work dir and trial.log live: next to Ray's results, on shared storage."""
+        return Path(self.storage) / self.name / "trials" / trial_id / f"rank{rank}"
+
+    @property
+    def dataloader_workers(self) -> int:
+        """One CPU of each worker trains; the others load data."""
+        return max(0, self.cpus_per_worker - 1)
+
+
+def tune_trial(config: dict[str, Any], plan: TrialPlan) -> None:
+    """The Tune function trainable (bound to ``plan`` with ``tune.with_parameters``)."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    if plan.workers == 1:
+        _train(config, plan, trial_id, get_checkpoint=ray.tune.get_checkpoint, report=ray.tune.report, rank=0)
+    else:
+        _launch_torch_trainer(config, plan, trial_id)
+
+
+def _launch_torch_trainer(config: dict[str, Any], plan: TrialPlan, trial_id: str) -> None:
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config, "plan": plan, "trial_id": trial_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
+            resources_per_worker={"CPU": plan.cpus_per_worker, "GPU": plan.gpus_per_worker}),
+        # Same name on a retry: Train V2 then resumes the run from its latest checkpoint.
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=plan.storage,
+                                       callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
+    )
+    trainer.fit()
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    rank = ray.train.get_context().get_world_rank()
+    _train(loop_config["config"], loop_config["plan"], loop_config["trial_id"],
+           get_checkpoint=ray.train.get_checkpoint, report=ray.train.report, rank=rank)
+
+
+def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
+           get_checkpoint: Callable[[], Checkpoint | None], report: Callable[..., None], rank: int) -> None:
+    space = Space.from_json(plan.space)
+    work_dir = plan.work_dir(trial_id, rank)
+    dataset = open_dataset(Path(plan.data_root), space.data.train, space.data.val, space.data.images)
+    spec = TrialSpec(base=plan.base, dataset=dataset, point=plan.point(config), work_dir=work_dir,
+                     pretrained=plan.pretrained, overrides=space.overrides, seed=space.search.seed,
+                     dataloader_workers=plan.dataloader_workers)
+    resume_from = _restore(get_checkpoint(), work_dir)
+
+    def report_epoch(metrics: dict[str, float], checkpoint: Path) -> None:
+        if rank != 0:  # every worker reports (Train's barrier); rank 0 alone uploads the checkpoint
+            report(metrics)
+            return
+        with _checkpoint_dir(checkpoint, work_dir / TRIAL_CONFIG) as directory:
+            report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+    try:
+        run_trial(spec, report=report_epoch, resume_from=resume_from)
+    finally:
+        for stale in work_dir.rglob("*.pth"):  # reported copies live in Ray storage
+            stale.unlink()
+
+
+def _restore(checkpoint: Checkpoint | None, work_dir: Path) -> Path | None:
+    """Copies the trial's last reported checkpoint (from Ray storage, maybe another node) into work_dir."""
+    if checkpoint is None:
+        return None
+    target = work_dir / "restored" / CHECKPOINT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as directory:
+        shutil.copy(Path(directory) / CHECKPOINT_FILE, target)
+    return target
+
+
+@contextmanager
+def _checkpoint_dir(checkpoint: Path, config: Path) -> Iterator[str]:
+    """A directory holding the epoch's weights and the exact config, ready to hand to Ray storage."""
+    with tempfile.TemporaryDirectory(prefix="dettune-ckpt-") as directory:
+        (Path(directory) / CHECKPOINT_FILE).hardlink_to(checkpoint)
+        shutil.copy(config, Path(directory) / TRIAL_CONFIG)
+        yield directory

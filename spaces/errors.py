@@ -1,0 +1,59 @@
+"""Errors for search-space files: each broken rule is a :class:`Problem`, all in one :class:`SpaceError`.
+
+A space file is checked as a whole, so a user sees every mistake at once instead of fixing them one run at a
+time. Each problem names the file, the dotted field path (``space.lr``, ``budget.epochs``), the offending
+value and the rule it breaks, usually with the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+class _Missing:
+    """The value of a required field that the file leaves out."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING: Any = _Missing()
+"""Stands in for :attr:`Problem.value` when the field is absent."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule in a space file.
+
+    Attributes:
+        file: The file (or ``<json>`` / ``<dict>`` for in-memory data) the problem is in.
+        field: Dotted path of the field, e.g. ``space.lr`` or ``budget.epochs``; ``line N`` for YAML syntax
+            errors and ``(top level)`` for the document itself.
+        value: The offending value (:data:`MISSING` for an absent required field).
+        rule: The rule the value breaks, usually followed by how to fix it.
+    """
+
+    file: str
+    field: str
+    value: Any
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field} = {self.value!r}: {self.rule}"
+
+
+class SpaceError(Exception):
+    """A space file (or its JSON form) breaks one or more rules.
+
+    Attributes:
+        problems: Every problem found, in file order as far as possible.
+    """
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems: list[Problem] = list(problems)
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        return "\n".join(str(problem) for problem in self.problems)
