@@ -24,6 +24,7 @@ TAG_EXP_NUM = "dettune.exp_num"
 TAG_STATUS = "dettune.status"
 TAG_STOPPED_AT = "dettune.stopped_at_epoch"
 TAG_FAILURE = "dettune.failure"
+TAG_STORAGE = "dettune.storage"  # the search's Ray experiment directory (trial checkpoints live there)
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "lb/")
 
 
