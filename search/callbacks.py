@@ -6,10 +6,9 @@ only one process ever writes to MLflow.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TextIO
+from typing import Any
 
 from ray.tune import Callback
 
@@ -63,14 +62,14 @@ class MlflowCallback(Callback):
 
 class ConsoleCallback(Callback):
     """Prints one line per trial event (started, epoch result, stopped by ASHA, completed, failed) and,
-    every ``table_every_s`` seconds while trials run, a status table."""
+    every ``table_every_s`` seconds while trials run, a status table. It holds no stream: Tune pickles
+    callbacks with the experiment state, so stdout is looked up at each print."""
 
     def __init__(self, *, metric: str, max_epochs: int, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 out: TextIO = sys.stdout, table_every_s: float = 60.0) -> None:
+                 table_every_s: float = 60.0) -> None:
         self._metric = metric
         self._max_epochs = max_epochs
         self._params_of = params_of
-        self._out = out
         self._table_every_s = table_every_s
         self._last_table = time.monotonic()
 
@@ -84,10 +83,10 @@ class ConsoleCallback(Callback):
             value = result.get(self._metric)
             lines.append(f"{trial.trial_id:<10} {trial.status:<11} {int(result.get(EPOCH, 0)):>5} "
                          f"{value if isinstance(value, float) else '-':>14.14}")
-        print("\n".join(["", *lines, ""]), file=self._out, flush=True)
+        print("\n".join(["", *lines, ""]), flush=True)
 
     def _say(self, trial: Any, text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] trial {trial.trial_id}: {text}", file=self._out, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] trial {trial.trial_id}: {text}", flush=True)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         knobs = " ".join(f"{k}={_short(v)}" for k, v in self._params_of(trial.config).items())

@@ -86,11 +86,18 @@ def make_plan(space: Space, storage: Path) -> TrialPlan:
                      pretrained={k: str(Path(v).resolve()) for k, v in space.pretrained.items()})
 
 
+LAUNCHER_MEMORY = 512 * 1024**2
+
+
 def trial_resources(plan: TrialPlan) -> dict[str, float]:
-    """With one worker the Tune trial trains itself; with more, Train's workers hold the resources."""
+    """With one worker the Tune trial trains itself; with more, Train's workers hold the CPUs and GPUs.
+
+    The launching trial then only waits on its TorchTrainer, so it asks for memory alone (Tune needs a
+    non-empty bundle); a CPU of its own would leave a 2-worker trial unplaceable on a 2-CPU node.
+    """
     if plan.workers == 1:
         return {"CPU": plan.cpus_per_worker, "GPU": plan.gpus_per_worker}
-    return {"CPU": 0}
+    return {"CPU": 0, "memory": LAUNCHER_MEMORY}
 
 
 def make_searcher(space: Space) -> tuple[SearchAlgorithm | Any, dict[str, Any], int]:

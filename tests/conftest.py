@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from search.synth import write_dataset
 from spaces.dataset import Dataset, open_dataset
@@ -43,3 +45,31 @@ def synth_large(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
 @pytest.fixture
 def work_dir(tmp_path: Path) -> Path:
     return tmp_path / "trial"
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """Ray in this process with the machine's 2 CPUs, shared by every test that needs it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_space(path: Path, dataset: Dataset, **sections: Any) -> Path:
+    """Writes a space YAML over ``dataset`` with tiny defaults; ``sections`` replace top-level fields."""
+    doc: dict[str, Any] = {
+        "name": "t",
+        "base": FASTER_BASE,
+        "data": {"root": str(dataset.root), "train": dataset.train, "val": dataset.val},
+        "metric": "val/bbox_mAP_50",
+        "budget": {"epochs": 2, "trials": 2, "max_concurrent": 2},
+        "search": {"algorithm": "tpe", "seed": 0},
+        "scheduler": {"type": "none"},
+        "space": {"lr": {"loguniform": [0.005, 0.03]}},
+        "fixed": {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4},
+    }
+    doc.update(sections)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

@@ -1,0 +1,232 @@
+"""``dettune export``: a search's best checkpoint as a self-contained MMDetection model directory.
+
+``DIR/`` holds:
+
+- ``config.py``: the trial's exact mmdet config (only ``resume``/``load_from`` cleared), for mmdet's own tools;
+- ``checkpoint.pth``: the weights as a checkpoint that torch's default ``weights_only=True`` loading accepts
+  (``state_dict`` plus ``meta`` with ``dataset_meta`` classes, no optimizer or message-hub state), so
+  ``init_detector``, ``DetInferencer`` and ``tools/test.py`` load it without any allow-list;
+- ``metrics.json``: which trial and epoch, chosen by which metric, and that epoch's log columns;
+- ``params.json``: the trial's knob values.
+
+Checkpoints are found in the Ray experiment directory the parent run records (``dettune.storage``): each
+trial's ``result.json`` names the checkpoint directory of every epoch, and only those still on disk count (Ray
+keeps each trial's best two). Exporting while the search runs therefore hands over the best checkpoint so far.
+The same files are logged on the trial's MLflow run under ``export/epoch_<n>`` and registered as a new version
+of the registered model named after the search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mmengine.config import Config
+
+from search.report import SearchHandle, add_tracking_flag, format_value, open_search, open_tracking
+from search.tracking import TAG_EXP_NUM, TAG_STORAGE, TAG_TRIAL, is_log_column
+from search.trainable import CHECKPOINT_FILE
+from spaces.build import BuildError
+from spaces.schema import Space
+from trainers.checkpoint import load_checkpoint
+from trainers.inference import FPS_METRIC
+from trainers.metrics import EPOCH
+from trainers.trial import TRIAL_CONFIG
+
+METRICS_FILE = "metrics.json"
+PARAMS_FILE = "params.json"
+EXPORTED_FILES = (TRIAL_CONFIG, CHECKPOINT_FILE, METRICS_FILE, PARAMS_FILE)
+EXPORT_ARTIFACTS = "export"
+_META_KEYS = ("dataset_meta", "epoch", "iter", "cfg", "seed", "mmengine_version")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """A checkpoint on disk and the result Ray recorded with it."""
+
+    trial_id: str
+    epoch: int
+    result: dict[str, Any]
+    directory: Path
+
+    def value(self, metric: str) -> float | None:
+        value = self.result.get(metric)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Export:
+    """What :func:`export_best` wrote and registered."""
+
+    out: Path
+    exp_num: str
+    candidate: Candidate
+    metric: str
+    version: ModelVersion
+
+
+def metric_mode(space: Space, metric: str) -> str:
+    """The space's mode for its own metric; for another, lower is better for losses, higher for the rest."""
+    if metric == space.metric:
+        return space.mode
+    return "min" if "loss" in metric else "max"
+
+
+def checkpoint_candidates(experiment_dir: Path) -> list[Candidate]:
+    """Every reported epoch of every trial whose checkpoint (weights and config) is still on disk."""
+    candidates = []
+    for results in sorted(experiment_dir.glob("*/result.json")):
+        for result in _results(results):
+            name = result.get("checkpoint_dir_name")
+            directory = results.parent / str(name)
+            if name and (directory / CHECKPOINT_FILE).is_file() and (directory / TRIAL_CONFIG).is_file():
+                candidates.append(Candidate(trial_id=str(result["trial_id"]), epoch=int(result[EPOCH]),
+                                            result=result, directory=directory))
+    return candidates
+
+
+def _results(path: Path) -> Iterator[dict[str, Any]]:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:  # the line Ray is writing right now
+            continue
+
+
+def ranked_candidates(candidates: Sequence[Candidate], metric: str, mode: str) -> list[Candidate]:
+    """The candidates that have ``metric``, best first (earlier epochs first among equals).
+
+    Raises:
+        BuildError: No candidate at all, or none with ``metric`` (the message lists the metrics there are).
+    """
+    if not candidates:
+        raise BuildError("no trial checkpoint is on disk yet: wait until a trial finishes its first epoch")
+    scored = [c for c in candidates if c.value(metric) is not None]
+    if not scored:
+        known = sorted({k for c in candidates for k in c.result if is_log_column(k)})
+        raise BuildError(f"no checkpoint has the metric {metric!r}: pass --metric with one of {', '.join(known)}")
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(scored, key=lambda c: sign * (c.value(metric) or 0.0))
+
+
+def experiment_dir(search: SearchHandle) -> Path:
+    """The search's Ray experiment directory, as its parent run records it."""
+    recorded = search.parent.data.tags.get(TAG_STORAGE)
+    if not recorded:
+        raise BuildError(f"search {search.name} does not record its Ray experiment directory "
+                         f"(tag {TAG_STORAGE}): it was run by an older dettune; rerun it to export")
+    path = Path(recorded)
+    if not path.is_dir():
+        raise BuildError(f"the Ray experiment directory of search {search.name}, {path}, is not on this machine: "
+                         "run export where the search's --storage is mounted")
+    return path
+
+
+def export_best(search: SearchHandle, out: Path, *, metric: str | None = None) -> Export:
+    """Writes the best checkpoint's model directory to ``out`` and registers it as a new model version."""
+    metric = metric or search.space.metric
+    ranked = ranked_candidates(checkpoint_candidates(experiment_dir(search)), metric,
+                               metric_mode(search.space, metric))
+    for candidate in ranked:
+        try:
+            _write_model(candidate, out)
+        except FileNotFoundError:  # Ray deleted it for a better one since we looked: that one is on the list
+            continue
+        run = _trial_run(search, candidate.trial_id)
+        _write_json(out / METRICS_FILE, _metrics(search, candidate, run, metric))
+        _write_json(out / PARAMS_FILE, _params(search.space, candidate))
+        version = register(search, run, out, candidate.epoch)
+        return Export(out=out, exp_num=run.data.tags.get(TAG_EXP_NUM, run.info.run_id), candidate=candidate,
+                      metric=metric, version=version)
+    raise BuildError("every checkpoint was replaced while exporting: run export again")
+
+
+def _write_model(candidate: Candidate, out: Path) -> None:
+    """config.py and a weights-only checkpoint.pth (``FileNotFoundError`` if Ray removed the source)."""
+    checkpoint = load_checkpoint(candidate.directory / CHECKPOINT_FILE)
+    cfg = Config.fromfile(str(candidate.directory / TRIAL_CONFIG))
+    cfg.resume = False
+    cfg.load_from = None
+    meta: dict[str, Any] = checkpoint.get("meta") or {}  # type: ignore[assignment]
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.dump(str(out / TRIAL_CONFIG))
+    torch.save({"state_dict": checkpoint["state_dict"], "meta": {k: meta[k] for k in _META_KEYS if k in meta}},
+               out / CHECKPOINT_FILE)
+
+
+def _trial_run(search: SearchHandle, trial_id: str) -> Run:
+    runs = search.runs(**{TAG_TRIAL: trial_id})
+    if not runs:
+        raise BuildError(f"trial {trial_id} of search {search.name} has no MLflow run: was the search moved to "
+                         "another tracking store? Pass its --tracking-uri")
+    return runs[0]
+
+
+def _metrics(search: SearchHandle, candidate: Candidate, run: Run, metric: str) -> dict[str, Any]:
+    metrics = {k: v for k, v in candidate.result.items() if is_log_column(k) and isinstance(v, (int, float))}
+    if FPS_METRIC not in metrics and FPS_METRIC in run.data.metrics:  # measured after the last epoch only
+        metrics[FPS_METRIC] = run.data.metrics[FPS_METRIC]
+    return {"search": search.name, "exp_num": run.data.tags.get(TAG_EXP_NUM), "trial_id": candidate.trial_id,
+            "mlflow_run_id": run.info.run_id, "epoch": candidate.epoch,
+            "selected_by": {"metric": metric, "mode": metric_mode(search.space, metric)}, "metrics": metrics}
+
+
+def _params(space: Space, candidate: Candidate) -> dict[str, Any]:
+    """The trial's knob values: the space's fixed knobs and its sampled ones, decoded (as the trial got them)."""
+    return {**space.point_defaults(), **space.decode_optuna(dict(candidate.result.get("config", {})))}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def register(search: SearchHandle, run: Run, out: Path, epoch: int) -> ModelVersion:
+    """Logs the exported files on the trial's run and adds them as a version of the search's registered model."""
+    client = search.client
+    artifact_path = f"{EXPORT_ARTIFACTS}/epoch_{epoch}"
+    for name in EXPORTED_FILES:
+        client.log_artifact(run.info.run_id, str(out / name), artifact_path)
+    try:
+        client.create_registered_model(search.name, description=f"Best checkpoints of the dettune search "
+                                                                f"{search.name}, one version per export")
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    return client.create_model_version(search.name, source=f"{run.info.artifact_uri}/{artifact_path}",
+                                       run_id=run.info.run_id,
+                                       tags={TAG_EXP_NUM: run.data.tags.get(TAG_EXP_NUM, ""), EPOCH: str(epoch)})
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``dettune export NAME --out DIR [--metric M] [--tracking-uri URI]``."""
+    parser = commands.add_parser("export", help="write the best checkpoint as an mmdet model dir and register it")
+    parser.add_argument("name", help="the search's name")
+    parser.add_argument("--out", required=True, help="output directory (config.py, checkpoint.pth, metrics.json, "
+                                                     "params.json)")
+    parser.add_argument("--metric", help="choose the best by this metric (default: the space's metric); higher "
+                                         "is better except for losses")
+    add_tracking_flag(parser)
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """The ``export`` command."""
+    search = open_search(open_tracking(args.tracking_uri), args.name)
+    done = export_best(search, Path(args.out), metric=args.metric)
+    value = format_value(done.metric, done.candidate.value(done.metric))
+    print(f"exported {done.exp_num} (trial {done.candidate.trial_id}, epoch {done.candidate.epoch}, "
+          f"{done.metric} {value}) to {done.out}")
+    print(f"registered model {done.version.name} version {done.version.version}: {done.version.source}")
+    return 0

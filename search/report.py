@@ -1,0 +1,465 @@
+"""``dettune report``: one search's results, read back from MLflow, in the team's experiment-log format.
+
+``report.md`` follows the log (``experiment-log.md``): a write-up skeleton (hypothesis and method from the
+space file, the result filled with the measured effect of each searched knob), one row per trial with exactly
+the log's columns, the failed trials with their reason, the plots, and the leaderboard table. A trial's scores
+come from its best epoch by the search's metric, the checkpoint ``dettune export`` would hand over (the log
+asks for "the best checkpoint used for inference"); mAPs print in percent with one decimal, as the log does.
+
+This module also holds what the other result commands share: opening the tracking store, finding a search,
+and reading its trials back from MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.artifacts
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from search.plots import Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob
+from search.tracking import (
+    TAG_EXP_NUM,
+    TAG_FAILURE,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_STATUS,
+    TAG_STOPPED_AT,
+    TAG_TRIAL,
+    local_tracking_uri,
+)
+from spaces.backbones import catalog_name
+from spaces.build import BuildError, current_head, load_base
+from spaces.distributions import Choice, Grid
+from spaces.schema import Space
+from trainers.inference import FPS_METRIC
+
+DEFAULT_STORAGE = Path("runs")
+"""``dettune search``'s default ``--storage``: its SQLite store is the default tracking URI here too."""
+
+LB_METRIC = "lb/public_mAP"
+"""A public leaderboard score, in percent (0..100) as the leaderboard shows it; see :mod:`search.leaderboard`."""
+TAG_LB_NOTE = "dettune.lb_note"
+
+KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
+                "Optimizer": "optimizer"}
+METRIC_COLUMNS = ("val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_l", "val/bbox_mAP_m",
+                  "val/bbox_mAP_s", "train/loss_rpn_cls", "train/s1.loss_bbox", "train/s2.loss_cls", "train/s1.acc",
+                  "train/s2.acc", "train/loss")
+FPS_COLUMN = "Inf time (fps)"
+COLUMNS = ("Exp num", "Backbone", "RoI Head", "Epoch", "initial lr", "Lr schd", "Optimizer", FPS_COLUMN,
+           *METRIC_COLUMNS)
+"""The experiment log's columns, in its order."""
+
+MISSING = "-"
+SORT_METRIC = "val/bbox_mAP"
+REPORT_ARTIFACTS = "report"
+_EPOCH_PREFIXES = ("val/", "train/")
+_BINS = 3
+
+
+# --- reading a search back from MLflow ------------------------------------------------------------------
+
+def add_tracking_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--tracking-uri`` with the search's default."""
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the SQLite store `dettune search` "
+                                               f"writes under ./{DEFAULT_STORAGE})")
+
+
+def open_tracking(uri: str | None) -> MlflowClient:
+    """A client for ``uri`` (default: the search's local SQLite store), refusing to create an empty store."""
+    uri = uri or local_tracking_uri(DEFAULT_STORAGE)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise BuildError(f"no MLflow store at {uri}: run this where `dettune search` ran (it writes "
+                         f"{DEFAULT_STORAGE}/mlflow.db), or pass the search's --tracking-uri")
+    return MlflowClient(uri)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchHandle:
+    """A search in MLflow: its experiment, its parent run and the space it searched."""
+
+    client: MlflowClient
+    name: str
+    experiment_id: str
+    parent: Run
+    space: Space
+
+    def runs(self, **tags: str) -> list[Run]:
+        """This search's trial runs with the given tag values, oldest first."""
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {TAG_SEARCH: self.name, TAG_ROLE: "trial",
+                                                                  **tags}.items())
+        return list(self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000,
+                                            order_by=["attributes.start_time ASC"]))
+
+
+def open_search(client: MlflowClient, name: str) -> SearchHandle:
+    """Finds the search ``name`` and reloads its space from the parent run's ``space.json``.
+
+    Raises:
+        BuildError: No such search in this store; the message lists the searches it has.
+    """
+    experiment = client.get_experiment_by_name(name)
+    parents = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_SEARCH}` = '{name}'")
+    if experiment is None or not parents:
+        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise BuildError(f"no search named {name!r} in {client.tracking_uri} (it has: {', '.join(known) or 'none'}): "
+                         "check the name, or pass the --tracking-uri the search used")
+    parent = parents[0]
+    text = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/space.json")
+    return SearchHandle(client=client, name=name, experiment_id=experiment.experiment_id, parent=parent,
+                        space=Space.from_json(json.loads(text), f"{name}: space.json"))
+
+
+@dataclass(frozen=True)
+class Point:
+    """One logged value: the step is the epoch (for ``lb/`` the submission count)."""
+
+    step: int
+    value: float
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialRecord:
+    """One trial run as MLflow holds it: tags, params (strings) and every metric's history."""
+
+    run_id: str
+    exp_num: str
+    trial_id: str
+    status: str
+    stopped_at: int | None
+    failure: str | None
+    lb_note: str | None
+    params: Mapping[str, str]
+    history: Mapping[str, Sequence[Point]]
+
+    @property
+    def epochs(self) -> int:
+        """The last epoch the trial reported."""
+        return max((p.step for k, points in self.history.items() if k.startswith(_EPOCH_PREFIXES)
+                    for p in points), default=0)
+
+    def best_epoch(self, metric: str, mode: str) -> int | None:
+        """The first epoch with the trial's best ``metric``, or None before any."""
+        points = self.history.get(metric, ())
+        if not points:
+            return None
+        pick = max if mode == "max" else min
+        return pick(points, key=lambda p: p.value).step
+
+    def at(self, epoch: int | None) -> dict[str, float]:
+        """Every metric logged at ``epoch``."""
+        return {key: p.value for key, points in self.history.items() for p in points if p.step == epoch}
+
+    def score(self, metric: str, mode: str) -> float | None:
+        """The trial's best ``metric``."""
+        return self.at(self.best_epoch(metric, mode)).get(metric)
+
+    def latest(self, key: str) -> float | None:
+        points = self.history.get(key, ())
+        return points[-1].value if points else None
+
+
+def load_trials(search: SearchHandle) -> list[TrialRecord]:
+    """Every trial of the search with its full metric histories, oldest first."""
+    return [_trial_record(search.client, run) for run in search.runs()]
+
+
+def _trial_record(client: MlflowClient, run: Run) -> TrialRecord:
+    tags = run.data.tags
+    history = {key: sorted((Point(int(m.step), float(m.value), int(m.timestamp))
+                            for m in client.get_metric_history(run.info.run_id, key)),
+                           key=lambda p: (p.step, p.timestamp_ms))
+               for key in run.data.metrics}
+    stopped_at = tags.get(TAG_STOPPED_AT)
+    return TrialRecord(run_id=run.info.run_id, exp_num=tags.get(TAG_EXP_NUM, run.info.run_id),
+                       trial_id=tags.get(TAG_TRIAL, ""), status=tags.get(TAG_STATUS, "running"),
+                       stopped_at=int(stopped_at) if stopped_at else None, failure=tags.get(TAG_FAILURE),
+                       lb_note=tags.get(TAG_LB_NOTE), params=dict(run.data.params), history=history)
+
+
+# --- formatting -----------------------------------------------------------------------------------------
+
+def is_map(key: str) -> bool:
+    return key.startswith("val/bbox_mAP")
+
+
+def shown(key: str, value: float) -> float:
+    """The value as the log writes it: mAPs (0..1 in MLflow) in percent, anything else unchanged."""
+    return 100.0 * value if is_map(key) else value
+
+
+def format_value(key: str, value: float | None) -> str:
+    """A metric cell: mAP in percent and accuracies/fps with one decimal, losses with three."""
+    if value is None or not math.isfinite(value):
+        return MISSING
+    if is_map(key) or key.endswith("acc") or key == FPS_METRIC:
+        return f"{shown(key, value):.1f}"
+    return f"{value:.3f}"
+
+
+def status_text(trial: TrialRecord) -> str:
+    """How the trial ended, as a sentence."""
+    if trial.status == "stopped":
+        return f"stopped by ASHA at epoch {trial.stopped_at or trial.epochs}"
+    if trial.status == "failed":
+        return f"failed: {trial.failure or 'no reason recorded'}"
+    return trial.status
+
+
+def epoch_cell(trial: TrialRecord, max_epochs: int) -> str:
+    """Epochs trained; an early end says why (``1/4 (stopped by ASHA)``)."""
+    if trial.status == "completed":
+        return str(trial.epochs)
+    reason = {"stopped": "stopped by ASHA", "failed": "failed"}.get(trial.status, trial.status)
+    return f"{trial.stopped_at or trial.epochs}/{max_epochs} ({reason})"
+
+
+def base_knobs(base: str) -> dict[str, str]:
+    """The base config's backbone, head, lr, schedule and optimizer: what a trial has where the space sets none."""
+    try:
+        cfg = load_base(base)
+    except BuildError:  # the base file lives on another machine
+        return {}
+    optimizer = cfg.optim_wrapper.optimizer
+    return {"backbone": catalog_name(cfg.model.backbone) or str(cfg.model.backbone.type),
+            "roi_head": current_head(cfg) or str(cfg.model.type), "lr": str(optimizer.lr),
+            "optimizer": str(optimizer.type).lower(),
+            "schedule": "cosine" if "Cosine" in str(cfg.get("param_scheduler")) else "step"}
+
+
+def table_row(trial: TrialRecord, space: Space, defaults: Mapping[str, str]) -> list[str]:
+    """The trial's cells in :data:`COLUMNS` order."""
+    knobs = {**defaults, **trial.params}
+    lr = knobs.get("lr")
+    cells = {column: knobs.get(knob, MISSING) for column, knob in KNOB_COLUMNS.items()}
+    cells.update({"Exp num": trial.exp_num, "Epoch": epoch_cell(trial, space.budget.epochs),
+                  "initial lr": f"{float(lr):.3e}" if lr else MISSING,
+                  FPS_COLUMN: format_value(FPS_METRIC, trial.latest(FPS_METRIC))})
+    scores = trial.at(trial.best_epoch(space.metric, space.mode))
+    cells.update({key: format_value(key, scores.get(key)) for key in METRIC_COLUMNS})
+    return [cells[column] for column in COLUMNS]
+
+
+def ranked(trials: Sequence[TrialRecord], space: Space) -> list[TrialRecord]:
+    """Trials by val/bbox_mAP (at each one's best epoch), best first; trials without a score last."""
+    def key(trial: TrialRecord) -> float:
+        value = trial.at(trial.best_epoch(space.metric, space.mode)).get(SORT_METRIC)
+        return -value if value is not None else math.inf
+
+    return sorted(trials, key=key)
+
+
+# --- the effect of each searched knob -------------------------------------------------------------------
+
+def param_text(value: Any) -> str:
+    """A knob value as the tracker logs it as an MLflow param (``[800, 800]`` -> ``800x800``)."""
+    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def knob_groups(space: Space, trials: Sequence[TrialRecord], knob: str) -> list[Group]:
+    """The trials' best scores grouped by the knob's value (a choice) or by range (a continuous knob)."""
+    scored = [(trial.params[knob], shown(space.metric, score)) for trial in trials
+              if knob in trial.params and (score := trial.score(space.metric, space.mode)) is not None]
+    distribution = space.space[knob]
+    if isinstance(distribution, Choice | Grid):
+        order = [param_text(value) for value in distribution.values]
+        return [Group(label, [s for v, s in scored if v == label]) for label in order
+                if any(v == label for v, _ in scored)]
+    return _ranges(sorted((float(v), s) for v, s in scored))
+
+
+def _ranges(scored: list[tuple[float, float]]) -> list[Group]:
+    """Splits (value, score) pairs, sorted by value, into up to three groups of consecutive values."""
+    count = min(_BINS, len(scored))
+    bounds = [round(i * len(scored) / count) for i in range(count + 1)]
+    groups = []
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        chunk = scored[start:stop]
+        low, high = chunk[0][0], chunk[-1][0]
+        label = f"{low:.3g}" if low == high else f"{low:.3g}-{high:.3g}"
+        groups.append(Group(label, [s for _, s in chunk]))
+    return groups
+
+
+def effect_line(knob: str, groups: Sequence[Group], *, metric: str, mode: str) -> str:
+    """``lr: 0.002-0.005 best 3.1, mean 1.2 (n=2); ...`` (mAPs in percent)."""
+    spec = ".1f" if is_map(metric) else ".3g"
+    parts = [f"{g.label} best {g.best(mode):{spec}}, mean {g.mean:{spec}} (n={len(g.values)})" for g in groups]
+    return f"{knob}: " + "; ".join(parts)
+
+
+def short_param(text: str) -> str:
+    """A logged param for prose: floats to three significant digits, anything else as logged."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return text if value.is_integer() else f"{value:.3g}"
+
+
+# --- plots ----------------------------------------------------------------------------------------------
+
+def draw_plots(search: SearchHandle, trials: Sequence[TrialRecord], directory: Path) -> list[PlotFile]:
+    """The metric per epoch of every trial, the best so far against wall time, and one plot per searched knob."""
+    space = search.space
+    metric, label = space.metric, _axis_label(space.metric)
+    curves = [Curve(t.exp_num, [p.step for p in t.history[metric]], [shown(metric, p.value) for p in t.history[metric]],
+                    cut=t.status == "stopped") for t in trials if t.history.get(metric)]
+    if not curves:
+        return []
+    points = sorted((p.timestamp_ms, shown(metric, p.value)) for t in trials for p in t.history.get(metric, ()))
+    start = min(search.parent.info.start_time, points[0][0])
+    files = [plot_curves(directory / "epochs.png", curves, metric=label, max_epochs=space.budget.epochs),
+             plot_best_so_far(directory / "best_so_far.png", [(t - start) / 60000 for t, _ in points],
+                              [v for _, v in points], metric=label, mode=space.mode)]
+    for knob in space.space:
+        groups = knob_groups(space, trials, knob)
+        if groups:
+            files.append(plot_knob(directory / f"knob_{knob}.png", knob, groups, metric=label, mode=space.mode))
+    return files
+
+
+def _axis_label(metric: str) -> str:
+    return f"{metric} (%)" if is_map(metric) else metric
+
+
+# --- the markdown ---------------------------------------------------------------------------------------
+
+def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: Sequence[PlotFile],
+                    directory: Path) -> str:
+    """report.md: the write-up, the trial table, failed trials, plots and the leaderboard table."""
+    space = search.space
+    defaults = base_knobs(space.base)
+    rows = [table_row(trial, space, defaults) for trial in ranked(trials, space)]
+    lines = [f"# Results and Models: {search.name}", "", "## Experiment",
+             f"Scores are each trial's best epoch by {space.metric}: the checkpoint inference would use "
+             f"(`dettune export {search.name}`).", "", *_writeup(space, trials), "", *markdown_table(COLUMNS, rows),
+             *_failed(trials), *_plot_links(plots, directory), "", "## Leader board 결과(제출했을 시)",
+             *_leaderboard(trials)]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A centred markdown table, as the log's."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+
+    return [line(header), "|" + "|".join(":---:" for _ in header) + "|", *(line(row) for row in rows)]
+
+
+def _writeup(space: Space, trials: Sequence[TrialRecord]) -> list[str]:
+    knobs = list(space.space)
+    title = f"{space.name}: {space.metric} by {', '.join(knobs)}"
+    return [f'<span style="color:blue">1. {title}</span>  ',
+            f"- 실험 가설 (hypothesis) : {space.hypothesis or '~'}",
+            f"- 실험 방법 (method) : {space.method or '~'}",
+            f"  - search: {_setup(space)}",
+            f"- 결과 (result) : {_best_line(space, trials)}",
+            *(f"  - {effect_line(k, g, metric=space.metric, mode=space.mode)}" for k in knobs
+              if (g := knob_groups(space, trials, k))),
+            "- 결과 원인 분석 (analysis) : ~",
+            "- 참고 자료 (references) : ~"]
+
+
+def _setup(space: Space) -> str:
+    scheduler = space.scheduler
+    stopping = (f"ASHA (grace {scheduler.grace_epochs} epoch, reduction factor {scheduler.reduction_factor})"
+                if scheduler.type == "asha" else "no early stopping")
+    return (f"{space.search.algorithm} over {', '.join(space.space)}; {space.budget.trials} trials of up to "
+            f"{space.budget.epochs} epochs; {stopping}; {space.metric} ({space.mode})")
+
+
+def _best_line(space: Space, trials: Sequence[TrialRecord]) -> str:
+    scored = [t for t in trials if t.score(space.metric, space.mode) is not None]
+    if not scored:
+        return "no trial has reported yet"
+    pick: Callable[..., TrialRecord] = max if space.mode == "max" else min
+    best = pick(scored, key=lambda t: t.score(space.metric, space.mode))
+    knobs = ", ".join(f"{k}={short_param(best.params.get(k, MISSING))}" for k in space.space)
+    value = format_value(space.metric, best.score(space.metric, space.mode))
+    return f"best {best.exp_num}: {space.metric} {value} ({knobs}); per knob value, best and mean of the trials:"
+
+
+def _failed(trials: Sequence[TrialRecord]) -> list[str]:
+    failed = [t for t in trials if t.status == "failed"]
+    if not failed:
+        return []
+    return ["", "Failed trials:", *(f"- {t.exp_num}: {t.failure or 'no reason recorded'}" for t in failed)]
+
+
+def _plot_links(plots: Sequence[PlotFile], directory: Path) -> list[str]:
+    if not plots:
+        return []
+    return ["", "### Plots", *(f"![{p.path.stem}]({p.path.relative_to(directory).as_posix()})" for p in plots)]
+
+
+def _leaderboard(trials: Sequence[TrialRecord]) -> list[str]:
+    scored = sorted((t for t in trials if t.latest(LB_METRIC) is not None),
+                    key=lambda t: -(t.latest(LB_METRIC) or 0.0))
+    if not scored:
+        return ["No public leaderboard score recorded yet: `dettune lb <Exp num> --map <score>`."]
+    rows = [[t.exp_num, f"{t.latest(LB_METRIC):g}", t.lb_note or ""] for t in scored]
+    return markdown_table(["Exp num", "Public LB map", "Note"], rows)
+
+
+# --- writing --------------------------------------------------------------------------------------------
+
+def write_report(search: SearchHandle, out: Path, *, fmt: str = "md") -> Path:
+    """Writes ``out/report.md`` with its plots (logged on the parent run under ``report/``), or ``out/report.csv``.
+
+    The CSV holds the same rows and columns as the markdown table, plus how each trial ended.
+    """
+    trials = load_trials(search)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        return _write_csv(search, trials, out / "report.csv")
+    plots = draw_plots(search, trials, out / "plots")
+    path = out / "report.md"
+    path.write_text(render_markdown(search, trials, plots, out), encoding="utf-8")
+    run_id = search.parent.info.run_id
+    search.client.log_artifact(run_id, str(path), REPORT_ARTIFACTS)
+    for plot in plots:
+        search.client.log_artifact(run_id, str(plot.path), f"{REPORT_ARTIFACTS}/plots")
+    return path
+
+
+def _write_csv(search: SearchHandle, trials: Sequence[TrialRecord], path: Path) -> Path:
+    space = search.space
+    defaults = base_knobs(space.base)
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow([*COLUMNS, "Status"])
+        writer.writerows([*table_row(t, space, defaults), status_text(t)] for t in ranked(trials, space))
+    return path
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``dettune report NAME [--tracking-uri URI] [--out DIR] [--format md|csv]``."""
+    parser = commands.add_parser("report", help="write a search's experiment-log table, write-up and plots")
+    parser.add_argument("name", help="the search's name")
+    add_tracking_flag(parser)
+    parser.add_argument("--out", help="output directory (default: reports/NAME)")
+    parser.add_argument("--format", choices=("md", "csv"), default="md",
+                        help="md: report.md with plots (default); csv: report.csv, the table alone")
+    parser.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """The ``report`` command."""
+    search = open_search(open_tracking(args.tracking_uri), args.name)
+    path = write_report(search, Path(args.out or Path("reports") / args.name), fmt=args.format)
+    print(f"wrote {path}")
+    return 0

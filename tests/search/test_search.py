@@ -1,0 +1,122 @@
+"""Real searches: Ray Tune in this process, real trials, a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_space
+from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
+
+from search.driver import SearchOptions, SearchOutcome, make_searcher, run_search
+from search.tracking import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL, is_log_column
+from spaces.dataset import Dataset
+from spaces.schema import SearchSpec, load_space
+
+VAL = [f"val/bbox_mAP{s}" for s in ("", "_50", "_75", "_s", "_m", "_l")]
+COMMON = ["train/loss", "train/loss_rpn_cls", "train/loss_rpn_bbox", "train/lr"]
+HEAD_COLUMNS = {
+    "faster": ["train/loss_cls", "train/loss_bbox", "train/acc"],
+    "cascade": [f"train/s{i}.{k}" for i in range(3) for k in ("loss_cls", "loss_bbox", "acc")],
+}
+KNOB_PARAMS = {"backbone", "roi_head", "scale", "lr", "optimizer", "epochs", "batch_size", "preset"}
+
+
+def _search(tmp_path: Path, dataset: Dataset, **sections: Any) -> tuple[SearchOutcome, MlflowClient, list[Any]]:
+    space_file = write_space(tmp_path / "space.yaml", dataset, **sections)
+    outcome = run_search(SearchOptions(space_file=space_file, storage=tmp_path / "runs"))
+    client = MlflowClient(outcome.tracking_uri)
+    experiment = client.get_experiment_by_name(outcome.name)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return outcome, client, runs
+
+
+def _children(runs: list[Any]) -> list[Any]:
+    return [r for r in runs if r.data.tags.get("dettune.role") == "trial"]
+
+
+@pytest.mark.slow
+def test_tpe_search_with_asha(tmp_path: Path, synth_large: Dataset, ray_local: None) -> None:
+    outcome, client, runs = _search(
+        tmp_path, synth_large, name="tpe-asha",
+        budget={"epochs": 4, "trials": 6, "max_concurrent": 1},
+        scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2},
+        space={"lr": {"loguniform": [1.0e-4, 0.04]}, "roi_head": {"choice": ["faster", "cascade"]}},
+    )
+    parents = [r for r in runs if r.data.tags.get("dettune.role") == "parent"]
+    children = _children(runs)
+    assert len(parents) == 1 and len(children) == 6
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+
+    stopped = [c for c in children if c.data.tags[TAG_STATUS] == "stopped"]
+    assert stopped, "ASHA stopped no trial"
+    for run in stopped:
+        assert int(run.data.tags[TAG_STOPPED_AT]) < 4
+
+    assert outcome.best_trial_id and parents[0].data.tags["dettune.best_trial"] == outcome.best_trial_id
+    assert "val/bbox_mAP_50" in parents[0].data.metrics and "lr" in parents[0].data.params
+    assert sorted(c.data.tags[TAG_EXP_NUM] for c in children) == sorted(f"tpe-asha-{i}" for i in range(1, 7))
+
+    for child in children:
+        head = child.data.params["roi_head"]
+        assert KNOB_PARAMS <= set(child.data.params)
+        assert set(VAL + COMMON + HEAD_COLUMNS[head]) <= set(child.data.metrics)
+        _assert_each_point_once(client, child)
+
+    _assert_ray_and_mlflow_agree(outcome, children)
+
+
+def _assert_each_point_once(client: MlflowClient, run: Any) -> None:
+    epochs = None
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == sorted(set(steps)), f"{key}: a step was written twice: {steps}"
+        if key == "train/loss":
+            epochs = steps
+    assert epochs == list(range(1, len(epochs or []) + 1))
+
+
+def _assert_ray_and_mlflow_agree(outcome: SearchOutcome, children: list[Any]) -> None:
+    analysis = ExperimentAnalysis(str(outcome.experiment_dir))
+    by_trial = {c.data.tags[TAG_TRIAL]: c for c in children}
+    assert set(by_trial) == {t.trial_id for t in analysis.trials}
+    for trial in analysis.trials:
+        ray_last = {k: v for k, v in trial.last_result.items() if is_log_column(k)}
+        mlflow_last = by_trial[trial.trial_id].data.metrics
+        assert ray_last.keys() == mlflow_last.keys()
+        for key, value in ray_last.items():
+            assert math.isclose(value, mlflow_last[key], rel_tol=1e-9), key
+
+
+def test_grid_search_tries_every_point(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    _, _, runs = _search(tmp_path, synth, name="grid", budget={"epochs": 1, "trials": 1, "max_concurrent": 2},
+                         search={"algorithm": "grid", "seed": 0},
+                         space={"lr": {"grid": [0.01, 0.02]}, "schedule": {"choice": ["step", "cosine"]}})
+    points = sorted((c.data.params["lr"], c.data.params["schedule"]) for c in _children(runs))
+    assert points == [("0.01", "cosine"), ("0.01", "step"), ("0.02", "cosine"), ("0.02", "step")]
+
+
+def test_random_search_samples_within_the_range(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    _, _, runs = _search(tmp_path, synth, name="random", budget={"epochs": 1, "trials": 2, "max_concurrent": 2},
+                         search={"algorithm": "random", "seed": 3})
+    lrs = [float(c.data.params["lr"]) for c in _children(runs)]
+    assert len(set(lrs)) == 2 and all(0.005 <= lr <= 0.03 for lr in lrs)
+    assert all(c.data.tags[TAG_STATUS] == "completed" for c in _children(runs))
+
+
+def test_tpe_with_the_same_seed_proposes_the_same_first_points(tmp_path: Path, synth: Dataset) -> None:
+    space_file = write_space(tmp_path / "space.yaml", synth, fixed={"preset": "tiny"},
+                             space={"lr": {"loguniform": [1.0e-4, 0.1]},
+                                    "batch_size": {"choice": [2, 4]},
+                                    "roi_head": {"choice": ["faster", "cascade"]}})
+
+    def first_points(seed: int) -> list[dict[str, Any]]:
+        space = load_space(space_file).model_copy(update={"search": SearchSpec(algorithm="tpe", seed=seed)})
+        searcher, _, _ = make_searcher(space)
+        return [searcher.suggest(f"t{i}") for i in range(4)]
+
+    assert first_points(0) == first_points(0)
+    assert first_points(0) != first_points(1)
