@@ -39,7 +39,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 def _search_options(args: argparse.Namespace, **changes: object) -> SearchOptions:
     fields = dict(space_file=Path(args.space), name=args.name, address=args.address, tracking_uri=args.tracking_uri,
-                  storage=Path(args.storage), trials=args.trials, max_concurrent=args.max_concurrent,
+                  storage=Path(args.storage), trials=args.trials, epochs=args.epochs,
+                  max_concurrent=args.max_concurrent, data_root=Path(args.data_root) if args.data_root else None,
                   overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False))
     fields.update(changes)
     return SearchOptions(**fields)  # type: ignore[arg-type]
@@ -78,7 +79,9 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --storage)")
     parser.add_argument("--storage", default="runs", help="Ray storage path, shared by all nodes (default: runs)")
     parser.add_argument("--trials", type=int, help="number of trials (default: budget.trials)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")
     parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: budget.max_concurrent)")
+    parser.add_argument("--data-root", help="dataset folder, replacing the space's data.root")
 
 
 def build_parser() -> argparse.ArgumentParser:

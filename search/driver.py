@@ -46,7 +46,9 @@ class SearchOptions:
     tracking_uri: str | None = None
     storage: Path = Path("runs")
     trials: int | None = None
+    epochs: int | None = None
     max_concurrent: int | None = None
+    data_root: Path | None = None
     resume: bool = False
     overwrite: bool = False
 
@@ -61,12 +63,15 @@ class SearchOutcome:
 
 
 def load_for_search(options: SearchOptions) -> Space:
-    """The space with the command line's overrides (name, trials, concurrency) applied and re-checked."""
+    """The space with the command line's overrides (name, data, budget) applied and re-checked."""
     space = load_space(options.space_file)
     data = space.to_json()
     if options.name:
         data["name"] = options.name
-    for key, value in (("trials", options.trials), ("max_concurrent", options.max_concurrent)):
+    if options.data_root:
+        data["data"]["root"] = str(options.data_root)
+    for key, value in (("trials", options.trials), ("epochs", options.epochs),
+                       ("max_concurrent", options.max_concurrent)):
         if value is not None:
             data["budget"][key] = value
     return Space.from_json(data, str(options.space_file))

@@ -1,0 +1,90 @@
+"""Real services on 127.0.0.1 for tests: a Ray head started with `ray start`, and an `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 90.0) -> None:
+    """Waits until ``url`` answers at all (an HTTP error such as 401 counts: the server is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.5)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    dashboard: str
+    env: dict[str, str]
+    """The client environment: token authentication on, with this cluster's token."""
+
+
+@contextmanager
+def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
+    """`ray start --head` on 127.0.0.1 with token authentication, stopped with `ray stop` afterwards."""
+    # PATH first lists this venv, so job entrypoints find `dettune` and `python` as on a cluster image.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}"], check=True, env=env, capture_output=True, text=True)
+    try:
+        dashboard = f"http://127.0.0.1:{dash}"
+        wait_for_http(f"{dashboard}/api/version")
+        yield RayHead(dashboard, env)
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def mlflow_server(tmp: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts; yields its URL."""
+    port = free_port()
+    log = open(tmp / "mlflow-server.log", "w")  # noqa: SIM115 - closed below, after the server
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow-server.db'}",
+         "--artifacts-destination", str(tmp / "mlflow-artifacts")],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
