@@ -147,7 +147,8 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     tracking_uri = options.tracking_uri or local_tracking_uri(storage)
     tracker = Tracker(tracking_uri, space.name,
                       artifact_root=None if options.tracking_uri else storage / "mlartifacts")
-    tracker.describe_search(tags={**_search_tags(space), TAG_STORAGE: str(experiment_dir)}, space_yaml=options.space_file.read_text(),
+    tracker.describe_search(tags={**_search_tags(space), TAG_STORAGE: str(experiment_dir)},
+                            space_yaml=options.space_file.read_text(),
                             space_json=json.dumps(space.to_json(), indent=2))
     connect_ray(options.address)
     tuner = _tuner(space, plan, tracker, storage, resume=options.resume and experiment_dir.exists())
