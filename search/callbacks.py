@@ -15,19 +15,28 @@ from ray.tune import Callback
 from search.tracking import Tracker
 from trainers.metrics import EPOCH
 
+FailureOf = Callable[[str], "str | None"]
+"""Reads the reason a trial ended itself as failed (diverged, out of memory), or None."""
 
-def trial_outcome(trial: Any, max_epochs: int) -> tuple[str, int | None]:
-    """How a finished trial ended: ('completed', None) or ('stopped', epoch) when it ended early.
 
+def trial_outcome(trial: Any, max_epochs: int, failure: str | None) -> tuple[str, int | None]:
+    """How a trial that ended without a Ray error ended: completed, failed, or stopped at an epoch.
+
+    A trial that diverged ends itself (a retry would diverge again) and leaves its reason behind. Otherwise
     ASHA is the only thing that ends a healthy trial before its last epoch, so fewer epochs means ASHA.
     """
     epoch = int((trial.last_result or {}).get(EPOCH, 0))
+    if failure is not None:
+        return "failed", None
     return ("completed", None) if epoch >= max_epochs else ("stopped", epoch)
 
 
 def failure_reason(trial: Any) -> str:
     """The last line of the trial's error (the exception message), or a generic reason."""
-    error = trial.get_error() if hasattr(trial, "get_error") else None
+    return failure_reason_of(trial.get_error())
+
+
+def failure_reason_of(error: BaseException | None) -> str:
     text = str(error).strip() if error is not None else ""
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "trial failed (see its trial.log and Ray's error file)"
@@ -37,10 +46,11 @@ class MlflowCallback(Callback):
     """Keeps each Tune trial in one MLflow run, whatever restarts happen around it."""
 
     def __init__(self, tracker: Tracker, *, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 max_epochs: int) -> None:
+                 max_epochs: int, failure_of: FailureOf) -> None:
         self._tracker = tracker
         self._params_of = params_of
         self._max_epochs = max_epochs
+        self._failure_of = failure_of
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
@@ -51,9 +61,10 @@ class MlflowCallback(Callback):
         self._tracker.log_epoch(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        status, stopped_at = trial_outcome(trial, self._max_epochs)
+        failure = self._failure_of(trial.trial_id)
+        status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
         self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
-        self._tracker.end_trial(trial.trial_id, status=status, stopped_at=stopped_at)
+        self._tracker.end_trial(trial.trial_id, status=status, stopped_at=stopped_at, failure=failure)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
@@ -66,7 +77,8 @@ class ConsoleCallback(Callback):
     callbacks with the experiment state, so stdout is looked up at each print."""
 
     def __init__(self, *, metric: str, max_epochs: int, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 table_every_s: float = 60.0) -> None:
+                 failure_of: FailureOf, table_every_s: float = 60.0) -> None:
+        self._failure_of = failure_of
         self._metric = metric
         self._max_epochs = max_epochs
         self._params_of = params_of
@@ -99,8 +111,12 @@ class ConsoleCallback(Callback):
         self._say(trial, f"epoch {int(result[EPOCH])}/{self._max_epochs} {self._metric}={shown}")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        status, stopped_at = trial_outcome(trial, self._max_epochs)
-        self._say(trial, "completed" if status == "completed" else f"stopped by ASHA at epoch {stopped_at}")
+        failure = self._failure_of(trial.trial_id)
+        status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
+        if status == "failed":
+            self._say(trial, f"failed (not retried): {failure}")
+        else:
+            self._say(trial, "completed" if status == "completed" else f"stopped by ASHA at epoch {stopped_at}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._say(trial, f"failed: {failure_reason(trial)}")

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from search.driver import SearchExists, SearchOptions, SearchOutcome, run_search
+from search import validate_cmd
+from search.driver import SearchExists, SearchOptions, SearchOutcome, resume_options, run_search
 from spaces.build import BuildError
 from spaces.dataset import DatasetError
 from spaces.distributions import DistributionError
@@ -61,6 +62,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resume(args: argparse.Namespace) -> int:
+    _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri)))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from search.synth import write_dataset
 
@@ -102,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--overwrite", action="store_true", help="replace an existing search of this name")
     search.add_argument("--resume", action="store_true", help="continue an existing search of this name")
     search.set_defaults(handler=_cmd_search)
+
+    resume = commands.add_parser("resume", help="finish a search whose driver stopped (same trials, same runs)")
+    resume.add_argument("name", help="the search's name")
+    resume.add_argument("--storage", default="runs", help="Ray storage path the search used (default: runs)")
+    resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
+    resume.set_defaults(handler=_cmd_resume)
+
+    validate_cmd.add_parser(commands)
 
     demo = commands.add_parser("demo", help="search spaces/demo.yaml on synthetic data (written on first use)")
     _add_search_flags(demo)

@@ -21,7 +21,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm
 
-from search.callbacks import ConsoleCallback, MlflowCallback
+from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
 from search.tracking import TAG_STORAGE, Tracker, local_tracking_uri
 from search.trainable import TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
@@ -30,6 +30,8 @@ from spaces.schema import Space, load_space
 from trainers.metrics import EPOCH
 
 KEEP_CHECKPOINTS = 2
+SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
+SAVED_OPTIONS = "search.json"
 
 
 class SearchExists(ValueError):
@@ -137,6 +139,22 @@ def connect_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
+def resume_options(name: str, storage: Path, tracking_uri: str | None = None) -> SearchOptions:
+    """The options that continue search ``name``: its saved effective space and tracking URI."""
+    experiment_dir = storage.resolve() / name
+    saved = experiment_dir / SAVED_OPTIONS
+    if not saved.is_file():
+        raise SearchExists(f"no search named {name} in {storage}: check the name and --storage "
+                           f"(searches there: {', '.join(_searches(storage)) or 'none'})")
+    recorded = json.loads(saved.read_text())
+    return SearchOptions(space_file=experiment_dir / SAVED_SPACE, name=name, storage=storage,
+                         tracking_uri=tracking_uri or recorded.get("tracking_uri"), resume=True)
+
+
+def _searches(storage: Path) -> list[str]:
+    return sorted(p.parent.name for p in storage.glob(f"*/{SAVED_OPTIONS}"))
+
+
 def run_search(options: SearchOptions) -> SearchOutcome:
     """Runs (or resumes) a search to its end and returns where its results are."""
     space = load_for_search(options)
@@ -145,18 +163,27 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
     tracking_uri = options.tracking_uri or local_tracking_uri(storage)
+    _save(experiment_dir, space, options.tracking_uri)
     tracker = Tracker(tracking_uri, space.name,
                       artifact_root=None if options.tracking_uri else storage / "mlartifacts")
     tracker.describe_search(tags={**_search_tags(space), TAG_STORAGE: str(experiment_dir)},
                             space_yaml=options.space_file.read_text(),
                             space_json=json.dumps(space.to_json(), indent=2))
     connect_ray(options.address)
-    tuner = _tuner(space, plan, tracker, storage, resume=options.resume and experiment_dir.exists())
+    restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
+    tuner = _tuner(space, plan, tracker, storage, resume=restorable)
     results = tuner.fit()
+    reconcile(results, space, plan, tracker)
     best_id = _record_best(results, space, plan, tracker)
     tracker.finish_search()
     return SearchOutcome(name=space.name, tracking_uri=tracking_uri, experiment_dir=experiment_dir,
                          best_trial_id=best_id, table=results_table(tracker, space))
+
+
+def _save(experiment_dir: Path, space: Space, tracking_uri: str | None) -> None:
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    (experiment_dir / SAVED_SPACE).write_text(json.dumps(space.to_json(), indent=2))
+    (experiment_dir / SAVED_OPTIONS).write_text(json.dumps({"tracking_uri": tracking_uri}))
 
 
 def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -174,8 +201,10 @@ def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, re
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
     searcher, param_space, samples = make_searcher(space)
     params_of = _params_of(plan)
-    callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=space.budget.epochs),
-                 ConsoleCallback(metric=space.metric, max_epochs=space.budget.epochs, params_of=params_of)]
+    epochs = space.budget.epochs
+    callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=epochs, failure_of=plan.failure_of),
+                 ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=params_of,
+                                 failure_of=plan.failure_of)]
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -218,6 +247,34 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> None:
+    """Makes MLflow hold exactly what Ray holds: every trial's run, every reported epoch, how it ended.
+
+    The live callback writes as results arrive; this pass (idempotent, each point still written once)
+    fills whatever a killed driver or an unreachable tracking server left out.
+    """
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or history.empty:
+            continue
+        trial_id = str(history["trial_id"].iloc[-1])
+        tracker.start_trial(trial_id, plan.point(result.config))
+        for row in history.to_dict("records"):
+            tracker.log_epoch(trial_id, {k: v for k, v in row.items() if not _is_nan(v)})
+        failure = plan.failure_of(trial_id) or (failure_reason_of(result.error) if result.error else None)
+        epochs = int(history[EPOCH].max())
+        if failure is not None:
+            tracker.end_trial(trial_id, status="failed", failure=failure, only_if_open=True)
+        elif epochs < space.budget.epochs:
+            tracker.end_trial(trial_id, status="stopped", stopped_at=epochs, only_if_open=True)
+        else:
+            tracker.end_trial(trial_id, status="completed", only_if_open=True)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value
 
 
 def _record_best(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> str | None:

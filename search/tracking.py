@@ -51,6 +51,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         self.search = search
+        self._artifact_root = artifact_root
         experiment = self.client.get_experiment_by_name(search)
         if experiment is None:
             location = artifact_root.resolve().as_uri() if artifact_root is not None else None
@@ -59,6 +60,13 @@ class Tracker:
             self.experiment_id = experiment.experiment_id
         self._runs: dict[str, _RunState] = {}
         self.parent_run_id = self._find_or_create_parent()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles callbacks with its experiment state: keep the address, not the connection."""
+        return {"tracking_uri": self.tracking_uri, "search": self.search, "artifact_root": self._artifact_root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["tracking_uri"], state["search"], artifact_root=state["artifact_root"])  # type: ignore[misc]
 
     # --- lookup ---------------------------------------------------------------------------------------
 
@@ -141,9 +149,14 @@ class Tracker:
         return True
 
     def end_trial(self, trial_id: str, *, status: str, stopped_at: int | None = None,
-                  failure: str | None = None) -> None:
-        """Tags how the trial ended (completed, stopped by ASHA at epoch k, failed: reason) and closes it."""
+                  failure: str | None = None, only_if_open: bool = False) -> None:
+        """Tags how the trial ended (completed, stopped by ASHA at epoch k, failed: reason) and closes it.
+
+        With ``only_if_open`` a run that already records its end is left as it is.
+        """
         run_id = self._runs[trial_id].run_id
+        if only_if_open and self.client.get_run(run_id).data.tags.get(TAG_STATUS) != "running":
+            return
         tags = [RunTag(TAG_STATUS, status)]
         if stopped_at is not None:
             tags.append(RunTag(TAG_STOPPED_AT, str(stopped_at)))

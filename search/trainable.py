@@ -18,13 +18,18 @@ from typing import Any
 
 import ray.train
 import ray.tune
+import torch
 from ray.train import Checkpoint
 
 from spaces.dataset import open_dataset
 from spaces.schema import Space
+from trainers.hook import TrialDiverged
 from trainers.trial import TRIAL_CONFIG, TrialSpec, run_trial
 
 CHECKPOINT_FILE = "checkpoint.pth"
+FAILURE_FILE = "failure.txt"
+# Failures that a retry would only repeat: the trial ends at once, marked failed, instead of being retried.
+UNRECOVERABLE: tuple[type[BaseException], ...] = (TrialDiverged, torch.OutOfMemoryError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +54,14 @@ class TrialPlan:
     def work_dir(self, trial_id: str, rank: int) -> Path:
         """Where a worker's mmengine work dir and trial.log live: next to Ray's results, on shared storage."""
         return Path(self.storage) / self.name / "trials" / trial_id / f"rank{rank}"
+
+    def failure_file(self, trial_id: str) -> Path:
+        """Holds the reason a trial failed for good (diverged, out of memory); the driver reads it."""
+        return Path(self.storage) / self.name / "trials" / trial_id / FAILURE_FILE
+
+    def failure_of(self, trial_id: str) -> str | None:
+        path = self.failure_file(trial_id)
+        return path.read_text().strip() if path.is_file() else None
 
     @property
     def dataloader_workers(self) -> int:
@@ -107,6 +120,9 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
 
     try:
         run_trial(spec, report=report_epoch, resume_from=resume_from)
+    except UNRECOVERABLE as exc:
+        if rank == 0:
+            plan.failure_file(trial_id).write_text(f"{type(exc).__name__}: {exc}")
     finally:
         for stale in work_dir.rglob("*.pth"):  # reported copies live in Ray storage
             stale.unlink()
@@ -126,7 +142,8 @@ def _restore(checkpoint: Checkpoint | None, work_dir: Path) -> Path | None:
 @contextmanager
 def _checkpoint_dir(checkpoint: Path, config: Path) -> Iterator[str]:
     """A directory holding the epoch's weights and the exact config, ready to hand to Ray storage."""
-    with tempfile.TemporaryDirectory(prefix="dettune-ckpt-") as directory:
+    # Beside the checkpoint, so the weights are hard-linked rather than copied.
+    with tempfile.TemporaryDirectory(prefix="report-", dir=checkpoint.parent) as directory:
         (Path(directory) / CHECKPOINT_FILE).hardlink_to(checkpoint)
         shutil.copy(config, Path(directory) / TRIAL_CONFIG)
         yield directory

@@ -46,8 +46,8 @@ def open_dataset(root: str | Path, train: str, val: str, images: str = "images")
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist: fix data.root, or create it with "
-                           f"`dettune data synth {root}`")
+        raise DatasetError(f"dataset root {root} does not exist: fix data.root (for a synthetic demo dataset "
+                           f"there, run `dettune data synth {root}`)")
     train_doc = _load_coco(root / train)
     val_doc = _load_coco(root / val)
     classes = _classes(root / train, train_doc)

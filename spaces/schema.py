@@ -105,7 +105,7 @@ class Budget(_Section):
     )
     cpus_per_worker: int = Field(default=1, ge=1, description="CPUs per training process")
     max_concurrent: int = Field(default=1, ge=1, description="trials running at the same time")
-    max_retries: int = Field(default=0, ge=0, description="retries of a failed trial")
+    max_retries: int = Field(default=2, ge=0, description="retries of a trial whose process died")
 
     @model_validator(mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,9 +12,14 @@ import torch
 import torch.distributed as dist
 from mmengine.hooks import Hook
 
-from trainers.metrics import EPOCH, VAL_PREFIX, train_metrics, val_metrics
+from trainers.inference import FPS_METRIC, measure_fps
+from trainers.metrics import EPOCH, VAL_PREFIX, non_finite, train_metrics, val_metrics
 
 Report = Callable[[dict[str, float], Path], None]
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN or infinite: the trial cannot recover, and retrying it would diverge again."""
 """Receives one epoch's flat metrics and the checkpoint saved at the end of that epoch."""
 
 
@@ -23,7 +29,8 @@ class EpochReportHook(Hook):
     ``empty_scores`` stands in for the val columns when the evaluator returns none because nothing was
     detected. Runs at ``LOWEST`` priority so mmengine's own CheckpointHook has already saved the epoch's checkpoint.
     Under DDP every rank calls ``report`` (Ray Train expects all workers to report) with the same values:
-    the train means are averaged over ranks first.
+    the train means are averaged over ranks first. After the last epoch the row also holds the inference speed
+    on the val set (``inference/fps``, each rank on its own device), since the tracker keeps one report per epoch.
     """
 
     priority = "LOWEST"
@@ -42,6 +49,9 @@ class EpochReportHook(Hook):
                          outputs: Mapping[str, Any] | None = None) -> None:
         for key, value in (outputs or {}).items():
             self._sums[key] += float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not math.isfinite(self._sums.get("loss", 0.0)):
+            raise TrialDiverged(f"loss became {self._sums['loss']} in epoch {runner.epoch + 1}, "
+                                f"iteration {batch_idx + 1}: lower the lr or add gradient clipping")
         self._sums["lr"] += float(runner.optim_wrapper.get_lr()["lr"][0])
         self._count += 1
 
@@ -52,6 +62,11 @@ class EpochReportHook(Hook):
         if not any(key.startswith(VAL_PREFIX + "bbox_mAP") for key in val):
             val.update(self._empty_scores)
         row = {**train_metrics(sums, count), **val, EPOCH: float(epoch)}
+        if epoch == runner.max_epochs:
+            row[FPS_METRIC] = measure_fps(runner.model, runner.val_dataloader.dataset)
+        bad = non_finite(row)
+        if bad:  # never hand a NaN to ASHA (ray#6659) or MLflow
+            raise TrialDiverged(f"non-finite {', '.join(bad)} after epoch {epoch}")
         self._report(row, Path(runner.work_dir) / f"epoch_{epoch}.pth")
 
     def _summed_over_ranks(self) -> tuple[dict[str, float], int]:

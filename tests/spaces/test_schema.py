@@ -93,7 +93,7 @@ def test_defaults(tmp_path: Path) -> None:
     scheduler = space.scheduler
     assert (scheduler.type, scheduler.grace_epochs, scheduler.reduction_factor) == ("asha", 1, 3)
     assert space.budget.workers_per_trial == 4  # one per GPU
-    assert (space.budget.cpus_per_worker, space.budget.max_concurrent, space.budget.max_retries) == (1, 1, 0)
+    assert (space.budget.cpus_per_worker, space.budget.max_concurrent, space.budget.max_retries) == (1, 1, 2)
     assert (space.fixed, space.overrides, space.pretrained, space.hypothesis) == ({}, {}, {}, None)
 
 
