@@ -13,6 +13,7 @@ from pathlib import Path
 
 from search import validate_cmd
 from search.driver import SearchExists, SearchOptions, SearchOutcome, resume_options, run_search
+from search.tracking import TrackingUnreachable
 from spaces.build import BuildError
 from spaces.dataset import DatasetError
 from spaces.distributions import DistributionError
@@ -20,7 +21,8 @@ from spaces.errors import SpaceError
 
 USAGE_ERROR = 2
 # The errors that mean "the user's input is wrong" (as opposed to a bug): reported without a traceback.
-INPUT_ERRORS: tuple[type[Exception], ...] = (BuildError, DatasetError, DistributionError, SpaceError, SearchExists)
+INPUT_ERRORS: tuple[type[Exception], ...] = (
+    BuildError, DatasetError, DistributionError, SpaceError, SearchExists, TrackingUnreachable)
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
 DEMO_IMAGES = 96

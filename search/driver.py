@@ -22,11 +22,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm
 
 from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
-from search.tracking import TAG_STORAGE, Tracker, local_tracking_uri
+from search.tracking import TAG_STORAGE, Tracker, check_reachable, local_tracking_uri
 from search.trainable import TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
-from spaces.dataset import open_dataset
 from spaces.schema import Space, load_space
+from spaces.validate import check_space
 from trainers.metrics import EPOCH
 
 KEEP_CHECKPOINTS = 2
@@ -82,9 +82,7 @@ def load_for_search(options: SearchOptions) -> Space:
 def make_plan(space: Space, storage: Path) -> TrialPlan:
     """Resolves every path now, in the driver: trials run with another working directory, maybe elsewhere."""
     root = Path(space.data.root).resolve()
-    open_dataset(root, space.data.train, space.data.val, space.data.images)  # fail here, not in every trial
     base = space.base if space.base.startswith(MMDET_PREFIX) else str(resolve_base(space.base).resolve())
-    resolve_base(base)
     budget = space.budget
     return TrialPlan(space=space.to_json(), base=base, data_root=str(root), workers=budget.workers_per_trial,
                      cpus_per_worker=budget.cpus_per_worker,
@@ -158,11 +156,13 @@ def _searches(storage: Path) -> list[str]:
 def run_search(options: SearchOptions) -> SearchOutcome:
     """Runs (or resumes) a search to its end and returns where its results are."""
     space = load_for_search(options)
+    check_space(space, str(options.space_file))  # all of the input is checked before anything is written
     storage = options.storage.resolve()
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
     tracking_uri = options.tracking_uri or local_tracking_uri(storage)
+    check_reachable(tracking_uri)
     _save(experiment_dir, space, options.tracking_uri)
     tracker = Tracker(tracking_uri, space.name,
                       artifact_root=None if options.tracking_uri else storage / "mlartifacts")

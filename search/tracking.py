@@ -8,6 +8,8 @@ continues. Which epochs a run already holds is read back from MLflow, so a point
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,26 @@ def is_log_column(key: str) -> bool:
 def local_tracking_uri(storage: Path) -> str:
     """The embedded default: a SQLite store next to the search's Ray storage."""
     return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+
+
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking server does not answer; the message names it and what to check."""
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Fails fast when an HTTP tracking server does not answer (MLflow's client would retry for minutes).
+
+    Any HTTP answer counts, 401 included: credentials are the client's business.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except OSError as exc:
+        raise TrackingUnreachable(f"MLflow tracking server {tracking_uri} is unreachable ({exc}): start it, "
+                                  "or fix --tracking-uri (omit it to use a local SQLite store)") from None
 
 
 @dataclass

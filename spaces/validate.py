@@ -1,0 +1,518 @@
+"""Checks a search space without training: everything a search would trip over, reported at once.
+
+:func:`check_file` runs these stages and collects every :class:`~spaces.errors.Problem` they find:
+
+1. the schema and its rules (:func:`spaces.schema.load_space`);
+2. the base config exists and mmengine can load it;
+3. every ``pretrained`` checkpoint exists;
+4. the dataset opens as COCO (:func:`spaces.dataset.open_dataset`); an area metric (``val/bbox_mAP_s`` ...)
+   has val objects of its area range, and a mask head (``roi_head: htc``) has masks to learn from;
+5. every combination of the searched choice/grid values (numeric ranges at their low end) becomes a config,
+   and every distinct model among them is constructed on the ``meta`` device: no memory, no weights, a
+   fraction of a second even for Swin-B. Combinations that only change the optimiser, schedule or data
+   pipeline give the same model and are constructed once.
+
+All problems end up in one :class:`~spaces.errors.SpaceError`; a space without problems gives a
+:class:`Validation`, which :func:`summary` prints on one screen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmengine.utils import import_modules_from_strings
+from pydantic import ValidationError
+from torch.overrides import TorchFunctionMode
+
+from spaces.build import BuildError, apply_overrides, build_config, load_base
+from spaces.dataset import Dataset, DatasetError, open_dataset
+from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
+from spaces.errors import Problem, SpaceError
+from spaces.schema import DataSpec, Space, load_space
+
+AREA_METRICS = {
+    "val/bbox_mAP_s": ("s", "small", "area < 32²"),
+    "val/bbox_mAP_m": ("m", "medium", "32² <= area < 96²"),
+    "val/bbox_mAP_l": ("l", "large", "area >= 96²"),
+}
+"""Area metrics: the COCO area range each needs in the val set, its name and its bounds."""
+
+_STEP_KNOBS = {
+    "apply_roi_head": "roi_head",
+    "apply_backbone": "backbone",
+    "apply_tiny_preset": "preset",
+    "apply_scale": "scale",
+    "apply_optimisation": "optimizer",
+    "apply_freeze": "freeze",
+}
+"""The :mod:`spaces.build` step of each knob: a failure inside it is that knob's problem."""
+
+_MODEL_KNOBS = ("backbone", "roi_head", "preset", "freeze")
+"""Knobs that change the model itself, in the order a failure to build it is blamed on them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Validation:
+    """What checking a valid space found.
+
+    Attributes:
+        file: The space file (or a label for in-memory data).
+        space: The space.
+        dataset: The opened dataset.
+        combinations: Knob combinations turned into configs.
+        models: Distinct models constructed from them.
+        notes: Things worth knowing that don't stop a search, e.g. backbones training from scratch.
+    """
+
+    file: str
+    space: Space
+    dataset: Dataset
+    combinations: int
+    models: int
+    notes: tuple[str, ...] = ()
+
+
+def check_file(path: str | Path) -> Validation:
+    """Checks a space file: its schema, its base config, its data and every model it can produce.
+
+    Args:
+        path: The space YAML file.
+
+    Returns:
+        What the check found, for :func:`summary`.
+
+    Raises:
+        SpaceError: With every problem of every stage. When the schema is broken, the base config and the
+            data are still checked, as far as those sections are valid.
+    """
+    file = str(path)
+    try:
+        space = load_space(path)
+    except SpaceError as error:
+        raise SpaceError([*error.problems, *_files_of_broken_space(path, file)]) from None
+    return check_space(space, file)
+
+
+def check_space(space: Space, file: str = "<space>") -> Validation:
+    """Checks the files a valid space refers to and builds every model it can produce.
+
+    Args:
+        space: The space, e.g. from :func:`~spaces.schema.load_space` or ``Space.from_json``.
+        file: Names the source in problems.
+
+    Returns:
+        What the check found, for :func:`summary`.
+
+    Raises:
+        SpaceError: With every problem found.
+    """
+    out = _Problems(file)
+    base = _check_base(space.base, out)
+    pretrained = _check_pretrained(space, out)
+    dataset = _check_dataset(space.data, out)
+    if dataset is not None:
+        _check_area_metric(space, dataset, out)
+        _check_masks(space, dataset, base, out)
+    combinations = models = 0
+    if base is not None:
+        combinations, models = _check_models(space, base, dataset or _stand_in(space.data), pretrained, out)
+    if out.items or dataset is None:
+        raise SpaceError(out.items)
+    return Validation(file=file, space=space, dataset=dataset, combinations=combinations, models=models,
+                      notes=tuple(_notes(space)))
+
+
+class _Problems:
+    """Collects the problems of one file, one per field and value."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.items: list[Problem] = []
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, field: str, value: Any, rule: str) -> None:
+        key = (field, repr(value))
+        if key not in self._seen:
+            self._seen.add(key)
+            self.items.append(Problem(self.file, field, value, rule))
+
+
+def _files_of_broken_space(path: str | Path, file: str) -> list[Problem]:
+    """Checks the base config and the data of a space whose schema is broken, where those are valid."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # load_space has reported it
+    if not isinstance(data, dict):
+        return []
+    out = _Problems(file)
+    if isinstance(data.get("base"), str) and data["base"]:
+        _check_base(data["base"], out)
+    try:
+        spec = DataSpec.model_validate(data.get("data"))
+    except ValidationError:
+        return out.items
+    _check_dataset(spec, out)
+    return out.items
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: base config, checkpoints, dataset.
+
+
+def _check_base(base: str, out: _Problems) -> Config | None:
+    """Loads the base config; returns None (and adds the problem) if it is missing or broken."""
+    try:
+        return load_base(base)
+    except BuildError as error:
+        out.add("base", base, str(error))
+    except Exception as error:  # whatever executing a broken config file raises
+        out.add("base", base, f"mmengine can't load this config ({type(error).__name__}: {error}): fix the file "
+                "or choose another base")
+    return None
+
+
+def _check_pretrained(space: Space, out: _Problems) -> dict[str, str]:
+    """Returns the ``pretrained`` checkpoints that exist; each missing one is a problem."""
+    found = {}
+    for name, path in space.pretrained.items():
+        if Path(path).is_file():
+            found[name] = path
+        else:
+            out.add(f"pretrained.{name}", path, "checkpoint file not found: fix the path, or remove the entry to "
+                    "train this backbone from scratch")
+    return found
+
+
+def _check_dataset(spec: DataSpec, out: _Problems) -> Dataset | None:
+    """Opens the dataset; returns None (and adds the problem, at the field to fix) if it can't be used."""
+    try:
+        return open_dataset(spec.root, spec.train, spec.val, spec.images)
+    except DatasetError as error:
+        message = str(error)
+        field = _dataset_field(message, spec)
+        out.add(field, getattr(spec, field.removeprefix("data.")), message)
+    return None
+
+
+def _dataset_field(message: str, spec: DataSpec) -> str:
+    """The ``data`` field a :class:`DatasetError` message is about: the first of its files it names."""
+    if message.startswith("dataset root"):
+        return "data.root"
+    if "missing from" in message:
+        return "data.images"
+    root = Path(spec.root)
+    places = {"data.train": message.find(str(root / spec.train)), "data.val": message.find(str(root / spec.val))}
+    named = {field: place for field, place in places.items() if place >= 0}
+    return min(named, key=lambda field: named[field]) if named else "data.root"
+
+
+def _stand_in(spec: DataSpec) -> Dataset:
+    """A dataset for building models when the real one can't be opened (its problem is reported already)."""
+    return Dataset(root=Path(spec.root), train=spec.train, val=spec.val, images=spec.images, classes=("object",),
+                   has_masks=True, num_train_images=1, val_area_ranges=frozenset("sml"))
+
+
+def _check_area_metric(space: Space, dataset: Dataset, out: _Problems) -> None:
+    """An area metric needs val objects of its area range; COCO reports -1 (no score) otherwise."""
+    if space.metric not in AREA_METRICS:
+        return
+    code, word, bounds = AREA_METRICS[space.metric]
+    if code not in dataset.val_area_ranges:
+        out.add("metric", space.metric, f"{dataset.val_json} has no {word} objects ({bounds}), so COCO reports "
+                f"-1 (no score) for {space.metric}: choose another metric, or a val set with {word} objects")
+
+
+def _check_masks(space: Space, dataset: Dataset, base: Config | None, out: _Problems) -> None:
+    """A mask head (HTC, or a mask base config) needs polygon masks on every training annotation."""
+    if dataset.has_masks:
+        return
+    rule = (f"trains a mask branch, but {dataset.train_json} has annotations without 'segmentation': "
+            "use a box-only head (faster, cascade), or add polygon masks")
+    field, values = _knob_values(space, "roi_head")
+    if field is not None and "htc" in values:
+        out.add(field, "htc", f"roi_head 'htc' {rule}")
+    elif field is None and base is not None and "mask_head" in (base.model.get("roi_head") or {}):
+        out.add("base", space.base, f"the base model {rule}")
+
+
+def _knob_values(space: Space, name: str) -> tuple[str | None, list[Any]]:
+    """The field that sets knob ``name`` and the values it can take; ``(None, [])`` if the space doesn't."""
+    if name in space.space:
+        dist = space.space[name]
+        return f"space.{name}", list(dist.values) if isinstance(dist, Choice | Grid) else []
+    if name in space.fixed:
+        return f"fixed.{name}", [space.fixed[name]]
+    return None, []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models: every knob combination becomes a config, every distinct model is constructed once.
+
+
+def combinations(space: Space) -> list[dict[str, Any]]:
+    """Returns the searched knobs' combinations: every choice/grid value, numeric ranges at their low end."""
+    axes = {name: _axis(dist) for name, dist in space.space.items()}
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def _axis(dist: Distribution) -> list[Any]:
+    """The values of one knob that the model check tries."""
+    return list(dist.values) if isinstance(dist, Choice | Grid) else [dist.low]
+
+
+def _check_models(
+    space: Space, base: Config, dataset: Dataset, pretrained: dict[str, str], out: _Problems
+) -> tuple[int, int]:
+    """Builds every combination's config and constructs each distinct model; returns both counts."""
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    combos = combinations(space)
+    models: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "training from scratch" and friends, once per combination
+        for combo in combos:
+            cfg = _config_of(space, base, combo, dataset, pretrained, out)
+            key = None if cfg is None else _model_key(cfg)
+            if cfg is not None and key is not None and key not in models:
+                models.add(key)
+                _construct(space, cfg, combo, out)
+    return len(combos), len(models)
+
+
+def _config_of(
+    space: Space, base: Config, combo: dict[str, Any], dataset: Dataset, pretrained: dict[str, str], out: _Problems
+) -> Config | None:
+    """The trial config of one combination, as a trial builds it; None (and a problem) if it can't be built."""
+    point = {**space.point_defaults(), **combo}
+    try:
+        cfg = build_config(base, point, dataset, pretrained=pretrained)
+    except Exception as error:  # BuildError, or whatever a base config of an unexpected shape raises
+        knob = _failing_knob(error)
+        field, value = _knob_field(space, knob, point)
+        text = str(error) if isinstance(error, BuildError) else f"{type(error).__name__}: {error}"
+        out.add(field, value, text + _context(space, combo, knob))
+        return None
+    for dotted, value in space.overrides.items():
+        try:
+            apply_overrides(cfg, {dotted: value})
+        except BuildError as error:
+            out.add(f"overrides.{dotted}", value, str(error) + _context(space, combo, None))
+    return cfg
+
+
+def _failing_knob(error: BaseException) -> str | None:
+    """The knob whose :mod:`spaces.build` step raised ``error`` (the innermost ``apply_*`` frame)."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.name in _STEP_KNOBS:
+            return _STEP_KNOBS[frame.name]
+    return None
+
+
+def _knob_field(space: Space, knob: str | None, point: dict[str, Any]) -> tuple[str, Any]:
+    """The field and value a problem of ``knob`` is reported at; the base config if the space doesn't set it."""
+    if knob in space.space:
+        return f"space.{knob}", point[knob]
+    if knob in space.fixed:
+        return f"fixed.{knob}", point[knob]
+    return "base", space.base
+
+
+def _context(space: Space, combo: dict[str, Any], knob: str | None) -> str:
+    """``" (with backbone=convnext-t, ...)"``: the other searched values of the failing combination."""
+    others = [f"{name}={_show(value)}" for name, value in combo.items()
+              if name != knob and isinstance(space.space[name], Choice | Grid)]
+    return f" (with {', '.join(others)})" if others else ""
+
+
+def _model_key(cfg: Config) -> str:
+    """What decides the constructed model: the model dict and the modules it imports."""
+    return json.dumps([cfg.model.to_dict(), cfg.get("custom_imports")], sort_keys=True, default=repr)
+
+
+def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> None:
+    """Constructs the model on the meta device; a failure becomes a problem of the knob most likely at fault."""
+    point = {**space.point_defaults(), **combo}
+    imports = cfg.get("custom_imports")
+    if imports:
+        try:
+            import_modules_from_strings(**imports)
+        except ImportError as error:
+            field, value = _knob_field(space, "backbone" if "backbone" in point else None, point)
+            out.add(field, value, f"the model needs custom_imports {list(imports['imports'])}, which can't be "
+                    f"imported ({_root_cause(error)}): install what is missing")
+            return
+    try:
+        _build_on_meta(cfg)
+    except Exception as error:  # a config that mmdet can't turn into a model
+        knob = next((name for name in _MODEL_KNOBS if name in space.space), None)
+        field, value = _knob_field(space, knob, point)
+        rule = f"mmdet can't build this model ({type(error).__name__}: {error})"
+        out.add(field, value, rule + _context(space, combo, knob))
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost chained exception, e.g. the missing module behind mmengine's ``Failed to import``."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return f"{type(error).__name__}: {error}"
+
+
+class _HostLinspace(TorchFunctionMode):
+    """Keeps ``torch.linspace`` on the CPU: Swin and ConvNeXt read drop-path rates from it with ``.item()``."""
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.linspace and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _meta_device() -> Iterator[None]:
+    """Tensors made inside have shapes but no storage, so constructing even a large model is quick."""
+    with torch.device("meta"), _HostLinspace():
+        yield
+
+
+def _build_on_meta(cfg: Config) -> None:
+    """Constructs the detector of ``cfg`` without allocating its weights."""
+    from mmdet.registry import MODELS
+
+    with DefaultScope.overwrite_default_scope("mmdet"), _meta_device():
+        MODELS.build(cfg.model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary.
+
+
+def _notes(space: Space) -> Iterator[str]:
+    """Things worth knowing before a search that are not errors."""
+    _, backbones = _knob_values(space, "backbone")
+    scratch = [name for name in backbones if name not in space.pretrained]
+    if scratch:
+        yield (f"no pretrained checkpoint for {', '.join(map(str, scratch))}: trains from scratch "
+               "(add pretrained: {name: /path/to/imagenet.pth})")
+    _, depths = _knob_values(space, "freeze")
+    if scratch and any(depth >= 0 for depth in depths):
+        yield "freeze >= 0 without a pretrained checkpoint freezes randomly initialised stages"
+    grid = space.grid_size()
+    if space.search.algorithm == "grid" and grid is not None and space.budget.trials != grid:
+        yield f"budget.trials ({space.budget.trials}) is unused: grid search trains each of its {grid} points once"
+
+
+def summary(validation: Validation) -> str:
+    """Returns a one-screen description of a valid space: knobs, budget, search, resources, models built."""
+    space, dataset = validation.space, validation.dataset
+    rows = [
+        ("base", space.base),
+        ("data", _data_line(space.data, dataset)),
+        ("metric", f"{space.metric} ({space.mode})"),
+        *_labelled("space", [_knob_line(name, dist, _width(space)) for name, dist in space.space.items()]),
+        ("fixed", "  ".join(f"{name}={_show(value)}" for name, value in space.point_defaults().items())),
+        ("grid", _grid_line(space)),
+        ("trials", _trials_line(space)),
+        ("search", _search_line(space)),
+        ("scheduler", _scheduler_line(space)),
+        ("resources", _resources_line(space)),
+        ("models", f"{_count(validation.models, 'model variant')} built on the meta device from "
+                   f"{_count(validation.combinations, 'knob combination')}"),
+        *_labelled("note", list(validation.notes)),
+    ]
+    lines = [f"{validation.file}: valid space {space.name!r}"]
+    lines += [f"  {label:<10} {text}" for label, text in rows]
+    return "\n".join(lines)
+
+
+def _labelled(label: str, texts: list[str]) -> list[tuple[str, str]]:
+    """Rows for a multi-line entry: the label on the first line only."""
+    return [(label if index == 0 else "", text) for index, text in enumerate(texts)]
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _width(space: Space) -> int:
+    return max((len(name) for name in space.space), default=0)
+
+
+def _data_line(spec: DataSpec, dataset: Dataset) -> str:
+    areas = " ".join(word for code, word in (("s", "small"), ("m", "medium"), ("l", "large"))
+                     if code in dataset.val_area_ranges)
+    masks = "with masks" if dataset.has_masks else "boxes only"
+    return (f"{spec.root} ({spec.train}, {spec.val}): {dataset.num_train_images} train images, "
+            f"{len(dataset.classes)} classes, {masks}; val objects: {areas}")
+
+
+def _knob_line(name: str, dist: Distribution, width: int) -> str:
+    if isinstance(dist, Choice | Grid):
+        values = ", ".join(_show(value) for value in dist.values)
+        return f"{name:<{width}}  {dist.kind} ({len(dist.values)}): {values}"
+    if isinstance(dist, RandInt):
+        return f"{name:<{width}}  randint: {dist.low} .. {dist.high - 1}"
+    assert isinstance(dist, Uniform | LogUniform | QUniform)
+    step = f" step {dist.q:g}" if isinstance(dist, QUniform) else ""
+    return f"{name:<{width}}  {dist.kind}: {dist.low:g} .. {dist.high:g}{step}"
+
+
+def _grid_line(space: Space) -> str:
+    size = space.grid_size()
+    if size is not None:
+        return _count(size, "point")
+    continuous = [name for name, dist in space.space.items() if not isinstance(dist, Choice | Grid)]
+    return f"none: {', '.join(continuous)} {'is' if len(continuous) == 1 else 'are'} continuous"
+
+
+def _trials_line(space: Space) -> str:
+    epochs = f"up to {space.budget.epochs} epochs each"
+    if space.search.algorithm == "grid":
+        return f"{space.grid_size()}, one per grid point, {epochs}"
+    return f"{space.budget.trials}, {epochs}"
+
+
+def _search_line(space: Space) -> str:
+    name = {"tpe": "Optuna TPE", "random": "random sampling", "grid": "grid search"}[space.search.algorithm]
+    return f"{name}, seed {space.search.seed}"
+
+
+def _scheduler_line(space: Space) -> str:
+    scheduler = space.scheduler
+    if scheduler.type == "none":
+        return "none: every trial trains all epochs"
+    return (f"ASHA: first rung after {_count(scheduler.grace_epochs, 'epoch')}, keeps 1/"
+            f"{scheduler.reduction_factor} of the trials at each rung")
+
+
+def _resources_line(space: Space) -> str:
+    budget = space.budget
+    gpus, cpus = budget.gpus_per_trial, budget.workers_per_trial * budget.cpus_per_worker
+    peak = budget.max_concurrent
+    per_trial = f"{_count(budget.workers_per_trial, 'worker')}, {gpus} GPU, {cpus} CPU per trial"
+    at_peak = f"up to {_count(peak, 'trial')} at once: {gpus * peak} GPU, {cpus * peak} CPU"
+    retries = f"{_count(budget.max_retries, 'retry', 'retries')} of a failed trial"
+    return f"{per_trial}; {at_peak}; {retries}"
+
+
+def _count(number: int, one: str, many: str | None = None) -> str:
+    """``"1 epoch"``, ``"3 epochs"``."""
+    return f"{number} {one if number == 1 else many or one + 's'}"
+
+
+__all__ = ["AREA_METRICS", "Validation", "check_file", "check_space", "combinations", "summary"]
