@@ -7,9 +7,11 @@ only one process ever writes to MLflow.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
 from search.tracking import Tracker
@@ -42,33 +44,98 @@ def failure_reason_of(error: BaseException | None) -> str:
     return lines[-1] if lines else "trial failed (see its trial.log and Ray's error file)"
 
 
+class TrackingDown(RuntimeError):
+    """The tracking server stayed unreachable past the allowed time; the search stops to be resumed later."""
+
+
 class MlflowCallback(Callback):
-    """Keeps each Tune trial in one MLflow run, whatever restarts happen around it."""
+    """Keeps each Tune trial in one MLflow run, whatever restarts happen around it.
+
+    Writes go through a FIFO buffer: while the tracking server is unreachable, training goes on and the
+    writes wait; they are delivered in order once it answers again. If it stays down longer than
+    ``down_timeout_s``, :class:`TrackingDown` stops the search (Ray keeps every result and checkpoint, and
+    ``dettune resume`` later delivers what is missing).
+    """
 
     def __init__(self, tracker: Tracker, *, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 max_epochs: int, failure_of: FailureOf) -> None:
+                 max_epochs: int, failure_of: FailureOf, down_timeout_s: float, retry_every_s: float = 5.0) -> None:
         self._tracker = tracker
         self._params_of = params_of
         self._max_epochs = max_epochs
         self._failure_of = failure_of
+        self._down_timeout_s = down_timeout_s
+        self._retry_every_s = retry_every_s
+        self._pending: deque[Callable[[], Any]] = deque()
+        self._down_since: float | None = None
+        self._last_try = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles callbacks with its state; the buffer is rebuilt from Ray's results on resume."""
+        return {**self.__dict__, "_pending": deque(), "_down_since": None}
+
+    def _send(self, *operations: Callable[[], Any]) -> None:
+        self._pending.extend(operations)
+        self._flush()
+
+    def _flush(self) -> None:
+        self._last_try = time.monotonic()
+        while self._pending:
+            try:
+                self._pending[0]()
+            except (MlflowException, OSError) as exc:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    print(f"[{time.strftime('%H:%M:%S')}] MLflow unreachable, buffering its writes: {exc}",
+                          flush=True)
+                return
+            self._pending.popleft()
+        if self._down_since is not None:
+            print(f"[{time.strftime('%H:%M:%S')}] MLflow is back; buffered writes delivered", flush=True)
+            self._down_since = None
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if not self._pending or time.monotonic() - self._last_try < self._retry_every_s:
+            return
+        self._flush()
+        if self._down_since is not None and time.monotonic() - self._down_since > self._down_timeout_s:
+            raise TrackingDown(f"MLflow at {self._tracker.tracking_uri} has been unreachable for more than "
+                               f"{self._down_timeout_s:.0f} s, so the search stopped; training results are kept "
+                               f"in Ray storage: run `dettune resume {self._tracker.search}` once it is back")
+
+    def _start(self, trial: Any) -> Callable[[], Any]:
+        params = self._params_of(trial.config)
+        return lambda: self._tracker.start_trial(trial.trial_id, params)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
+        self._send(self._start(trial))
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                         **info: Any) -> None:
-        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
-        self._tracker.log_epoch(trial.trial_id, result)
+        row = dict(result)
+        self._send(self._start(trial), lambda: self._tracker.log_epoch(trial.trial_id, row))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         failure = self._failure_of(trial.trial_id)
         status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
-        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
-        self._tracker.end_trial(trial.trial_id, status=status, stopped_at=stopped_at, failure=failure)
+        self._send(self._start(trial), lambda: self._tracker.end_trial(
+            trial.trial_id, status=status, stopped_at=stopped_at, failure=failure))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._tracker.start_trial(trial.trial_id, self._params_of(trial.config))
-        self._tracker.end_trial(trial.trial_id, status="failed", failure=failure_reason(trial))
+        reason = failure_reason(trial)
+        self._send(self._start(trial),
+                   lambda: self._tracker.end_trial(trial.trial_id, status="failed", failure=reason))
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        """Waits for the buffered writes to land, as long as the outage is within the allowed time."""
+        self._flush()
+        while self._pending:
+            down_for = time.monotonic() - (self._down_since or time.monotonic())
+            if down_for > self._down_timeout_s:
+                raise TrackingDown(f"MLflow at {self._tracker.tracking_uri} has been unreachable for more than "
+                                   f"{self._down_timeout_s:.0f} s at the end of the search: run "
+                                   f"`dettune resume {self._tracker.search}` once it is back")
+            time.sleep(self._retry_every_s)
+            self._flush()
 
 
 class ConsoleCallback(Callback):

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from search import validate_cmd
+from search import export, leaderboard, predict, report, validate_cmd
+from search.callbacks import TrackingDown
 from search.driver import SearchExists, SearchOptions, SearchOutcome, resume_options, run_search
 from search.tracking import TrackingUnreachable
 from spaces.build import BuildError
@@ -20,6 +21,7 @@ from spaces.distributions import DistributionError
 from spaces.errors import SpaceError
 
 USAGE_ERROR = 2
+INTERRUPTED = 3  # the search stopped on purpose and can be resumed
 # The errors that mean "the user's input is wrong" (as opposed to a bug): reported without a traceback.
 INPUT_ERRORS: tuple[type[Exception], ...] = (
     BuildError, DatasetError, DistributionError, SpaceError, SearchExists, TrackingUnreachable)
@@ -44,6 +46,7 @@ def _search_options(args: argparse.Namespace, **changes: object) -> SearchOption
     fields = dict(space_file=Path(args.space), name=args.name, address=args.address, tracking_uri=args.tracking_uri,
                   storage=Path(args.storage), trials=args.trials, epochs=args.epochs,
                   max_concurrent=args.max_concurrent, data_root=Path(args.data_root) if args.data_root else None,
+                  tracking_timeout_s=args.tracking_timeout,
                   overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False))
     fields.update(changes)
     return SearchOptions(**fields)  # type: ignore[arg-type]
@@ -90,6 +93,9 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")
     parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: budget.max_concurrent)")
     parser.add_argument("--data-root", help="dataset folder, replacing the space's data.root")
+    parser.add_argument("--tracking-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="stop the search (to resume later) when MLflow stays unreachable this long "
+                             "(default 600); until then its writes are buffered")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
     resume.set_defaults(handler=_cmd_resume)
 
-    validate_cmd.add_parser(commands)
+    for module in (validate_cmd, report, export, predict, leaderboard):
+        module.add_parser(commands)
 
     demo = commands.add_parser("demo", help="search spaces/demo.yaml on synthetic data (written on first use)")
     _add_search_flags(demo)
@@ -133,3 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except INPUT_ERRORS as exc:
         print(f"dettune: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except TrackingDown as exc:
+        print(f"dettune: stopped: {exc}", file=sys.stderr)
+        return INTERRUPTED

@@ -51,6 +51,7 @@ class SearchOptions:
     epochs: int | None = None
     max_concurrent: int | None = None
     data_root: Path | None = None
+    tracking_timeout_s: float = 600.0
     resume: bool = False
     overwrite: bool = False
 
@@ -169,9 +170,12 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     tracker.describe_search(tags={**_search_tags(space), TAG_STORAGE: str(experiment_dir)},
                             space_yaml=options.space_file.read_text(),
                             space_json=json.dumps(space.to_json(), indent=2))
+    # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     connect_ray(options.address)
     restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-    tuner = _tuner(space, plan, tracker, storage, resume=restorable)
+    tuner = _tuner(space, plan, tracker, storage, resume=restorable, down_timeout_s=options.tracking_timeout_s)
     results = tuner.fit()
     reconcile(results, space, plan, tracker)
     best_id = _record_best(results, space, plan, tracker)
@@ -195,14 +199,16 @@ def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(experiment_dir)
 
 
-def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool) -> tune.Tuner:
+def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool,
+           down_timeout_s: float) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(tune_trial, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
     searcher, param_space, samples = make_searcher(space)
     params_of = _params_of(plan)
     epochs = space.budget.epochs
-    callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=epochs, failure_of=plan.failure_of),
+    callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=epochs, failure_of=plan.failure_of,
+                                down_timeout_s=down_timeout_s),
                  ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=params_of,
                                  failure_of=plan.failure_of)]
     return tune.Tuner(

@@ -60,6 +60,7 @@ class Candidate:
     directory: Path
 
     def value(self, metric: str) -> float | None:
+        """The result's ``metric``, or None where it is missing or not finite."""
         value = self.result.get(metric)
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 

@@ -47,10 +47,12 @@ class Group:
     values: Sequence[float]
 
     def best(self, mode: str) -> float:
+        """The best of the group's trials (the highest for ``max``, the lowest for ``min``)."""
         return max(self.values) if mode == "max" else min(self.values)
 
     @property
     def mean(self) -> float:
+        """The mean over the group's trials."""
         return statistics.fmean(self.values)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import cv2
 import torch
+from mmengine.config import Config
 
 from search.trainable import CHECKPOINT_FILE
 from spaces.build import BuildError
@@ -69,8 +70,10 @@ def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: fl
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from mmdet.apis import DetInferencer
 
-    inferencer = DetInferencer(model=str(model_dir / TRIAL_CONFIG), weights=str(model_dir / CHECKPOINT_FILE),
-                               device=device, show_progress=False)
+    cfg = Config.fromfile(str(model_dir / TRIAL_CONFIG))
+    cfg.visualizer.pop("vis_backends", None)  # the trial's file backend has no save_dir here; we save the PNGs
+    inferencer = DetInferencer(model=cfg, weights=str(model_dir / CHECKPOINT_FILE), device=device,
+                               show_progress=False)
     fps, samples = timed_inference(lambda path: inferencer(str(path), return_datasamples=True)["predictions"][0],
                                    [*[images[0]] * WARMUP_IMAGES, *images], warmup=WARMUP_IMAGES)
     out.mkdir(parents=True, exist_ok=True)

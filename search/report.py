@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,7 @@ from search.tracking import (
     TAG_STATUS,
     TAG_STOPPED_AT,
     TAG_TRIAL,
+    check_reachable,
     local_tracking_uri,
 )
 from spaces.backbones import catalog_name
@@ -75,11 +77,17 @@ def add_tracking_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def open_tracking(uri: str | None) -> MlflowClient:
-    """A client for ``uri`` (default: the search's local SQLite store), refusing to create an empty store."""
+    """A client for ``uri`` (default: the search's local SQLite store).
+
+    Raises:
+        BuildError: The SQLite file does not exist (MLflow would create an empty store there).
+        TrackingUnreachable: A tracking server that does not answer.
+    """
     uri = uri or local_tracking_uri(DEFAULT_STORAGE)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise BuildError(f"no MLflow store at {uri}: run this where `dettune search` ran (it writes "
                          f"{DEFAULT_STORAGE}/mlflow.db), or pass the search's --tracking-uri")
+    check_reachable(uri)
     return MlflowClient(uri)
 
 
@@ -166,6 +174,7 @@ class TrialRecord:
         return self.at(self.best_epoch(metric, mode)).get(metric)
 
     def latest(self, key: str) -> float | None:
+        """The last value of ``key`` (e.g. ``inference/fps``, measured after the last epoch only)."""
         points = self.history.get(key, ())
         return points[-1].value if points else None
 
@@ -191,6 +200,7 @@ def _trial_record(client: MlflowClient, run: Run) -> TrialRecord:
 # --- formatting -----------------------------------------------------------------------------------------
 
 def is_map(key: str) -> bool:
+    """Whether ``key`` is one of the val mAPs (0..1 in MLflow, percent in the log)."""
     return key.startswith("val/bbox_mAP")
 
 
@@ -284,7 +294,7 @@ def _ranges(scored: list[tuple[float, float]]) -> list[Group]:
     count = min(_BINS, len(scored))
     bounds = [round(i * len(scored) / count) for i in range(count + 1)]
     groups = []
-    for start, stop in zip(bounds, bounds[1:], strict=False):
+    for start, stop in itertools.pairwise(bounds):
         chunk = scored[start:stop]
         low, high = chunk[0][0], chunk[-1][0]
         label = f"{low:.3g}" if low == high else f"{low:.3g}-{high:.3g}"

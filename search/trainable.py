@@ -49,7 +49,9 @@ class TrialPlan:
     def point(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The full knob values of a trial: the space's fixed knobs plus the sampled ones, decoded."""
         space = Space.from_json(self.space)
-        return {**space.point_defaults(), **space.decode_optuna(dict(sampled))}
+        # Only Optuna needs its encoded choices (e.g. "[800, 800]") turned back; Tune's own samplers give real values.
+        values = space.decode_optuna(dict(sampled)) if space.search.algorithm == "tpe" else dict(sampled)
+        return {**space.point_defaults(), **values}
 
     def work_dir(self, trial_id: str, rank: int) -> Path:
         """Where a worker's mmengine work dir and trial.log live: next to Ray's results, on shared storage."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -66,15 +67,28 @@ def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
         wait_for_http(f"{dashboard}/api/version")
         yield RayHead(dashboard, env)
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        _kill_processes_using(temp_dir)  # not `ray stop`: it would stop every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _kill_processes_using(marker: str) -> None:
+    """SIGKILLs every process whose command line mentions ``marker`` (this head's own temp dir)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+
+
 @contextmanager
-def mlflow_server(tmp: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts; yields its URL."""
-    port = free_port()
-    log = open(tmp / "mlflow-server.log", "w")  # noqa: SIM115 - closed below, after the server
+def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts in ``tmp``; yields its URL.
+
+    Starting it again with the same ``tmp`` and ``port`` brings the same store back.
+    """
+    port = port or free_port()
+    log = open(tmp / "mlflow-server.log", "a")  # noqa: SIM115 - closed below, after the server
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp / 'mlflow-server.db'}",

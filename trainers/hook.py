@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,11 +17,13 @@ from trainers.inference import FPS_METRIC, measure_fps
 from trainers.metrics import EPOCH, VAL_PREFIX, non_finite, train_metrics, val_metrics
 
 Report = Callable[[dict[str, float], Path], None]
+"""Receives one epoch's flat metrics and the checkpoint saved at the end of that epoch."""
+
+FIRST_ITER_MARK = "dettune: first training iteration done at unix time"
 
 
 class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial cannot recover, and retrying it would diverge again."""
-"""Receives one epoch's flat metrics and the checkpoint saved at the end of that epoch."""
 
 
 class EpochReportHook(Hook):
@@ -38,6 +41,7 @@ class EpochReportHook(Hook):
     def __init__(self, report: Report, *, empty_scores: Mapping[str, float]) -> None:
         self._report = report
         self._empty_scores = dict(empty_scores)
+        self._started = False
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
 
@@ -49,6 +53,9 @@ class EpochReportHook(Hook):
                          outputs: Mapping[str, Any] | None = None) -> None:
         for key, value in (outputs or {}).items():
             self._sums[key] += float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not self._started:  # start-up overhead, for bench/overhead and for users reading trial.log
+            self._started = True
+            runner.logger.info(f"{FIRST_ITER_MARK} {time.time():.3f}")
         if not math.isfinite(self._sums.get("loss", 0.0)):
             raise TrialDiverged(f"loss became {self._sums['loss']} in epoch {runner.epoch + 1}, "
                                 f"iteration {batch_idx + 1}: lower the lr or add gradient clipping")

@@ -1,0 +1,226 @@
+"""Bad input through the real ``dettune`` command: one line naming the problem and the fix, exit status 2.
+
+Each test runs :func:`search.cli.main` in this process with the working directory in ``tmp_path`` and asserts
+four things: status 2, a message that names the problem (and the fix, where there is one), no traceback, and
+nothing written: the files under ``tmp_path`` are exactly those the test put there, and an MLflow store that
+existed holds the same experiments and runs. Data problems are made by copying the synthetic dataset and
+breaking one thing in it; they go through ``dettune search``, the command users run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_space
+from mlflow.tracking import MlflowClient
+from services import free_port
+
+from search.cli import USAGE_ERROR, main
+from search.tracking import TAG_ROLE, TAG_STATUS, Tracker, local_tracking_uri
+from spaces.dataset import Dataset
+
+STORAGE = "runs"
+NAME = "t"  # the name write_space gives a space
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int | str | None
+    out: str
+    err: str
+
+    def assert_refused(self, *words: str) -> None:
+        """Status 2, every word in stderr, no traceback anywhere."""
+        assert self.code == USAGE_ERROR, f"exit status {self.code}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+        for word in words:
+            assert word in self.err, f"{word!r} not in stderr:\n{self.err}"
+        assert "Traceback" not in self.out + self.err
+
+
+def dettune(capfd: pytest.CaptureFixture[str], *argv: str) -> Outcome:
+    """Runs the command line in this process; captures at the file descriptors (logging handlers included)."""
+    capfd.readouterr()
+    try:
+        code: int | str | None = main(list(argv))
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    out, err = capfd.readouterr()
+    return Outcome(code, out, err)
+
+
+def tree(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``root`` (size, modification time), but the names in ``skip``."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.name not in skip}
+
+
+def store_contents(tracking_uri: str) -> tuple[list[str], list[str]]:
+    """The store's experiment names and run ids."""
+    client = MlflowClient(tracking_uri)
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], max_results=10000)
+    return sorted(e.name for e in experiments), sorted(r.info.run_id for r in runs)
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Runs the test in ``tmp_path``: the command's relative defaults (./runs, ./reports) land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def search_refused(capfd: pytest.CaptureFixture[str], cwd: Path, space_file: Path, *extra: str) -> Outcome:
+    """``dettune search`` that must write nothing at all."""
+    before = tree(cwd)
+    outcome = dettune(capfd, "search", str(space_file), "--storage", STORAGE, *extra)
+    assert tree(cwd) == before, "a refused search wrote files"
+    return outcome
+
+
+# --- the space file ------------------------------------------------------------------------------------
+
+SPACE_PROBLEMS: dict[str, tuple[dict[str, Any] | str, tuple[str, ...]]] = {
+    "yaml-syntax": ("name: t\nbudget: {epochs: 1, trials: 1\n", ("invalid YAML", "line 3")),
+    "unknown-field": ({"budgets": {"epochs": 1}}, ("budgets", "unknown field", "did you mean 'budget'?")),
+    "wrong-type": ({"budget": {"epochs": "two", "trials": 1}}, ("budget.epochs", "'two'", "valid integer")),
+    "unknown-knob-value": ({"space": {"backbone": {"choice": ["r18", "r999"]}}, "fixed": {"preset": "tiny"}},
+                           ("space.backbone", "'r999'", "must be one of", "'r50'")),
+    "lr-zero": ({"space": {"lr": {"loguniform": [0.0, 0.03]}}}, ("space.lr", "low > 0 must hold", "low=0.0")),
+    "lr-negative": ({"space": {"batch_size": {"choice": [2, 4]}},
+                     "fixed": {"backbone": "r18", "preset": "tiny", "lr": -0.1}}, ("fixed.lr", "-0.1", "> 0")),
+    "low-not-below-high": ({"space": {"lr": {"uniform": [0.03, 0.01]}}},
+                           ("space.lr", "low < high must hold", "low=0.03, high=0.01")),
+    "base-missing": ({"base": "configs/nope/nope.py"}, ("base", "configs/nope/nope.py", "not found",
+                                                       "give a config file path")),
+}
+
+
+@pytest.mark.parametrize("problem", list(SPACE_PROBLEMS))
+def test_broken_space_file(problem: str, cwd: Path, synth: Dataset, capfd: pytest.CaptureFixture[str]) -> None:
+    content, words = SPACE_PROBLEMS[problem]
+    space_file = cwd / "space.yaml"
+    if isinstance(content, str):
+        space_file.write_text(content)
+    else:
+        write_space(space_file, synth, **content)
+    search_refused(capfd, cwd, space_file).assert_refused(str(space_file), *words)
+
+
+# --- the data ------------------------------------------------------------------------------------------
+
+Breaker = Callable[[Path, dict[str, Any]], None]
+
+
+def _write_train(root: Path, doc: dict[str, Any]) -> None:
+    (root / "train.json").write_text(json.dumps(doc))
+
+
+def _corrupt(root: Path, doc: dict[str, Any]) -> None:
+    (root / "train.json").write_text(json.dumps(doc)[:200])
+
+
+def _not_coco(root: Path, doc: dict[str, Any]) -> None:
+    _write_train(root, {"info": {"description": "labels"}, "items": doc["images"]})
+
+
+def _image_missing(root: Path, doc: dict[str, Any]) -> None:
+    (root / "images" / doc["images"][0]["file_name"]).unlink()
+
+
+def _no_categories(root: Path, doc: dict[str, Any]) -> None:
+    _write_train(root, {**doc, "categories": []})
+
+
+def _unlisted_category(root: Path, doc: dict[str, Any]) -> None:
+    annotations = [dict(doc["annotations"][0], category_id=999), *doc["annotations"][1:]]
+    _write_train(root, {**doc, "annotations": annotations})
+
+
+def _no_annotations(root: Path, doc: dict[str, Any]) -> None:
+    _write_train(root, {**doc, "annotations": []})
+
+
+def _root_missing(root: Path, doc: dict[str, Any]) -> None:
+    shutil.rmtree(root)
+
+
+DATA_PROBLEMS: dict[str, tuple[Breaker, tuple[str, ...]]] = {
+    "root-missing": (_root_missing, ("data.root", "does not exist", "fix data.root")),
+    "json-corrupt": (_corrupt, ("data.train", "train.json is not valid JSON", "re-export the annotations")),
+    "not-coco": (_not_coco, ("not a COCO annotation file", "lacks ['images', 'annotations', 'categories']",
+                             "a COCO file has 'images', 'annotations' and 'categories'")),
+    "image-missing": (_image_missing, ("data.images", "1 image(s) missing", "fix data.images or copy the images")),
+    "no-categories": (_no_categories, ("data.train", "lists no categories", "add the class list")),
+    "unlisted-category": (_unlisted_category, ("category ids [999]", "add those categories or drop the annotations")),
+    "no-annotations": (_no_annotations, ("data.train", "zero annotations", "annotate")),
+}
+
+
+@pytest.mark.parametrize("problem", list(DATA_PROBLEMS))
+def test_broken_dataset(problem: str, cwd: Path, synth: Dataset, capfd: pytest.CaptureFixture[str]) -> None:
+    breaker, words = DATA_PROBLEMS[problem]
+    root = cwd / "data"
+    shutil.copytree(synth.root, root)
+    breaker(root, json.loads((synth.root / synth.train).read_text()))
+    space_file = write_space(cwd / "space.yaml", synth,
+                             data={"root": str(root), "train": synth.train, "val": synth.val})
+    search_refused(capfd, cwd, space_file).assert_refused(str(root), *words)
+
+
+# --- the search name, the tracking server ---------------------------------------------------------------
+
+def test_a_taken_name_is_refused_until_overwrite(cwd: Path, synth: Dataset, ray_local: None,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    space_file = write_space(cwd / "space.yaml", synth, budget={"epochs": 1, "trials": 1, "max_concurrent": 1})
+    first = dettune(capfd, "search", str(space_file), "--storage", STORAGE)
+    assert first.code == 0, first.out[-3000:] + first.err[-3000:]
+    tracking_uri = local_tracking_uri(cwd / STORAGE)
+    stored = store_contents(tracking_uri)
+
+    again = search_refused(capfd, cwd, space_file)
+    again.assert_refused(f"a search named {NAME} already exists", "`dettune resume NAME`", "--overwrite")
+    assert store_contents(tracking_uri) == stored
+
+    overwritten = dettune(capfd, "search", str(space_file), "--storage", STORAGE, "--overwrite")
+    assert overwritten.code == 0, overwritten.out[-3000:] + overwritten.err[-3000:]
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(NAME)
+    trials = client.search_runs([experiment.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")
+    assert [t.data.tags[TAG_STATUS] for t in trials] == ["completed"], "the overwritten search's trials remain"
+
+
+def test_unreachable_tracking_server_is_refused_at_start(cwd: Path, synth: Dataset,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # bound and closed again: nothing listens there
+    space_file = write_space(cwd / "space.yaml", synth)
+    outcome = search_refused(capfd, cwd, space_file, "--tracking-uri", url)
+    outcome.assert_refused(f"MLflow tracking server {url} is unreachable", "start it", "fix --tracking-uri")
+
+
+def test_resume_of_an_unknown_search(cwd: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (cwd / STORAGE).mkdir()
+    before = tree(cwd)
+    outcome = dettune(capfd, "resume", "NOPE", "--storage", STORAGE)
+    outcome.assert_refused("no search named NOPE", "check the name and --storage")
+    assert tree(cwd) == before
+
+
+@pytest.mark.parametrize("command", [["report", "NOPE"], ["export", "NOPE", "--out", "exported"]],
+                         ids=["report", "export"])
+def test_report_and_export_of_an_unknown_search(command: list[str], cwd: Path,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    tracking_uri = local_tracking_uri(cwd / STORAGE)
+    Tracker(tracking_uri, "other").finish_search()  # a store holding another search
+    stored = store_contents(tracking_uri)
+    before = tree(cwd, skip=("mlflow.db",))
+
+    outcome = dettune(capfd, *command, "--tracking-uri", tracking_uri)
+    outcome.assert_refused("no search named 'NOPE'", "(it has: other)", "check the name")
+    assert tree(cwd, skip=("mlflow.db",)) == before
+    assert store_contents(tracking_uri) == stored

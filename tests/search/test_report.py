@@ -1,0 +1,230 @@
+"""``dettune report`` on a real finished search: the log's table, write-up, plots and CSV, read from MLflow.
+
+The search (two real trials on Ray, tiny Faster R-CNN, two epochs) runs once per test session and is shared with
+the export, predict and leaderboard tests through :func:`finished_search`. Two more trials are logged through the
+real :class:`~search.tracking.Tracker` as the driver's callback would: one ASHA stopped after its first epoch,
+one that failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import write_space
+from mlflow.tracking import MlflowClient
+
+from search.driver import SearchOptions, run_search
+from search.report import (
+    add_parser,
+    draw_plots,
+    format_value,
+    load_trials,
+    open_search,
+    open_tracking,
+    ranked,
+    write_report,
+)
+from search.tracking import Tracker
+from spaces.build import BuildError
+from spaces.dataset import Dataset
+
+NAME = "results"
+HYPOTHESIS = "A larger lr learns faster in two epochs."
+METHOD = "Grid over two learning rates."
+FAILURE = "RuntimeError: CUDA out of memory | tried 2 GiB"
+LOG_COLUMNS = ["Exp num", "Backbone", "RoI Head", "Epoch", "initial lr", "Lr schd", "Optimizer", "Inf time (fps)",
+               "val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_l", "val/bbox_mAP_m",
+               "val/bbox_mAP_s", "train/loss_rpn_cls", "train/s1.loss_bbox", "train/s2.loss_cls", "train/s1.acc",
+               "train/s2.acc", "train/loss"]
+FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4,
+         "schedule": "cosine"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class FinishedSearch:
+    """A search in its own storage folder: Ray results under ``storage``, MLflow in ``tracking_uri``."""
+
+    name: str
+    storage: Path
+    tracking_uri: str
+    dataset_root: Path
+
+
+def finished_search(tmp_path_factory: pytest.TempPathFactory, dataset: Dataset) -> FinishedSearch:
+    """Runs the shared search on first use in this test session; later calls find it on disk."""
+    root = tmp_path_factory.getbasetemp() / "results-search"
+    marker = root / "search.json"
+    if not marker.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        space = write_space(root / "space.yaml", dataset, name=NAME, metric="val/bbox_mAP", hypothesis=HYPOTHESIS,
+                            method=METHOD, search={"algorithm": "grid", "seed": 0}, fixed=FIXED,
+                            space={"lr": {"choice": [0.02, 0.01]}})
+        outcome = run_search(SearchOptions(space_file=space, storage=root / "runs"))
+        _log_stopped_and_failed(outcome.tracking_uri)
+        marker.write_text(json.dumps({"tracking_uri": outcome.tracking_uri}))
+    return FinishedSearch(name=NAME, storage=root / "runs", dataset_root=dataset.root,
+                          tracking_uri=json.loads(marker.read_text())["tracking_uri"])
+
+
+def _log_stopped_and_failed(tracking_uri: str) -> None:
+    tracker = Tracker(tracking_uri, NAME)
+    params = {**FIXED, "epochs": 2, "lr": 0.01}
+    tracker.start_trial("stopped0", params)
+    tracker.log_epoch("stopped0", {"epoch": 1, "val/bbox_mAP": 0.0004, "val/bbox_mAP_50": 0.002,
+                                   "train/loss": 2.5, "train/loss_rpn_cls": 0.69})
+    tracker.end_trial("stopped0", status="stopped", stopped_at=1)
+    tracker.start_trial("failed00", params)
+    tracker.end_trial("failed00", status="failed", failure=FAILURE)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, synth_large: Dataset, ray_local: None) -> FinishedSearch:
+    return finished_search(tmp_path_factory, synth_large)
+
+
+@pytest.fixture(scope="module")
+def report(finished: FinishedSearch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    search = open_search(open_tracking(finished.tracking_uri), finished.name)
+    return write_report(search, tmp_path_factory.mktemp("report"))
+
+
+def _table(markdown: str) -> list[list[str]]:
+    """The trial table's header and rows as cells."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Exp num | Backbone"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return [rows[0], *rows[2:]]
+
+
+@pytest.mark.slow
+def test_table_has_the_logs_columns_and_one_row_per_trial(finished: FinishedSearch, report: Path) -> None:
+    header, *rows = _table(report.read_text())
+    client = MlflowClient(finished.tracking_uri)
+    runs = {r.data.tags["dettune.exp_num"]: r for r in client.search_runs(
+        [client.get_experiment_by_name(NAME).experiment_id], "tags.`dettune.role` = 'trial'")}
+
+    assert header == LOG_COLUMNS
+    assert sorted(row[0] for row in rows) == sorted(runs) == [f"{NAME}-{i}" for i in range(1, 5)]
+    assert all(len(row) == len(LOG_COLUMNS) for row in rows)
+    maps = [float(row[8]) if row[8] != "-" else -1.0 for row in rows]
+    assert maps == sorted(maps, reverse=True), "rows must be sorted by val/bbox_mAP"
+    for row in rows:
+        run = runs[row[0]]
+        assert row[1:3] == ["r18", "faster"] and row[5:7] == ["cosine", "sgd"]
+        assert row[4] == f"{float(run.data.params['lr']):.3e}"
+        for cell in row[8:14]:
+            assert cell == "-" or re.fullmatch(r"\d+\.\d", cell), cell
+
+
+@pytest.mark.slow
+def test_scores_come_from_each_trials_best_epoch(finished: FinishedSearch, report: Path) -> None:
+    search = open_search(open_tracking(finished.tracking_uri), finished.name)
+    trials = {t.exp_num: t for t in load_trials(search)}
+    for row in _table(report.read_text())[1:]:
+        trial = trials[row[0]]
+        best = trial.at(trial.best_epoch("val/bbox_mAP", "max"))
+        assert row[8] == format_value("val/bbox_mAP", best.get("val/bbox_mAP"))
+        assert row[8] == "-" or row[8] == f"{100 * best['val/bbox_mAP']:.1f}"
+        assert row[19] == format_value("train/loss", best.get("train/loss"))
+
+
+@pytest.mark.slow
+def test_completed_stopped_and_failed_trials_are_marked(report: Path) -> None:
+    text = report.read_text()
+    rows = {row[0]: row for row in _table(text)[1:]}
+    completed = [rows[f"{NAME}-{i}"] for i in (1, 2)]
+    stopped, failed = rows[f"{NAME}-3"], rows[f"{NAME}-4"]
+
+    for row in completed:
+        assert row[3] == "2" and float(row[7]) > 0, "a completed trial shows its epochs and inference fps"
+        assert row[15:19] == ["-"] * 4, "Faster R-CNN has no cascade stages"
+    assert stopped[3] == "1/2 (stopped by ASHA)" and stopped[7] == "-" and stopped[8] == "0.0"
+    assert failed[3] == "0/2 (failed)" and failed[7:] == ["-"] * 13
+    assert list(rows)[-1] == f"{NAME}-4", "a trial without a score comes last"
+    assert f"- {NAME}-4: {FAILURE}" in text
+
+
+@pytest.mark.slow
+def test_fps_is_logged_once_after_the_last_epoch(finished: FinishedSearch) -> None:
+    client = MlflowClient(finished.tracking_uri)
+    for run in client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
+                                  "tags.`dettune.status` = 'completed'"):
+        history = client.get_metric_history(run.info.run_id, "inference/fps")
+        assert [m.step for m in history] == [2] and history[0].value > 0
+
+
+@pytest.mark.slow
+def test_writeup_has_the_spaces_hypothesis_method_and_knob_effects(finished: FinishedSearch, report: Path) -> None:
+    text = report.read_text()
+    search = open_search(open_tracking(finished.tracking_uri), finished.name)
+    scores = {t.params["lr"]: [] for t in load_trials(search)}
+    for trial in load_trials(search):
+        if (score := trial.score("val/bbox_mAP", "max")) is not None:
+            scores[trial.params["lr"]].append(100 * score)
+
+    assert f"- 실험 가설 (hypothesis) : {HYPOTHESIS}" in text
+    assert f"- 실험 방법 (method) : {METHOD}" in text
+    best, mean = max(scores["0.01"]), sum(scores["0.01"]) / len(scores["0.01"])
+    assert f"0.01 best {best:.1f}, mean {mean:.1f} (n={len(scores['0.01'])})" in text
+    assert "lr: 0.02 best" in text and "0.01 best" in text
+    assert "## Leader board" in text
+
+
+@pytest.mark.slow
+def test_plots_are_pngs_linked_from_the_report_and_logged(finished: FinishedSearch, report: Path,
+                                                          tmp_path: Path) -> None:
+    search = open_search(open_tracking(finished.tracking_uri), finished.name)
+    trials = load_trials(search)
+    plots = {p.path.name: p for p in draw_plots(search, trials, tmp_path)}
+
+    assert set(plots) == {"epochs.png", "best_so_far.png", "knob_lr.png"}
+    assert plots["epochs.png"].lines == 3, "one line per trial that reported (the failed one did not)"
+    assert plots["best_so_far.png"].lines == 1
+    assert plots["knob_lr.png"].bars == 2, "one bar per lr value"
+    for plot in plots.values():
+        assert plot.path.read_bytes().startswith(PNG)
+        assert (report.parent / "plots" / plot.path.name).read_bytes().startswith(PNG)
+        assert f"](plots/{plot.path.name})" in report.read_text()
+    logged = search.client.list_artifacts(search.parent.info.run_id, "report/plots")
+    assert {Path(a.path).name for a in logged} == set(plots)
+
+
+@pytest.mark.slow
+def test_csv_has_the_same_rows_and_how_each_trial_ended(finished: FinishedSearch, tmp_path: Path) -> None:
+    search = open_search(open_tracking(finished.tracking_uri), finished.name)
+    path = write_report(search, tmp_path, fmt="csv")
+    header, *rows = list(csv.reader(path.open()))
+
+    assert path.name == "report.csv" and header == [*LOG_COLUMNS, "Status"]
+    assert [row[0] for row in rows] == [t.exp_num for t in ranked(load_trials(search), search.space)]
+    statuses = {row[0]: row[-1] for row in rows}
+    assert statuses[f"{NAME}-3"] == "stopped by ASHA at epoch 1"
+    assert statuses[f"{NAME}-4"] == f"failed: {FAILURE}"
+
+
+@pytest.mark.slow
+def test_unknown_search_is_a_user_error_naming_the_known_ones(finished: FinishedSearch) -> None:
+    with pytest.raises(BuildError, match=rf"no search named 'nope' .*it has: {NAME}"):
+        open_search(open_tracking(finished.tracking_uri), "nope")
+
+
+def test_missing_default_store_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["report", "demo"])
+    with pytest.raises(BuildError, match="no MLflow store at .*runs/mlflow.db"):
+        args.handler(args)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,64 @@
+"""Inference speed: the timing helper, and the FPS a trial reports after its last epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FASTER_BASE, tiny_point
+
+from spaces.dataset import Dataset
+from trainers.inference import FPS_METRIC, measure_fps, timed_inference
+from trainers.trial import TrialSpec, run_trial
+
+
+class _Model:
+    """Records the batches it is given and the mode it was in."""
+
+    def __init__(self) -> None:
+        self.training = True
+        self.calls: list[tuple[Any, bool]] = []
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+
+    def eval(self) -> None:
+        self.training = False
+
+    def test_step(self, batch: Any) -> list[Any]:
+        self.calls.append((batch, self.training))
+        return [batch]
+
+
+def test_warmup_calls_are_run_but_not_returned() -> None:
+    seen: list[int] = []
+    fps, outputs = timed_inference(lambda x: seen.append(x) or x * 10, [1, 2, 3, 4], warmup=2)
+    assert seen == [1, 2, 3, 4] and outputs == [30, 40] and fps > 0
+
+
+def test_nothing_left_to_time_is_an_error() -> None:
+    with pytest.raises(ValueError, match="more than warmup=2"):
+        timed_inference(lambda x: x, [1, 2], warmup=2)
+
+
+def test_measure_fps_runs_batch_one_in_eval_mode_and_restores_training() -> None:
+    model = _Model()
+    dataset = [{"inputs": i} for i in range(5)]
+    assert measure_fps(model, dataset, warmup=2, images=3) > 0
+
+    assert model.training, "training mode is restored"
+    assert [(batch["inputs"], training) for batch, training in model.calls] == [
+        ([0], False), ([1], False), ([2], False), ([3], False), ([4], False)]
+
+
+def test_small_val_sets_are_reused_for_warmup() -> None:
+    model = _Model()
+    measure_fps(model, [{"inputs": 0}, {"inputs": 1}], warmup=2, images=20)
+    assert [batch["inputs"] for batch, _ in model.calls] == [[0], [1], [0], [1]]
+
+
+@pytest.mark.slow
+def test_trial_reports_fps_with_its_last_epoch(synth: Dataset, work_dir: Path) -> None:
+    rows = run_trial(TrialSpec(base=FASTER_BASE, dataset=synth, point=tiny_point(epochs=1), work_dir=work_dir))
+    assert rows[-1][FPS_METRIC] > 0
