@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator, SearchAlgorithm
+from ray.tune.search import BasicVariantGenerator
 
 from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
 from search.tracking import TAG_STORAGE, Tracker, check_reachable, local_tracking_uri
@@ -106,18 +106,22 @@ def trial_resources(plan: TrialPlan) -> dict[str, float]:
     return {"CPU": 0, "memory": LAUNCHER_MEMORY}
 
 
-def make_searcher(space: Space) -> tuple[SearchAlgorithm | Any, dict[str, Any], int]:
-    """The searcher, the Tuner's param_space and num_samples for the space's algorithm."""
+def make_searcher(space: Space) -> tuple[Any, dict[str, Any], int]:
+    """The search algorithm (limited to ``budget.max_concurrent`` trials at a time), the Tuner's
+    param_space, and num_samples, for the space's algorithm."""
     algorithm, seed = space.search.algorithm, space.search.seed
     if algorithm == "tpe":
         from optuna.samplers import TPESampler
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
                                 sampler=TPESampler(seed=seed))
-        return searcher, {}, space.budget.trials
+        return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
+    # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
+    generator = BasicVariantGenerator(random_state=seed, max_concurrent=space.budget.max_concurrent)
     samples = 1 if algorithm == "grid" else space.budget.trials
-    return BasicVariantGenerator(random_state=seed), space.tune_param_space(), samples
+    return generator, space.tune_param_space(), samples
 
 
 def make_scheduler(space: Space) -> TrialScheduler:
@@ -214,8 +218,7 @@ def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, re
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space), num_samples=samples,
-                                    max_concurrent_trials=space.budget.max_concurrent),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space), num_samples=samples),
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(storage), callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=space.budget.max_retries),

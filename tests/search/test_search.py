@@ -109,6 +109,7 @@ def test_random_search_samples_within_the_range(tmp_path: Path, synth: Dataset, 
 
 def test_tpe_with_the_same_seed_proposes_the_same_first_points(tmp_path: Path, synth: Dataset) -> None:
     space_file = write_space(tmp_path / "space.yaml", synth, fixed={"preset": "tiny"},
+                             budget={"epochs": 2, "trials": 4, "max_concurrent": 4},
                              space={"lr": {"loguniform": [1.0e-4, 0.1]},
                                     "batch_size": {"choice": [2, 4]},
                                     "roi_head": {"choice": ["faster", "cascade"]}})
