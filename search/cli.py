@@ -99,7 +99,7 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dettune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dettune", description="Hyperparameter search for MMDetection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)

@@ -45,6 +45,7 @@ def wait_for_http(url: str, timeout: float = 90.0) -> None:
 @dataclass(frozen=True)
 class RayHead:
     dashboard: str
+    gcs_address: str
     env: dict[str, str]
     """The client environment: token authentication on, with this cluster's token."""
 
@@ -65,7 +66,7 @@ def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
     try:
         dashboard = f"http://127.0.0.1:{dash}"
         wait_for_http(f"{dashboard}/api/version")
-        yield RayHead(dashboard, env)
+        yield RayHead(dashboard, f"127.0.0.1:{gcs}", env)
     finally:
         _kill_processes_using(temp_dir)  # not `ray stop`: it would stop every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)

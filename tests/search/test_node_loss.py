@@ -1,0 +1,86 @@
+"""A Ray worker node is lost mid-trial: the trial moves to the remaining node and resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_space
+from mlflow.tracking import MlflowClient
+from services import BIN, free_port, ray_head
+
+from spaces.dataset import Dataset
+
+
+def _start_worker_node(head_address: str, env: dict[str, str], port: int) -> None:
+    subprocess.run([str(BIN / "ray"), "start", f"--address={head_address}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=1", "--num-gpus=0", f"--node-manager-port={port}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, text=True)
+
+
+def _node_processes(node_manager_port: int) -> list[int]:
+    """The worker node's raylet (started with our --node-manager-port) and every process it started."""
+    raylets = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+               if _read(p).startswith(b"/") and b"raylet" in _read(p).split(b"\0")[0]
+               and f"--node_manager_port={node_manager_port}".encode() in _read(p)]
+    return raylets + [pid for raylet in raylets for pid in _descendants(raylet)]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _read(stat).rsplit(b")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            children += [child, *_descendants(child)]
+    return children
+
+
+@pytest.mark.slow
+def test_trial_moves_off_a_lost_node(tmp_path: Path, synth: Dataset) -> None:
+    # The head has 1 CPU and the worker node 1 CPU: two concurrent 1-CPU trials occupy both nodes.
+    with ray_head(num_cpus=1) as head:
+        port = free_port()
+        _start_worker_node(head.gcs_address, head.env, port)
+        space_file = write_space(tmp_path / "space.yaml", synth, name="node-loss",
+                                 search={"algorithm": "grid", "seed": 0},
+                                 budget={"epochs": 3, "trials": 1, "max_concurrent": 2, "max_retries": 2},
+                                 space={"lr": {"grid": [0.01, 0.02]}})
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "search", "search", str(space_file), "--address", head.gcs_address,
+             "--storage", str(tmp_path / "runs")],
+            cwd=tmp_path, env=head.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert driver.stdout is not None
+        seen = []
+        for line in driver.stdout:  # once a trial has checkpointed epoch 1, the worker node goes away
+            seen.append(line)
+            if "epoch 1/3" in line:
+                break
+        killed = _node_processes(port)
+        assert killed, "the worker node's raylet was not found"
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = driver.communicate(timeout=900)
+        assert driver.returncode == 0, "".join(seen) + output[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("node-loss")
+    runs = client.search_runs([experiment.experiment_id], "tags.`dettune.role` = 'trial'")
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.tags["dettune.status"] == "completed"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/bbox_mAP")]
+        assert steps == [1, 2, 3], steps
+    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "node-loss" / "trials").glob("*/rank0/trial.log"))
+    assert "Load checkpoint from" in logs or "resumed epoch" in logs, "no trial resumed from its checkpoint"
