@@ -7,7 +7,9 @@ traceback; each subcommand validates before it writes anything.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -59,7 +61,13 @@ def _print_outcome(outcome: SearchOutcome) -> None:
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"MLflow:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
     else:
-        print(f"MLflow:      {outcome.tracking_uri}")
+        print(f"MLflow:      {_without_credentials(outcome.tracking_uri)}")
+
+
+def _without_credentials(uri: str) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() \
+        if parts.username or parts.password else uri
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -87,7 +95,8 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="search name (default: the space's name)")
     parser.add_argument("--address", help="Ray cluster address (default: inside a Ray job its cluster, "
                                           "else Ray in this process)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --storage)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite under --storage)")
     parser.add_argument("--storage", default="runs", help="Ray storage path, shared by all nodes (default: runs)")
     parser.add_argument("--trials", type=int, help="number of trials (default: budget.trials)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")
