@@ -66,8 +66,9 @@ def _print_outcome(outcome: SearchOutcome) -> None:
 
 def _without_credentials(uri: str) -> str:
     parts = urllib.parse.urlsplit(uri)
-    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() \
-        if parts.username or parts.password else uri
+    if not (parts.username or parts.password):
+        return uri
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

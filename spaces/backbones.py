@@ -6,7 +6,13 @@ the channels) so that CPU tests and demos train in seconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +24,9 @@ _SWIN = {
     "swin-b": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
 }
 _CONVNEXT_T = ((3, 3, 9, 3), (96, 192, 384, 768))
+# Config keys that tell the catalog's backbones apart; used to recognise a base config's backbone.
+_IDENTITY = {"ResNet": ("depth",), "ResNeXt": ("depth", "groups", "base_width"),
+             "SwinTransformer": ("embed_dims", "depths", "num_heads"), "mmpretrain.ConvNeXt": ("arch",)}
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,8 @@ def _resnet(name: str, tiny: bool) -> Backbone:
 def _resnext(name: str, tiny: bool) -> Backbone:
     groups, base_width = _RESNEXT[name]
     base = 16 if tiny else 64
-    cfg = dict(type="ResNeXt", depth=101, groups=4 if tiny else groups, base_width=base_width,
+    # A quarter of the channels and an eighth of the groups keeps 64x4d twice as wide inside as 32x4d.
+    cfg = dict(type="ResNeXt", depth=101, groups=groups // 8 if tiny else groups, base_width=base_width,
                num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=-1, base_channels=base,
                norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False, style="pytorch")
     return Backbone(cfg, [base * 4 * 2**i for i in range(4)], "resnet")
@@ -81,7 +91,7 @@ def backbone(name: str, *, tiny: bool = False) -> Backbone:
     return _BUILDERS[name](name, tiny)
 
 
-def family_of(cfg: dict[str, Any]) -> str | None:
+def family_of(cfg: Mapping[str, Any]) -> str | None:
     """The family of a backbone config found in a base config, or None when dettune doesn't know it."""
     kind = str(cfg.get("type", ""))
     if kind in ("ResNet", "ResNeXt", "ResNetV1d"):
@@ -91,3 +101,117 @@ def family_of(cfg: dict[str, Any]) -> str | None:
     if kind.endswith("ConvNeXt"):
         return "convnext"
     return None
+
+
+def catalog_name(cfg: Mapping[str, Any]) -> str | None:
+    """The catalog name of a full-width backbone config (mmdet's ResNet-50 -> ``r50``), else None.
+
+    Lets a base config's own backbone take its local checkpoint from ``pretrained`` like a chosen one.
+    """
+    kind = str(cfg.get("type", ""))
+    if kind == "ConvNeXt" or kind.endswith(".ConvNeXt"):
+        kind = "mmpretrain.ConvNeXt"
+        if cfg.get("arch") == "tiny":  # mmdet's own ConvNeXt configs name the arch
+            return "convnext-t"
+    keys = _IDENTITY.get(kind)
+    if keys is None:
+        return None
+    for name in _BUILDERS:
+        ref = backbone(name).cfg
+        if ref["type"] == kind and all(_plain(cfg.get(k)) == _plain(ref[k]) for k in keys):
+            return name
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists (and dicts of them) compare equal when their items do."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- mmpretrain without torchvision -----------------------------------------------------------------
+
+def import_mmpretrain_models() -> None:
+    """Imports ``mmpretrain.models`` so that ``mmpretrain.ConvNeXt`` can be built, even without torchvision.
+
+    mmpretrain imports torchvision at module level, but only for code a detection backbone never runs
+    (box IoU for visual grounding, its classification transforms). The pinned CPU torch 2.13 has no
+    torchvision that imports beside it, so where ``import torchvision`` fails, placeholder modules stand in
+    for the duration of that import only; anything that later calls into them raises ImportError.
+    """
+    if "mmpretrain.models" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):  # RuntimeError: a torchvision built for another torch
+        _forget_modules("torchvision")
+        with _torchvision_placeholders():
+            importlib.import_module("mmpretrain.models")
+        return
+    importlib.import_module("mmpretrain.models")
+
+
+def _forget_modules(package: str) -> None:
+    """Removes ``package`` and its submodules from the import cache."""
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+class _Unavailable(type):
+    """Any torchvision name: attributes resolve and it can be subclassed, but calling it raises."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _unavailable(f"{cls.__qualname__}.{name}")
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"{cls.__qualname__} needs torchvision, which cannot be imported here")
+
+
+def _unavailable(qualname: str) -> Any:
+    """A placeholder class named like the torchvision object it stands for."""
+    return _Unavailable(qualname.rsplit(".", 1)[-1], (), {"__qualname__": qualname})
+
+
+class _PlaceholderModule(types.ModuleType):
+    """A torchvision module whose every public name is a placeholder."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _unavailable(f"{self.__name__}.{name}")
+
+
+class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers every ``torchvision[.*]`` import with a placeholder module."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = _PlaceholderModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _torchvision_placeholders() -> Iterator[None]:
+    """Placeholder torchvision modules for the imports made inside the block, and only those."""
+    finder = _PlaceholderFinder()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        # Later ``import torchvision`` elsewhere must fail as before, not find a placeholder.
+        _forget_modules("torchvision")

@@ -1,14 +1,15 @@
 """Turns a base MMDetection config and one sampled point into the config a trial trains.
 
 Each knob is a small function ``apply_<knob>(cfg, value, ...)`` that edits an mmengine ``Config`` in place.
-:func:`build_config` applies them in a fixed order (head, backbone, preset, classes, scale, optimisation,
-freeze, overrides) so later knobs see the structure earlier ones set up.
+:func:`build_config` applies them in a fixed order (head, masks, backbone, weights, preset, classes, scale,
+optimisation, freeze, overrides) so later knobs see the structure earlier ones set up.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from importlib import resources
@@ -17,7 +18,7 @@ from typing import Any
 
 from mmengine.config import Config, ConfigDict
 
-from spaces.backbones import backbone, family_of
+from spaces.backbones import backbone, catalog_name, family_of, import_mmpretrain_models
 from spaces.dataset import Dataset
 
 MMDET_PREFIX = "mmdet::"
@@ -39,6 +40,8 @@ _ADAMW_PARAMWISE = dict(custom_keys={
 })
 _MAX_WARMUP_ITERS = 500
 _RESIZE_TYPES = ("Resize", "RandomResize", "RandomChoiceResize")
+# mmpretrain's ConvNeXt freezes its stem only together with stage 1; this names the stem's parameters.
+_CONVNEXT_STEM = "backbone.downsample_layers.0."
 
 
 class BuildError(ValueError):
@@ -46,7 +49,11 @@ class BuildError(ValueError):
 
 
 def resolve_base(base: str) -> Path:
-    """Maps ``mmdet::<rel>`` to the config file shipped in the mmdet package; other strings are paths."""
+    """Maps ``mmdet::<rel>`` to the config file shipped in the mmdet package; other strings are paths.
+
+    Raises:
+        BuildError: when no such file exists.
+    """
     if base.startswith(MMDET_PREFIX):
         path = Path(str(resources.files("mmdet"))) / ".mim" / "configs" / base[len(MMDET_PREFIX):]
     else:
@@ -58,6 +65,7 @@ def resolve_base(base: str) -> Path:
 
 
 def load_base(base: str) -> Config:
+    """Loads a base config named as :func:`resolve_base` accepts."""
     return Config.fromfile(str(resolve_base(base)))
 
 
@@ -73,16 +81,27 @@ def build_config(
 
     Knobs absent from ``point`` keep the base config's setting, except that the schedule is always rebuilt
     so it fits the number of epochs, and remote pretrained weights are always dropped (nothing is downloaded).
+
+    Args:
+        base: a config path, ``mmdet::<dir>/<file>.py``, or a loaded Config (left unchanged).
+        point: knob name -> value, as :mod:`spaces.knobs` lists them.
+        dataset: the data every dataloader, evaluator and head is pointed at.
+        pretrained: backbone name -> local ImageNet checkpoint; a backbone without one trains from scratch.
+        overrides: dotted config key -> value, applied last; each key must already exist.
+
+    Raises:
+        BuildError: for a point or override that cannot become a valid config.
     """
     cfg = copy.deepcopy(base) if isinstance(base, Config) else load_base(base)
-    pretrained = pretrained or {}
     tiny = point.get("preset") == "tiny"
     if "roi_head" in point:
         apply_roi_head(cfg, point["roi_head"], dataset)
+    apply_masks(cfg, dataset)
     if "backbone" in point:
-        apply_backbone(cfg, point["backbone"], tiny=tiny, pretrained=pretrained.get(point["backbone"]))
-    else:
-        _drop_remote_init(cfg)
+        apply_backbone(cfg, point["backbone"], tiny=tiny)
+    apply_pretrained(cfg, pretrained or {}, name=point.get("backbone"))
+    if family_of(cfg.model.backbone) == "convnext":  # a base config's own ConvNeXt needs it too
+        import_mmpretrain_models()
     if tiny:
         apply_tiny_preset(cfg)
     apply_dataset(cfg, dataset)
@@ -99,22 +118,30 @@ def build_config(
 
 
 def _iters_per_epoch(cfg: Config, dataset: Dataset) -> int:
-    return max(1, dataset.num_train_images // int(cfg.train_dataloader.batch_size))
+    """Training iterations in one epoch on one worker, counting RepeatDataset passes."""
+    repeats, node = 1, cfg.train_dataloader.dataset
+    while "dataset" in node:
+        repeats *= int(node.get("times", 1))
+        node = node.dataset
+    return max(1, dataset.num_train_images * repeats // int(cfg.train_dataloader.batch_size))
 
 
 # --- roi_head ---------------------------------------------------------------------------------------
 
 def current_head(cfg: Config) -> str | None:
+    """The knob value naming the base model's RoI head, or None for another detector."""
     return _HEAD_OF_DETECTOR.get(cfg.model.get("type"))
 
 
 def apply_roi_head(cfg: Config, head: str, dataset: Dataset) -> None:
-    """Swaps in mmdet's own RoI head (and its train/test settings) for ``head`` unless already there."""
-    if head == "htc":
-        if not dataset.has_masks:
-            raise BuildError(f"roi_head 'htc' trains a mask branch, but {dataset.train_json} has annotations "
-                             "without 'segmentation': use faster or cascade, or add polygon masks")
-        _enable_masks(cfg)
+    """Swaps in mmdet's own RoI head (and its train/test settings) for ``head`` unless already there.
+
+    Raises:
+        BuildError: for htc on a dataset without masks, or a base model without an RPN.
+    """
+    if head == "htc" and not dataset.has_masks:
+        raise BuildError(f"roi_head 'htc' trains a mask branch, but {dataset.train_json} has annotations "
+                         "without 'segmentation': use faster or cascade, or add polygon masks")
     if current_head(cfg) == head:
         return
     if "rpn_head" not in cfg.model:
@@ -127,47 +154,109 @@ def apply_roi_head(cfg: Config, head: str, dataset: Dataset) -> None:
     cfg.model.test_cfg = source.test_cfg
 
 
-def _enable_masks(cfg: Config) -> None:
+def apply_masks(cfg: Config, dataset: Dataset) -> None:
+    """Loads masks exactly when the model has a mask head.
+
+    A mask-free head on a mask base config must not load them: mmdet's loader fails on annotations
+    without 'segmentation'.
+
+    Raises:
+        BuildError: when the model has a mask head and the dataset has no masks.
+    """
+    needs = any("mask_head" in node for node in _dicts(cfg.model.get("roi_head")))
+    if needs and not dataset.has_masks:
+        raise BuildError(f"the base model {cfg.model.type} has a mask head, but {dataset.train_json} has "
+                         "annotations without 'segmentation': set roi_head to faster or cascade, "
+                         "or add polygon masks")
     for node in _dicts(cfg._cfg_dict):
         if node.get("type") == "LoadAnnotations":
-            node["with_mask"] = True
-    cfg.model.data_preprocessor.pad_mask = True
+            node["with_mask"] = needs
+    if "data_preprocessor" in cfg.model:
+        cfg.model.data_preprocessor.pad_mask = needs
 
 
 # --- backbone ---------------------------------------------------------------------------------------
 
-def apply_backbone(cfg: Config, name: str, *, tiny: bool = False, pretrained: str | None = None) -> None:
+def apply_backbone(cfg: Config, name: str, *, tiny: bool = False) -> None:
     """Replaces the backbone dict whole (no stale keys) and points the neck at its channels.
 
-    ImageNet weights are loaded only from ``pretrained``, a local checkpoint path; without one the backbone
-    trains from scratch and one warning says so.
+    The new backbone starts from scratch; :func:`apply_pretrained` gives it local weights.
     """
     chosen = backbone(name, tiny=tiny)
-    new = ConfigDict(chosen.cfg)
-    if pretrained:
-        if not Path(pretrained).is_file():
-            raise BuildError(f"pretrained checkpoint for {name} not found at {pretrained}: fix the path "
-                             "under 'pretrained:' or remove it to train from scratch")
-        new.init_cfg = dict(type="Pretrained", checkpoint=str(pretrained))
-        new.norm_eval = chosen.family == "resnet"  # keep ImageNet BN statistics, as mmdet does
-    else:
-        warnings.warn(f"backbone {name}: no local pretrained checkpoint given, training from scratch",
-                      stacklevel=2)
+    # Assignment replaces the whole dict: nothing of the base's backbone (depth, style, ...) survives.
+    cfg.model.backbone = ConfigDict(copy.deepcopy(chosen.cfg))
+    cfg.model.neck.in_channels = list(chosen.out_channels)
     if chosen.family == "convnext":
-        cfg.custom_imports = dict(imports=["mmpretrain.models"], allow_failed_imports=False)
-    cfg.model.backbone = new
-    cfg.model.neck.in_channels = chosen.out_channels
+        _add_custom_import(cfg, "mmpretrain.models")
+        import_mmpretrain_models()
 
 
-def _drop_remote_init(cfg: Config) -> None:
-    init = cfg.model.backbone.get("init_cfg")
-    checkpoint = str(init.get("checkpoint", "")) if isinstance(init, Mapping) else ""
-    if "://" in checkpoint:
-        warnings.warn(f"base backbone asks for {checkpoint}; nothing is downloaded, training from scratch",
+def _add_custom_import(cfg: Config, module: str) -> None:
+    """Adds ``module`` to the config's custom imports, keeping those the base has."""
+    current = cfg.get("custom_imports") or {}
+    imports = list(current.get("imports", []))
+    if module not in imports:
+        imports.append(module)
+    cfg.custom_imports = dict(imports=imports, allow_failed_imports=bool(current.get("allow_failed_imports")))
+
+
+def apply_pretrained(cfg: Config, pretrained: Mapping[str, str], *, name: str | None = None) -> None:
+    """Initialises the backbone from its local checkpoint in ``pretrained``, or from scratch.
+
+    Remote checkpoints (``torchvision://``, ``https://``, ...) anywhere in the model, and a remote
+    ``load_from``, are always dropped: nothing is downloaded. Training from scratch, when weights were asked
+    for (a chosen backbone, or a base config that names remote ones), gets one warning that says so.
+
+    Args:
+        cfg: the config, with its final backbone.
+        pretrained: backbone name -> local checkpoint path.
+        name: the chosen backbone; None keeps the base's, which is looked up in the catalog by its fields.
+
+    Raises:
+        BuildError: when the configured checkpoint file does not exist.
+    """
+    dropped = _drop_remote_weights(cfg)
+    asked = name is not None or bool(dropped)
+    name = name or catalog_name(cfg.model.backbone)
+    path = pretrained.get(name) if name else None
+    if path:
+        if not Path(path).is_file():
+            raise BuildError(f"pretrained checkpoint for {name} not found at {path}: fix the path "
+                             "under 'pretrained:' or remove it to train from scratch")
+        cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(path))
+        if family_of(cfg.model.backbone) == "resnet":
+            cfg.model.backbone.norm_eval = True  # keep ImageNet BN statistics, as mmdet does
+        return
+    if asked:
+        what = f"backbone {name}" if name else f"backbone {cfg.model.backbone.get('type')}"
+        hint = f"; set pretrained: {{{name}: /path/to/checkpoint.pth}} to start from ImageNet" if name else ""
+        remote = f" ({', '.join(dropped)} in the base config is never downloaded)" if dropped else ""
+        warnings.warn(f"{what}: no local pretrained checkpoint, training from scratch{remote}{hint}",
                       stacklevel=3)
-        cfg.model.backbone.init_cfg = None
-    if cfg.get("load_from") and "://" in str(cfg.load_from):
+
+
+def _drop_remote_weights(cfg: Config) -> list[str]:
+    """Removes every remote checkpoint reference from the model and ``load_from``; returns them."""
+    dropped: list[str] = []
+    for node in _dicts(cfg.model):
+        init = node.get("init_cfg")
+        inits = init if isinstance(init, list) else [init]
+        remote = [i for i in inits if isinstance(i, Mapping) and _is_remote(i.get("checkpoint"))]
+        if remote:
+            dropped += [str(i["checkpoint"]) for i in remote]
+            kept = [i for i in inits if i is not None and i not in remote]
+            node["init_cfg"] = kept if isinstance(init, list) else None
+        if _is_remote(node.get("pretrained")):  # the pre-init_cfg spelling some backbones still accept
+            dropped.append(str(node["pretrained"]))
+            node["pretrained"] = None
+    if _is_remote(cfg.get("load_from")):
+        dropped.append(str(cfg.load_from))
         cfg.load_from = None
+    return dropped
+
+
+def _is_remote(value: Any) -> bool:
+    return isinstance(value, str) and "://" in value
 
 
 # --- tiny preset ------------------------------------------------------------------------------------
@@ -229,21 +318,74 @@ def _innermost_dataset(node: ConfigDict) -> ConfigDict:
 def apply_scale(cfg: Config, scale: list[int] | tuple[int, int]) -> None:
     """Sets the Resize scale everywhere: train, val, test and TTA pipelines, inside any wrapper.
 
-    A single-scale Resize gets ``scale`` exactly; multi-scale lists keep their spread, scaled so that
-    their largest entry becomes ``scale``.
+    A single-scale Resize gets ``scale`` exactly; a multi-scale list keeps its spread, scaled so that its
+    largest entry becomes ``scale``. Test-time augmentation keeps its scales relative to the test scale:
+    the one equal to the test pipeline's becomes ``scale``. A Resize by ``scale_factor`` alone is left as is.
     """
-    width, height = int(scale[0]), int(scale[1])
+    target = (int(scale[0]), int(scale[1]))
+    reference = _test_scale(cfg)
+    tta_groups = _tta_resize_groups(cfg)
+    for group in tta_groups:
+        _rescale_tta_group(group, target, reference)
+    in_tta = {id(node) for group in tta_groups for node in group}
     for node in _dicts(cfg._cfg_dict):
-        if node.get("type") not in _RESIZE_TYPES:
+        if node.get("type") in _RESIZE_TYPES and id(node) not in in_tta:
+            _rescale(node, target)
+
+
+def _rescale(node: Any, target: tuple[int, int]) -> None:
+    """Sets one resize step's scale: exactly for one scale, keeping the spread of a multi-scale list."""
+    key = "scales" if "scales" in node else "scale"
+    value = node.get(key)
+    if value is None:
+        return
+    if isinstance(value, int) or _is_pair(value):
+        node[key] = target
+    else:
+        largest = max(value, key=lambda s: s[0] * s[1])
+        node[key] = _scaled(value, (target[0] / largest[0], target[1] / largest[1]))
+
+
+def _scaled(scales: Any, factor: tuple[float, float]) -> list[tuple[int, int]]:
+    """Each (width, height) of ``scales`` times the per-axis ``factor``, in whole pixels."""
+    return [(round(s[0] * factor[0]), round(s[1] * factor[1])) for s in scales]
+
+
+def _test_scale(cfg: Config) -> tuple[int, int] | None:
+    """The single scale the test (else val) pipeline resizes to, before any change."""
+    for key in ("test_dataloader", "val_dataloader"):
+        loader = cfg.get(key)
+        if loader is None:
             continue
-        key = "scales" if "scales" in node else "scale"
-        value = node[key]
-        if _is_pair(value):
-            node[key] = (width, height)
-        else:
-            largest = max(value, key=lambda s: s[0] * s[1])
-            node[key] = [(round(s[0] * width / largest[0]), round(s[1] * height / largest[1]))
-                         for s in value]
+        for step in _innermost_dataset(loader.dataset).get("pipeline", []):
+            if step.get("type") in _RESIZE_TYPES and _is_pair(step.get("scale")):
+                return int(step.scale[0]), int(step.scale[1])
+    return None
+
+
+def _tta_resize_groups(cfg: Config) -> list[list[Any]]:
+    """The Resize steps of each TestTimeAug slot (its alternatives), wherever a TestTimeAug occurs."""
+    groups = []
+    for node in _dicts(cfg._cfg_dict):
+        if node.get("type") != "TestTimeAug":
+            continue
+        for slot in node.get("transforms", []):
+            resizes = [t for t in _as_list(slot) if isinstance(t, Mapping) and t.get("type") in _RESIZE_TYPES]
+            if resizes:
+                groups.append(resizes)
+    return groups
+
+
+def _rescale_tta_group(group: list[Any], target: tuple[int, int], reference: tuple[int, int] | None) -> None:
+    """Scales a TTA slot's alternative sizes by target / test scale, so their spread survives."""
+    pairs = [step for step in group if _is_pair(step.get("scale"))]
+    if len(pairs) < 2 or reference is None:
+        for step in group:
+            _rescale(step, target)
+        return
+    factor = (target[0] / reference[0], target[1] / reference[1])
+    for step in pairs:
+        step["scale"] = _scaled([step["scale"]], factor)[0]
 
 
 def _is_pair(value: Any) -> bool:
@@ -268,6 +410,7 @@ def apply_optimisation(cfg: Config, point: Mapping[str, Any], *, iters_per_epoch
 
 
 def _optim_wrapper(optimizer: str, lr: float, *, clip_grad: Any) -> ConfigDict:
+    """mmdet's settings for ``optimizer`` at ``lr``, keeping the base's gradient clipping."""
     if optimizer == "sgd":
         wrapper = dict(type="OptimWrapper",
                        optimizer=dict(type="SGD", lr=lr, momentum=0.9, weight_decay=1e-4))
@@ -281,13 +424,20 @@ def _optim_wrapper(optimizer: str, lr: float, *, clip_grad: Any) -> ConfigDict:
 
 
 def _schedule_of(cfg: Config) -> str:
+    """The base config's schedule kind, kept when the point does not choose one."""
     kinds = [str(s.get("type", "")) for s in _as_list(cfg.get("param_scheduler"))]
     return "cosine" if any("Cosine" in k for k in kinds) else "step"
 
 
 def step_milestones(epochs: int) -> list[int]:
-    """x0.1 at about 2/3 and 11/12 of training (12 epochs -> [8, 11], as mmdet's 1x schedule)."""
-    return sorted({m for m in (round(epochs * 2 / 3), round(epochs * 11 / 12)) if 0 < m < epochs})
+    """x0.1 at about 2/3 and 11/12 of training: 12 epochs -> [8, 11] as mmdet's 1x, 24 -> [16, 22].
+
+    Rounds halves up (Python's ``round`` would send 6 * 11/12 = 5.5 to 6), and keeps the second decay
+    inside training when 11/12 rounds onto the last epoch (5 epochs -> [3, 4], not [3]).
+    """
+    first = math.floor(epochs * 2 / 3 + 0.5)
+    second = min(math.floor(epochs * 11 / 12 + 0.5), epochs - 1)
+    return sorted({m for m in (first, second) if 0 < m < epochs})
 
 
 def lr_schedule(schedule: str, epochs: int, *, warmup_iters: int) -> list[dict[str, Any]]:
@@ -306,20 +456,32 @@ def lr_schedule(schedule: str, epochs: int, *, warmup_iters: int) -> list[dict[s
 def apply_freeze(cfg: Config, depth: int) -> None:
     """Freezes the backbone: -1 trains everything, 0 freezes the stem, k freezes the stem and stages 1..k.
 
-    ResNet/ResNeXt and Swin take this as ``frozen_stages`` directly; mmpretrain's ConvNeXt counts the stem
-    with stage 1, so it can express -1 and 1..4 but not the stem alone.
+    ResNet/ResNeXt and Swin take this as ``frozen_stages`` directly. mmpretrain's ConvNeXt counts the stem
+    with stage 1, so ``frozen_stages`` k >= 1 means the same; its stem alone (0) is held still by a zero
+    learning rate and weight decay for those parameters instead.
+
+    Raises:
+        BuildError: for a backbone family dettune does not know how to freeze.
     """
     family = family_of(cfg.model.backbone)
     if family is None:
         raise BuildError(f"freeze: dettune does not know how to freeze a {cfg.model.backbone.type} backbone; "
                          "choose a ResNet/ResNeXt/Swin/ConvNeXt backbone or drop the freeze knob")
-    if family == "convnext":
-        if depth == 0:
-            raise BuildError("freeze 0 (the stem alone) cannot be expressed for ConvNeXt, whose stem freezes "
-                             "with stage 1: use -1 or 1..4")
-        cfg.model.backbone.frozen_stages = max(depth, 0)
-    else:
+    if family != "convnext":
         cfg.model.backbone.frozen_stages = depth
+        return
+    cfg.model.backbone.frozen_stages = max(depth, 0)
+    if depth == 0:
+        _hold_still(cfg, _CONVNEXT_STEM)
+
+
+def _hold_still(cfg: Config, prefix: str) -> None:
+    """Gives the parameters whose names contain ``prefix`` no learning rate and no weight decay."""
+    paramwise = cfg.optim_wrapper.get("paramwise_cfg") or ConfigDict()
+    custom_keys = paramwise.get("custom_keys") or ConfigDict()
+    custom_keys[prefix] = dict(lr_mult=0.0, decay_mult=0.0)
+    paramwise["custom_keys"] = custom_keys
+    cfg.optim_wrapper.paramwise_cfg = paramwise
 
 
 # --- overrides --------------------------------------------------------------------------------------
@@ -328,6 +490,9 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> None:
     """Sets raw dotted keys (list indices allowed); each must already exist in the config.
 
     mmengine's ``merge_from_dict`` would silently create a misspelt key, so a missing one is an error.
+
+    Raises:
+        BuildError: naming every key that does not exist, with the closest existing one.
     """
     problems = []
     for dotted, value in overrides.items():
@@ -341,18 +506,23 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> None:
 
 
 def _walk(root: Any, dotted: str) -> tuple[Any, Any, str | None]:
+    """Follows ``dotted`` from ``root``: (container, key, None) for an existing key, else (.., .., problem)."""
     node, parts = root, dotted.split(".")
     for depth, part in enumerate(parts):
-        key, problem = _child_key(node, part, ".".join(parts[:depth]) or "<config>")
+        where = ".".join(parts[:depth]) or "<config>"
+        key, problem = _child_key(node, part, where)
         if problem:
             return None, None, f"override {dotted}: {problem}"
         if depth == len(parts) - 1:
+            if isinstance(node, tuple):  # tuples cannot change in place
+                return None, None, f"override {dotted}: {where} is a tuple; override {where} as a whole"
             return node, key, None
         node = node[key]
     raise AssertionError("unreachable")
 
 
 def _child_key(node: Any, part: str, where: str) -> tuple[Any, str | None]:
+    """The key or index ``part`` names in ``node``, or the problem, with the closest existing key."""
     if isinstance(node, (list, tuple)):
         if part.isdigit() and int(part) < len(node):
             return int(part), None
@@ -389,4 +559,3 @@ def _as_list(node: Any) -> list[Any]:
     if node is None:
         return []
     return list(node) if isinstance(node, (list, tuple)) else [node]
-

@@ -95,7 +95,8 @@ def _classes(path: Path, doc: dict[str, Any]) -> tuple[str, ...]:
 
 def _check_annotations(path: Path, doc: dict[str, Any]) -> None:
     if not doc["annotations"]:
-        raise DatasetError(f"{path} has zero annotations: a detector cannot learn from it")
+        raise DatasetError(f"{path} has zero annotations: a detector cannot learn from it; annotate some "
+                           "objects, or point data.train / data.val at an annotated file")
     known = {c["id"] for c in doc["categories"]}
     stray = sorted({a["category_id"] for a in doc["annotations"]} - known)
     if stray:
