@@ -41,7 +41,8 @@ def _assert_all_points_once(url: str, name: str, epochs: int, trials: int) -> No
         assert run.data.tags["dettune.status"] == "completed"
         for key in ("val/bbox_mAP", "train/loss"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-            assert steps == list(range(1, epochs + 1)), (key, steps)
+            # Points buffered during an outage may land after later ones: order is by step, not by arrival.
+            assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
 
 
 def _space(tmp_path: Path, synth: Dataset, name: str, **budget: Any) -> Path:
