@@ -49,10 +49,13 @@ def work_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """Ray in this process with the machine's 2 CPUs, shared by every test that needs it."""
+    """Ray in this process, shared by every test that needs it.
+
+    4 logical CPUs on the 2-CPU machines, so that 4 one-CPU trials can run at once (they just run slower).
+    """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
