@@ -31,12 +31,11 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-from mmengine.config import Config
 
 from search.report import SearchHandle, add_tracking_flag, format_value, open_search, open_tracking
 from search.tracking import TAG_EXP_NUM, TAG_STORAGE, TAG_TRIAL, is_log_column
 from search.trainable import CHECKPOINT_FILE
-from spaces.build import BuildError
+from spaces.build import BuildError, load_config
 from spaces.schema import Space
 from trainers.checkpoint import load_checkpoint
 from trainers.inference import FPS_METRIC
@@ -155,7 +154,7 @@ def export_best(search: SearchHandle, out: Path, *, metric: str | None = None) -
 def _write_model(candidate: Candidate, out: Path) -> None:
     """config.py and a weights-only checkpoint.pth (``FileNotFoundError`` if Ray removed the source)."""
     checkpoint = load_checkpoint(candidate.directory / CHECKPOINT_FILE)
-    cfg = Config.fromfile(str(candidate.directory / TRIAL_CONFIG))
+    cfg = load_config(candidate.directory / TRIAL_CONFIG)
     cfg.resume = False
     cfg.load_from = None
     meta: dict[str, Any] = checkpoint.get("meta") or {}  # type: ignore[assignment]

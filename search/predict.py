@@ -17,10 +17,9 @@ from typing import Any
 
 import cv2
 import torch
-from mmengine.config import Config
 
 from search.trainable import CHECKPOINT_FILE
-from spaces.build import BuildError
+from spaces.build import BuildError, load_config
 from trainers.inference import WARMUP_IMAGES, timed_inference
 from trainers.trial import TRIAL_CONFIG
 
@@ -70,7 +69,7 @@ def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: fl
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from mmdet.apis import DetInferencer
 
-    cfg = Config.fromfile(str(model_dir / TRIAL_CONFIG))
+    cfg = load_config(model_dir / TRIAL_CONFIG)
     cfg.visualizer.pop("vis_backends", None)  # the trial's file backend has no save_dir here; we save the PNGs
     inferencer = DetInferencer(model=cfg, weights=str(model_dir / CHECKPOINT_FILE), device=device,
                                show_progress=False)

@@ -66,7 +66,14 @@ def resolve_base(base: str) -> Path:
 
 def load_base(base: str) -> Config:
     """Loads a base config named as :func:`resolve_base` accepts."""
-    return Config.fromfile(str(resolve_base(base)))
+    return load_config(resolve_base(base))
+
+
+def load_config(path: Path) -> Config:
+    """Loads a config file; one that builds mmpretrain models (ConvNeXt) gets mmpretrain imported first."""
+    if "mmpretrain" in path.read_text(errors="ignore"):
+        import_mmpretrain_models()
+    return Config.fromfile(str(path))
 
 
 def build_config(
