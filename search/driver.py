@@ -169,7 +169,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     tracking_uri = options.tracking_uri or local_tracking_uri(storage)
     check_reachable(tracking_uri)
     _save(experiment_dir, space, options.tracking_uri)
-    tracker = Tracker(tracking_uri, space.name,
+    tracker = Tracker(tracking_uri, space.name, fresh=options.overwrite,
                       artifact_root=None if options.tracking_uri else storage / "mlartifacts")
     tracker.describe_search(tags={**_search_tags(space), TAG_STORAGE: str(experiment_dir)},
                             space_yaml=options.space_file.read_text(),

@@ -69,7 +69,8 @@ class _RunState:
 class Tracker:
     """Writes one search to MLflow through an explicit client (no process-global active run)."""
 
-    def __init__(self, tracking_uri: str, search: str, *, artifact_root: Path | None = None) -> None:
+    def __init__(self, tracking_uri: str, search: str, *, artifact_root: Path | None = None,
+                 fresh: bool = False) -> None:
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         self.search = search
@@ -81,6 +82,8 @@ class Tracker:
         else:
             self.experiment_id = experiment.experiment_id
         self._runs: dict[str, _RunState] = {}
+        if fresh:
+            self._discard_runs()
         self.parent_run_id = self._find_or_create_parent()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -96,6 +99,12 @@ class Tracker:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {TAG_SEARCH: self.search, **tags}.items())
         runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2)
         return runs[0] if runs else None
+
+    def _discard_runs(self) -> None:
+        """Deletes every run of this search (MLflow keeps them restorable), for ``--overwrite``."""
+        query = f"tags.`{TAG_SEARCH}` = '{self.search}'"
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=50000):
+            self.client.delete_run(run.info.run_id)
 
     def _find_or_create_parent(self) -> str:
         found = self._find(**{TAG_ROLE: "parent"})

@@ -72,6 +72,7 @@ def store_contents(tracking_uri: str) -> tuple[list[str], list[str]]:
 def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Runs the test in ``tmp_path``: the command's relative defaults (./runs, ./reports) land there."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store is the one under ./runs
     return tmp_path
 
 
