@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +46,24 @@ def work_dir(tmp_path: Path) -> Path:
     return tmp_path / "trial"
 
 
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """Ray in this process, shared by every test that needs it.
+@pytest.fixture
+def ray_local() -> None:
+    """Ray in this process, started by the first test that needs it and kept for the next ones.
 
     4 logical CPUs on the 2-CPU machines, so that 4 one-CPU trials can run at once (they just run slower).
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture
+def no_local_ray() -> None:
+    """Stops this process's Ray (a test's or a search's), for tests that start a cluster of their own:
+    two Ray instances on one machine compete for the same default agent ports."""
+    import ray
+
     ray.shutdown()
 
 

@@ -42,6 +42,14 @@ def wait_for_http(url: str, timeout: float = 90.0) -> None:
             time.sleep(0.5)
 
 
+def agent_ports() -> list[str]:
+    """Free ports for a node's agents: the defaults (52365, ...) may be held by another Ray on this machine,
+    and a node whose job agent can't bind answers every submission with "No available agent"."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}"]
+
+
 @dataclass(frozen=True)
 class RayHead:
     dashboard: str
@@ -62,7 +70,7 @@ def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-                    f"--temp-dir={temp_dir}"], check=True, env=env, capture_output=True, text=True)
+                    f"--temp-dir={temp_dir}", *agent_ports()], check=True, env=env, capture_output=True, text=True)
     try:
         dashboard = f"http://127.0.0.1:{dash}"
         wait_for_http(f"{dashboard}/api/version")
@@ -70,6 +78,18 @@ def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
     finally:
         _kill_processes_using(temp_dir)  # not `ray stop`: it would stop every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(head: RayHead, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """`ray job submit` to ``head``, retried while the node's job agent is still starting (a fresh head
+    answers "No available agent to submit job" for a while, longer on a loaded machine)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head.dashboard, *args],
+                              env=head.env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(3)
 
 
 def _kill_processes_using(marker: str) -> None:

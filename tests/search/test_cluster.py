@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from services import BIN, mlflow_server, ray_head
+from services import mlflow_server, ray_head, submit_job
 
 from spaces.dataset import Dataset
 
@@ -26,14 +25,12 @@ def _mlflow_api(url: str, path: str, body: dict[str, Any] | None = None) -> dict
 
 
 @pytest.mark.slow
-def test_search_submitted_as_a_ray_job(tmp_path: Path, synth: Dataset) -> None:
+def test_search_submitted_as_a_ray_job(tmp_path: Path, synth: Dataset, no_local_ray: None) -> None:
     with ray_head() as head, mlflow_server(tmp_path) as tracking:
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
-             "dettune", "search", "spaces/demo.yaml", "--name", "cluster", "--trials", "2",
-             "--epochs", "2", "--tracking-uri", tracking, "--storage", str(tmp_path / "storage"),
-             "--data-root", str(synth.root)],
-            env=head.env, capture_output=True, text=True, timeout=900)
+        job = submit_job(head, "--working-dir", str(REPO), "--",
+                         "dettune", "search", "spaces/demo.yaml", "--name", "cluster", "--trials", "2",
+                         "--epochs", "2", "--tracking-uri", tracking, "--storage", str(tmp_path / "storage"),
+                         "--data-root", str(synth.root))
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout
 

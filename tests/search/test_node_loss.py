@@ -12,14 +12,15 @@ import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
-from services import BIN, free_port, ray_head
+from services import BIN, agent_ports, free_port, ray_head
 
 from spaces.dataset import Dataset
 
 
 def _start_worker_node(head_address: str, env: dict[str, str], port: int) -> None:
     subprocess.run([str(BIN / "ray"), "start", f"--address={head_address}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=1", "--num-gpus=0", f"--node-manager-port={port}", "--disable-usage-stats"],
+                    "--num-cpus=1", "--num-gpus=0", f"--node-manager-port={port}", "--disable-usage-stats",
+                    *agent_ports()],
                    check=True, env=env, capture_output=True, text=True)
 
 
@@ -49,7 +50,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_trial_moves_off_a_lost_node(tmp_path: Path, synth: Dataset) -> None:
+def test_trial_moves_off_a_lost_node(tmp_path: Path, synth: Dataset, no_local_ray: None) -> None:
     # The head has 1 CPU and the worker node 1 CPU: two concurrent 1-CPU trials occupy both nodes.
     with ray_head(num_cpus=1) as head:
         port = free_port()
