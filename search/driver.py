@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,7 +208,7 @@ def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, re
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
     searcher, param_space, samples = make_searcher(space)
-    params_of = _params_of(plan)
+    params_of = plan.point
     epochs = space.budget.epochs
     callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=epochs, failure_of=plan.failure_of,
                                 down_timeout_s=down_timeout_s),
@@ -226,13 +225,6 @@ def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, re
                                                     checkpoint_score_attribute=space.metric,
                                                     checkpoint_score_order=space.mode)),
     )
-
-
-def _params_of(plan: TrialPlan) -> Any:
-    def params_of(config: Mapping[str, Any]) -> dict[str, Any]:
-        return plan.point(config)
-
-    return params_of
 
 
 def _search_tags(space: Space) -> dict[str, str]:
