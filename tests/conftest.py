@@ -46,9 +46,9 @@ def work_dir(tmp_path: Path) -> Path:
     return tmp_path / "trial"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local() -> None:
-    """Ray in this process, started by the first test that needs it and kept for the next ones.
+    """Ray in this process, started by the first module that needs it and kept for the next ones.
 
     4 logical CPUs on the 2-CPU machines, so that 4 one-CPU trials can run at once (they just run slower).
     """
