@@ -157,6 +157,8 @@ def _write_model(candidate: Candidate, out: Path) -> None:
     cfg = load_config(candidate.directory / TRIAL_CONFIG)
     cfg.resume = False
     cfg.load_from = None
+    # The trial's unique singleton name would follow the model into every tool that loads it.
+    cfg.visualizer.name = "visualizer"
     meta: dict[str, Any] = checkpoint.get("meta") or {}  # type: ignore[assignment]
     out.mkdir(parents=True, exist_ok=True)
     cfg.dump(str(out / TRIAL_CONFIG))
