@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,14 @@ class TrialPlan:
     name: str
     pretrained: Mapping[str, str] = field(default_factory=dict)
 
+    @cached_property
+    def parsed_space(self) -> Space:
+        """The space, checked once per process rather than on every trial event that needs it."""
+        return Space.from_json(self.space)
+
     def point(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The full knob values of a trial: the space's fixed knobs plus the sampled ones, decoded."""
-        space = Space.from_json(self.space)
+        space = self.parsed_space
         # Only Optuna needs its encoded choices (e.g. "[800, 800]") turned back; Tune's own samplers give real values.
         values = space.decode_optuna(dict(sampled)) if space.search.algorithm == "tpe" else dict(sampled)
         return {**space.point_defaults(), **values}
@@ -105,7 +111,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
 def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
            get_checkpoint: Callable[[], Checkpoint | None], report: Callable[..., None], rank: int) -> None:
-    space = Space.from_json(plan.space)
+    space = plan.parsed_space
     work_dir = plan.work_dir(trial_id, rank)
     dataset = open_dataset(Path(plan.data_root), space.data.train, space.data.val, space.data.images)
     spec = TrialSpec(base=plan.base, dataset=dataset, point=plan.point(config), work_dir=work_dir,
