@@ -19,8 +19,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from search.driver import SearchOptions, run_search
-from search.synth import write_dataset
 from spaces.dataset import Dataset, open_dataset
+from spaces.synth import write_dataset
 from trainers.hook import FIRST_ITER_MARK
 from trainers.trial import TRIAL_LOG, TrialSpec, run_trial
 

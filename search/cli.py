@@ -13,7 +13,8 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from search import export, leaderboard, predict, report, validate_cmd
+from results import export, leaderboard, predict, report
+from search import validate_cmd
 from search.callbacks import TrackingDown
 from search.driver import SearchExists, SearchOptions, SearchOutcome, resume_options, run_search
 from search.tracking import TrackingUnreachable
@@ -33,7 +34,7 @@ DEMO_IMAGES = 96
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from search.synth import write_dataset
+    from spaces.synth import write_dataset
 
     try:
         summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
@@ -82,7 +83,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from search.synth import write_dataset
+    from spaces.synth import write_dataset
 
     if not (DEMO_DATA / "train.json").is_file():
         write_dataset(DEMO_DATA, images=DEMO_IMAGES, size=160, seed=0)

@@ -24,10 +24,10 @@ from ray.train import Checkpoint
 
 from spaces.dataset import open_dataset
 from spaces.schema import Space
+from trainers.checkpoint import CHECKPOINT_FILE
 from trainers.hook import TrialDiverged
 from trainers.trial import TRIAL_CONFIG, TrialSpec, run_trial
 
-CHECKPOINT_FILE = "checkpoint.pth"
 FAILURE_FILE = "failure.txt"
 # Failures that a retry would only repeat: the trial ends at once, marked failed, instead of being retried.
 UNRECOVERABLE: tuple[type[BaseException], ...] = (TrialDiverged, torch.OutOfMemoryError)

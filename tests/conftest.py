@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from search.synth import write_dataset
 from spaces.dataset import Dataset, open_dataset
+from spaces.synth import write_dataset
 
 CASCADE_BASE = "mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py"
 FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"

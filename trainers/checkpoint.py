@@ -19,6 +19,7 @@ import torch
 from mmengine.logging import HistoryBuffer
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
+CHECKPOINT_FILE = "checkpoint.pth"  # the file name of a trial checkpoint in Ray storage and in an export
 
 
 def _numpy_globals() -> list[Any]:

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from search.synth import write_dataset
 from spaces.distributions import Choice, Grid
 from spaces.errors import SpaceError
 from spaces.schema import Space, load_space
+from spaces.synth import write_dataset
 from spaces.validate import check_file, check_space
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"

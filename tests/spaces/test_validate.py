@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from search.synth import write_dataset
 from search.validate_cmd import add_parser
 from spaces import validate as validate_module
 from spaces.errors import Problem, SpaceError
+from spaces.synth import write_dataset
 from spaces.validate import check_file, summary
 
 FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"

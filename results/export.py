@@ -32,12 +32,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from search.report import SearchHandle, add_tracking_flag, format_value, open_search, open_tracking
+from results.report import SearchHandle, add_tracking_flag, format_value, open_search, open_tracking
 from search.tracking import TAG_EXP_NUM, TAG_STORAGE, TAG_TRIAL, is_log_column
-from search.trainable import CHECKPOINT_FILE
 from spaces.build import BuildError, load_config
 from spaces.schema import Space
-from trainers.checkpoint import load_checkpoint
+from trainers.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from trainers.inference import FPS_METRIC
 from trainers.metrics import EPOCH
 from trainers.trial import TRIAL_CONFIG

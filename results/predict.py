@@ -18,8 +18,8 @@ from typing import Any
 import cv2
 import torch
 
-from search.trainable import CHECKPOINT_FILE
 from spaces.build import BuildError, load_config
+from trainers.checkpoint import CHECKPOINT_FILE
 from trainers.inference import WARMUP_IMAGES, timed_inference
 from trainers.trial import TRIAL_CONFIG
 

@@ -9,8 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_report import FinishedSearch, finished_search
 
-from search.leaderboard import add_parser, find_run, record_score
-from search.report import LB_METRIC, TAG_LB_NOTE, open_search, open_tracking, write_report
+from results.leaderboard import add_parser, find_run, record_score
+from results.report import LB_METRIC, TAG_LB_NOTE, open_search, open_tracking, write_report
 from spaces.build import BuildError
 from spaces.dataset import Dataset
 

@@ -26,7 +26,7 @@ import mlflow.artifacts
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from search.plots import Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob
+from results.plots import Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob
 from search.tracking import (
     TAG_EXP_NUM,
     TAG_FAILURE,
@@ -48,7 +48,7 @@ DEFAULT_STORAGE = Path("runs")
 """``dettune search``'s default ``--storage``: its SQLite store is the default tracking URI here too."""
 
 LB_METRIC = "lb/public_mAP"
-"""A public leaderboard score, in percent (0..100) as the leaderboard shows it; see :mod:`search.leaderboard`."""
+"""A public leaderboard score, in percent (0..100) as the leaderboard shows it; see :mod:`results.leaderboard`."""
 TAG_LB_NOTE = "dettune.lb_note"
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from test_report import FinishedSearch, finished_search
 
-from search.export import export_best
-from search.predict import PREDICTIONS_FILE, predict
-from search.report import open_search, open_tracking
-from search.synth import CLASSES
+from results.export import export_best
+from results.predict import PREDICTIONS_FILE, predict
+from results.report import open_search, open_tracking
 from spaces.build import BuildError
 from spaces.dataset import Dataset
+from spaces.synth import CLASSES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -14,18 +14,18 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_report import FinishedSearch, finished_search
 
-from search.export import (
+from results.export import (
     EXPORTED_FILES,
     checkpoint_candidates,
     export_best,
     metric_mode,
     ranked_candidates,
 )
-from search.report import load_trials, open_search, open_tracking
-from search.synth import CLASSES
+from results.report import load_trials, open_search, open_tracking
 from spaces.build import BuildError
 from spaces.dataset import Dataset
 from spaces.schema import load_space
+from spaces.synth import CLASSES
 
 VAL = ["val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_s", "val/bbox_mAP_m", "val/bbox_mAP_l"]
 

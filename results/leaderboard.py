@@ -16,7 +16,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from search.report import LB_METRIC, TAG_LB_NOTE, add_tracking_flag, open_tracking
+from results.report import LB_METRIC, TAG_LB_NOTE, add_tracking_flag, open_tracking
 from search.tracking import TAG_EXP_NUM
 from spaces.build import BuildError
 

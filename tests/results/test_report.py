@@ -18,8 +18,7 @@ import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
-from search.driver import SearchOptions, run_search
-from search.report import (
+from results.report import (
     add_parser,
     draw_plots,
     format_value,
@@ -29,6 +28,7 @@ from search.report import (
     ranked,
     write_report,
 )
+from search.driver import SearchOptions, run_search
 from search.tracking import Tracker
 from spaces.build import BuildError
 from spaces.dataset import Dataset

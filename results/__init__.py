@@ -1,0 +1,1 @@
+"""What a finished (or running) search is read back as: report, plots, export, predict, leaderboard."""
