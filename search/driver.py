@@ -137,8 +137,8 @@ def connect_ray(address: str | None) -> None:
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or "auto", log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    else:  # "local": a private instance, never the cluster that `ray start` last recorded on this machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def resume_options(name: str, storage: Path, tracking_uri: str | None = None) -> SearchOptions:
