@@ -16,18 +16,12 @@ from pathlib import Path
 from results import export, leaderboard, predict, report
 from search import validate_cmd
 from search.callbacks import TrackingDown
-from search.driver import SearchExists, SearchOptions, SearchOutcome, resume_options, run_search
-from search.tracking import TrackingUnreachable
+from search.driver import SearchOptions, SearchOutcome, resume_options, run_search
 from spaces.build import BuildError
-from spaces.dataset import DatasetError
-from spaces.distributions import DistributionError
-from spaces.errors import SpaceError
+from spaces.errors import UserError
 
 USAGE_ERROR = 2
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed
-# The errors that mean "the user's input is wrong" (as opposed to a bug): reported without a traceback.
-INPUT_ERRORS: tuple[type[Exception], ...] = (
-    BuildError, DatasetError, DistributionError, SpaceError, SearchExists, TrackingUnreachable)
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
 DEMO_IMAGES = 96
@@ -148,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except INPUT_ERRORS as exc:
+    except UserError as exc:  # wrong input, not a bug: the message says the fix, no traceback
         print(f"dettune: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except TrackingDown as exc:

@@ -24,6 +24,7 @@ from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
 from search.tracking import TAG_STORAGE, Tracker, check_reachable, local_tracking_uri
 from search.trainable import TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
+from spaces.errors import UserError
 from spaces.schema import Space, load_space
 from spaces.validate import check_space
 from trainers.metrics import EPOCH
@@ -33,7 +34,7 @@ SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides
 SAVED_OPTIONS = "search.json"
 
 
-class SearchExists(ValueError):
+class SearchExists(UserError, ValueError):
     """The search name is taken; the message says how to resume or overwrite it."""
 
 

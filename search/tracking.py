@@ -19,6 +19,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from spaces.errors import UserError
+
 TAG_SEARCH = "dettune.search"
 TAG_ROLE = "dettune.role"
 TAG_TRIAL = "dettune.trial_id"
@@ -40,7 +42,7 @@ def local_tracking_uri(storage: Path) -> str:
     return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
 
 
-class TrackingUnreachable(ConnectionError):
+class TrackingUnreachable(UserError, ConnectionError):
     """The MLflow tracking server does not answer; the message names it and what to check."""
 
 

@@ -20,6 +20,7 @@ from mmengine.config import Config, ConfigDict
 
 from spaces.backbones import backbone, catalog_name, family_of, import_mmpretrain_models
 from spaces.dataset import Dataset
+from spaces.errors import UserError
 
 MMDET_PREFIX = "mmdet::"
 
@@ -44,7 +45,7 @@ _RESIZE_TYPES = ("Resize", "RandomResize", "RandomChoiceResize")
 _CONVNEXT_STEM = "backbone.downsample_layers.0."
 
 
-class BuildError(ValueError):
+class BuildError(UserError, ValueError):
     """A point or override that cannot become a valid config; the message says why and what to do."""
 
 

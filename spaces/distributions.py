@@ -37,11 +37,13 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
 
+from spaces.errors import UserError
+
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
 
-class DistributionError(ValueError):
+class DistributionError(UserError, ValueError):
     """A distribution that can't be built; the message says which rule it breaks and with which values."""
 
 

@@ -44,7 +44,14 @@ class Problem:
         return f"{self.file}: {self.field} = {self.value!r}: {self.rule}"
 
 
-class SpaceError(Exception):
+class UserError(Exception):
+    """Wrong input from the user (a file, a flag, a name), never a bug: its message names the problem and the fix.
+
+    Every command-line error derives from it; ``dettune`` prints the message without a traceback, exit status 2.
+    """
+
+
+class SpaceError(UserError):
     """A space file (or its JSON form) breaks one or more rules.
 
     Attributes:
