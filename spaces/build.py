@@ -1,8 +1,25 @@
 """Turns a base MMDetection config and one sampled point into the config a trial trains.
 
-Each knob is a small function ``apply_<knob>(cfg, value, ...)`` that edits an mmengine ``Config`` in place.
-:func:`build_config` applies them in a fixed order (head, masks, backbone, weights, preset, classes, scale,
-optimisation, freeze, overrides) so later knobs see the structure earlier ones set up.
+The config is edited by registered steps, applied in registration order (this module's order: head, masks,
+backbone, weights, preset, classes, scale, batch size, optimisation, freeze) so later steps see the structure
+earlier ones set up; raw ``overrides`` come last. A step registered for a knob runs when the point sets that knob
+(or always, with ``every_point=True``); a failure inside it is raised as a :class:`KnobError` naming the knob, which
+is how :mod:`spaces.validate` blames a problem on the space field that caused it.
+
+Adding a knob takes two entries:
+
+1. a :class:`~spaces.knobs.Knob` in :data:`spaces.knobs.KNOBS`: its name, doc and value check (the schema and
+   validation use it);
+2. one function here that edits the config, decorated with ``@step("<name>", knob="<name>")`` and placed where it
+   must run relative to the others::
+
+       @step("amp", knob="amp")
+       def _amp(cfg: Config, build: Build) -> None:
+           if build.point["amp"]:
+               cfg.optim_wrapper.type = "AmpOptimWrapper"
+
+A step that needs other knobs too reads them from ``build.point`` (as the optimisation step reads ``lr``,
+``schedule`` and ``epochs``). Steps with ``knob=None`` run for every point and are nobody's fault.
 """
 
 from __future__ import annotations
@@ -11,7 +28,8 @@ import copy
 import difflib
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +39,7 @@ from mmengine.config import Config, ConfigDict
 from spaces.backbones import backbone, catalog_name, family_of, import_mmpretrain_models
 from spaces.dataset import Dataset
 from spaces.errors import UserError
+from spaces.knobs import KNOBS
 
 MMDET_PREFIX = "mmdet::"
 
@@ -47,6 +66,67 @@ _CONVNEXT_STEM = "backbone.downsample_layers.0."
 
 class BuildError(UserError, ValueError):
     """A point or override that cannot become a valid config; the message says why and what to do."""
+
+
+class KnobError(BuildError):
+    """A step registered for ``knob`` failed; the message is its error's, ``__cause__`` the error itself."""
+
+    def __init__(self, knob: str, error: Exception) -> None:
+        text = str(error) if isinstance(error, BuildError) else f"{type(error).__name__}: {error}"
+        super().__init__(text)
+        self.knob = knob
+
+
+@dataclass(frozen=True, kw_only=True)
+class Build:
+    """What every step may read: the sampled point, the dataset and the local pretrained checkpoints."""
+
+    point: Mapping[str, Any]
+    dataset: Dataset
+    pretrained: Mapping[str, str]
+
+    @property
+    def tiny(self) -> bool:
+        return self.point.get("preset") == "tiny"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    """One registered config edit."""
+
+    name: str
+    knob: str | None
+    """The knob this step sets: it runs when the point has it, and a failure inside is blamed on it."""
+    every_point: bool
+    """Runs whether or not the point sets ``knob``."""
+    edit: Callable[[Config, Build], None]
+
+    def applies(self, point: Mapping[str, Any]) -> bool:
+        return self.every_point or self.knob in point
+
+
+STEPS: dict[str, Step] = {}
+"""Step name -> step, in the order :func:`build_config` applies them (registration order)."""
+
+
+def step(
+    name: str, *, knob: str | None = None, every_point: bool = False
+) -> Callable[[Callable[[Config, Build], None]], Callable[[Config, Build], None]]:
+    """Registers the decorated ``edit(cfg, build)`` as the config step ``name``; see the module docstring.
+
+    Raises:
+        ValueError: a step of that name exists already, or ``knob`` is not in :data:`spaces.knobs.KNOBS`.
+    """
+    if name in STEPS:
+        raise ValueError(f"config step {name!r} is registered twice")
+    if knob is not None and knob not in KNOBS:
+        raise ValueError(f"config step {name!r} sets knob {knob!r}, which spaces.knobs.KNOBS does not list")
+
+    def register(edit: Callable[[Config, Build], None]) -> Callable[[Config, Build], None]:
+        STEPS[name] = Step(name=name, knob=knob, every_point=every_point or knob is None, edit=edit)
+        return edit
+
+    return register
 
 
 def resolve_base(base: str) -> Path:
@@ -98,31 +178,28 @@ def build_config(
         overrides: dotted config key -> value, applied last; each key must already exist.
 
     Raises:
-        BuildError: for a point or override that cannot become a valid config.
+        KnobError: when the step of a knob fails (a :class:`BuildError`, naming the knob).
+        BuildError: for a dataset or override that cannot become part of a valid config.
     """
     cfg = copy.deepcopy(base) if isinstance(base, Config) else load_base(base)
-    tiny = point.get("preset") == "tiny"
-    if "roi_head" in point:
-        apply_roi_head(cfg, point["roi_head"], dataset)
-    apply_masks(cfg, dataset)
-    if "backbone" in point:
-        apply_backbone(cfg, point["backbone"], tiny=tiny)
-    apply_pretrained(cfg, pretrained or {}, name=point.get("backbone"))
-    if family_of(cfg.model.backbone) == "convnext":  # a base config's own ConvNeXt needs it too
-        import_mmpretrain_models()
-    if tiny:
-        apply_tiny_preset(cfg)
-    apply_dataset(cfg, dataset)
-    if "scale" in point:
-        apply_scale(cfg, point["scale"])
-    if "batch_size" in point:
-        cfg.train_dataloader.batch_size = int(point["batch_size"])
-    apply_optimisation(cfg, point, iters_per_epoch=_iters_per_epoch(cfg, dataset))
-    if "freeze" in point:
-        apply_freeze(cfg, int(point["freeze"]))
+    build = Build(point=point, dataset=dataset, pretrained=pretrained or {})
+    for entry in STEPS.values():
+        if entry.applies(point):
+            _apply(entry, cfg, build)
     if overrides:
         apply_overrides(cfg, overrides)
     return cfg
+
+
+def _apply(entry: Step, cfg: Config, build: Build) -> None:
+    """Runs one step; a knob's step re-raises what went wrong as a :class:`KnobError` naming the knob."""
+    if entry.knob is None:
+        entry.edit(cfg, build)
+        return
+    try:
+        entry.edit(cfg, build)
+    except Exception as error:  # a BuildError, or whatever a base config of an unexpected shape raises
+        raise KnobError(entry.knob, error) from error
 
 
 def _iters_per_epoch(cfg: Config, dataset: Dataset) -> int:
@@ -141,12 +218,14 @@ def current_head(cfg: Config) -> str | None:
     return _HEAD_OF_DETECTOR.get(cfg.model.get("type"))
 
 
-def apply_roi_head(cfg: Config, head: str, dataset: Dataset) -> None:
-    """Swaps in mmdet's own RoI head (and its train/test settings) for ``head`` unless already there.
+@step("roi_head", knob="roi_head")
+def _roi_head(cfg: Config, build: Build) -> None:
+    """Swaps in mmdet's own RoI head (and its train/test settings) for the chosen one unless already there.
 
     Raises:
         BuildError: for htc on a dataset without masks, or a base model without an RPN.
     """
+    head, dataset = build.point["roi_head"], build.dataset
     if head == "htc" and not dataset.has_masks:
         raise BuildError(f"roi_head 'htc' trains a mask branch, but {dataset.train_json} has annotations "
                          "without 'segmentation': use faster or cascade, or add polygon masks")
@@ -162,7 +241,8 @@ def apply_roi_head(cfg: Config, head: str, dataset: Dataset) -> None:
     cfg.model.test_cfg = source.test_cfg
 
 
-def apply_masks(cfg: Config, dataset: Dataset) -> None:
+@step("masks")
+def _masks(cfg: Config, build: Build) -> None:
     """Loads masks exactly when the model has a mask head.
 
     A mask-free head on a mask base config must not load them: mmdet's loader fails on annotations
@@ -171,6 +251,7 @@ def apply_masks(cfg: Config, dataset: Dataset) -> None:
     Raises:
         BuildError: when the model has a mask head and the dataset has no masks.
     """
+    dataset = build.dataset
     needs = any("mask_head" in node for node in _dicts(cfg.model.get("roi_head")))
     if needs and not dataset.has_masks:
         raise BuildError(f"the base model {cfg.model.type} has a mask head, but {dataset.train_json} has "
@@ -185,12 +266,13 @@ def apply_masks(cfg: Config, dataset: Dataset) -> None:
 
 # --- backbone ---------------------------------------------------------------------------------------
 
-def apply_backbone(cfg: Config, name: str, *, tiny: bool = False) -> None:
+@step("backbone", knob="backbone")
+def _backbone(cfg: Config, build: Build) -> None:
     """Replaces the backbone dict whole (no stale keys) and points the neck at its channels.
 
-    The new backbone starts from scratch; :func:`apply_pretrained` gives it local weights.
+    The new backbone starts from scratch; the ``pretrained`` step gives it local weights.
     """
-    chosen = backbone(name, tiny=tiny)
+    chosen = backbone(build.point["backbone"], tiny=build.tiny)
     # Assignment replaces the whole dict: nothing of the base's backbone (depth, style, ...) survives.
     cfg.model.backbone = ConfigDict(copy.deepcopy(chosen.cfg))
     cfg.model.neck.in_channels = list(chosen.out_channels)
@@ -208,21 +290,19 @@ def _add_custom_import(cfg: Config, module: str) -> None:
     cfg.custom_imports = dict(imports=imports, allow_failed_imports=bool(current.get("allow_failed_imports")))
 
 
-def apply_pretrained(cfg: Config, pretrained: Mapping[str, str], *, name: str | None = None) -> None:
-    """Initialises the backbone from its local checkpoint in ``pretrained``, or from scratch.
+@step("pretrained")
+def _pretrained(cfg: Config, build: Build) -> None:
+    """Initialises the final backbone from its local checkpoint in ``build.pretrained``, or from scratch.
 
     Remote checkpoints (``torchvision://``, ``https://``, ...) anywhere in the model, and a remote
     ``load_from``, are always dropped: nothing is downloaded. Training from scratch, when weights were asked
-    for (a chosen backbone, or a base config that names remote ones), gets one warning that says so.
-
-    Args:
-        cfg: the config, with its final backbone.
-        pretrained: backbone name -> local checkpoint path.
-        name: the chosen backbone; None keeps the base's, which is looked up in the catalog by its fields.
+    for (a chosen backbone, or a base config that names remote ones), gets one warning that says so. Without a
+    chosen backbone the base's is looked up in the catalog by its fields.
 
     Raises:
         BuildError: when the configured checkpoint file does not exist.
     """
+    name, pretrained = build.point.get("backbone"), build.pretrained
     dropped = _drop_remote_weights(cfg)
     asked = name is not None or bool(dropped)
     name = name or catalog_name(cfg.model.backbone)
@@ -240,7 +320,14 @@ def apply_pretrained(cfg: Config, pretrained: Mapping[str, str], *, name: str | 
         hint = f"; set pretrained: {{{name}: /path/to/checkpoint.pth}} to start from ImageNet" if name else ""
         remote = f" ({', '.join(dropped)} in the base config is never downloaded)" if dropped else ""
         warnings.warn(f"{what}: no local pretrained checkpoint, training from scratch{remote}{hint}",
-                      stacklevel=3)
+                      stacklevel=4)
+
+
+@step("mmpretrain")
+def _mmpretrain(cfg: Config, build: Build) -> None:
+    """Registers mmpretrain's models for a ConvNeXt, the chosen one or a base config's own."""
+    if family_of(cfg.model.backbone) == "convnext":
+        import_mmpretrain_models()
 
 
 def _drop_remote_weights(cfg: Config) -> list[str]:
@@ -273,8 +360,11 @@ _TINY_WIDTHS = {"out_channels": 32, "in_channels": 32, "feat_channels": 32, "con
                 "fc_out_channels": 64}
 
 
-def apply_tiny_preset(cfg: Config) -> None:
-    """Narrows neck and heads and trims proposal counts: a CPU-sized detector of the same structure."""
+@step("preset", knob="preset")
+def _preset(cfg: Config, build: Build) -> None:
+    """``tiny`` narrows neck and heads and trims proposal counts: a CPU-sized detector of the same structure."""
+    if not build.tiny:
+        return
     cfg.model.neck.out_channels = _TINY_WIDTHS["out_channels"]
     for part in ("rpn_head", "roi_head", "bbox_head"):
         for node in _dicts(cfg.model.get(part)):
@@ -292,8 +382,10 @@ def apply_tiny_preset(cfg: Config) -> None:
 
 # --- dataset, classes -------------------------------------------------------------------------------
 
-def apply_dataset(cfg: Config, dataset: Dataset) -> None:
-    """Points every dataloader and evaluator at ``dataset`` and sizes every head for its classes."""
+@step("dataset")
+def _dataset(cfg: Config, build: Build) -> None:
+    """Points every dataloader and evaluator at the dataset and sizes every head for its classes."""
+    dataset = build.dataset
     for loader_key, ann in (("train_dataloader", dataset.train), ("val_dataloader", dataset.val),
                             ("test_dataloader", dataset.val)):
         loader = cfg.get(loader_key)
@@ -323,13 +415,15 @@ def _innermost_dataset(node: ConfigDict) -> ConfigDict:
 
 # --- scale ------------------------------------------------------------------------------------------
 
-def apply_scale(cfg: Config, scale: list[int] | tuple[int, int]) -> None:
+@step("scale", knob="scale")
+def _scale(cfg: Config, build: Build) -> None:
     """Sets the Resize scale everywhere: train, val, test and TTA pipelines, inside any wrapper.
 
-    A single-scale Resize gets ``scale`` exactly; a multi-scale list keeps its spread, scaled so that its
-    largest entry becomes ``scale``. Test-time augmentation keeps its scales relative to the test scale:
-    the one equal to the test pipeline's becomes ``scale``. A Resize by ``scale_factor`` alone is left as is.
+    A single-scale Resize gets the scale exactly; a multi-scale list keeps its spread, scaled so that its
+    largest entry becomes the scale. Test-time augmentation keeps its scales relative to the test scale:
+    the one equal to the test pipeline's becomes the scale. A Resize by ``scale_factor`` alone is left as is.
     """
+    scale = build.point["scale"]
     target = (int(scale[0]), int(scale[1]))
     reference = _test_scale(cfg)
     tta_groups = _tta_resize_groups(cfg)
@@ -400,10 +494,18 @@ def _is_pair(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
-# --- optimiser, lr, schedule, epochs ----------------------------------------------------------------
+# --- batch size, optimiser, lr, schedule, epochs ----------------------------------------------------
 
-def apply_optimisation(cfg: Config, point: Mapping[str, Any], *, iters_per_epoch: int) -> None:
+@step("batch_size", knob="batch_size")
+def _batch_size(cfg: Config, build: Build) -> None:
+    cfg.train_dataloader.batch_size = int(build.point["batch_size"])
+
+
+@step("optimizer", knob="optimizer", every_point=True)
+def _optimisation(cfg: Config, build: Build) -> None:
     """Sets optimiser, lr, epochs and lr schedule together, so the schedule always fits max_epochs."""
+    point = build.point
+    iters_per_epoch = _iters_per_epoch(cfg, build.dataset)
     epochs = int(point.get("epochs", cfg.train_cfg.max_epochs))
     optimizer = point.get("optimizer")
     if optimizer is not None:
@@ -461,7 +563,8 @@ def lr_schedule(schedule: str, epochs: int, *, warmup_iters: int) -> list[dict[s
 
 # --- freeze -----------------------------------------------------------------------------------------
 
-def apply_freeze(cfg: Config, depth: int) -> None:
+@step("freeze", knob="freeze")
+def _freeze(cfg: Config, build: Build) -> None:
     """Freezes the backbone: -1 trains everything, 0 freezes the stem, k freezes the stem and stages 1..k.
 
     ResNet/ResNeXt and Swin take this as ``frozen_stages`` directly. mmpretrain's ConvNeXt counts the stem
@@ -471,6 +574,7 @@ def apply_freeze(cfg: Config, depth: int) -> None:
     Raises:
         BuildError: for a backbone family dettune does not know how to freeze.
     """
+    depth = int(build.point["freeze"])
     family = family_of(cfg.model.backbone)
     if family is None:
         raise BuildError(f"freeze: dettune does not know how to freeze a {cfg.model.backbone.type} backbone; "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from mmengine.utils import import_modules_from_strings
 from pydantic import ValidationError
 from torch.overrides import TorchFunctionMode
 
-from spaces.build import BuildError, apply_overrides, build_config, load_base
+from spaces.build import BuildError, KnobError, apply_overrides, build_config, load_base
 from spaces.dataset import Dataset, DatasetError, open_dataset
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
 from spaces.errors import Problem, SpaceError
@@ -48,16 +47,6 @@ AREA_METRICS = {
     "val/bbox_mAP_l": ("l", "large", "area >= 96²"),
 }
 """Area metrics: the COCO area range each needs in the val set, its name and its bounds."""
-
-_STEP_KNOBS = {
-    "apply_roi_head": "roi_head",
-    "apply_backbone": "backbone",
-    "apply_tiny_preset": "preset",
-    "apply_scale": "scale",
-    "apply_optimisation": "optimizer",
-    "apply_freeze": "freeze",
-}
-"""The :mod:`spaces.build` step of each knob: a failure inside it is that knob's problem."""
 
 _MODEL_KNOBS = ("backbone", "roi_head", "preset", "freeze")
 """Knobs that change the model itself, in the order a failure to build it is blamed on them."""
@@ -301,7 +290,7 @@ def _config_of(
     try:
         cfg = build_config(base, point, dataset, pretrained=pretrained)
     except Exception as error:  # BuildError, or whatever a base config of an unexpected shape raises
-        knob = _failing_knob(error)
+        knob = error.knob if isinstance(error, KnobError) else None  # the registered step that failed
         field, value = _knob_field(space, knob, point)
         text = str(error) if isinstance(error, BuildError) else f"{type(error).__name__}: {error}"
         out.add(field, value, text + _context(space, combo, knob))
@@ -312,14 +301,6 @@ def _config_of(
         except BuildError as error:
             out.add(f"overrides.{dotted}", value, str(error) + _context(space, combo, None))
     return cfg
-
-
-def _failing_knob(error: BaseException) -> str | None:
-    """The knob whose :mod:`spaces.build` step raised ``error`` (the innermost ``apply_*`` frame)."""
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if frame.name in _STEP_KNOBS:
-            return _STEP_KNOBS[frame.name]
-    return None
 
 
 def _knob_field(space: Space, knob: str | None, point: dict[str, Any]) -> tuple[str, Any]:

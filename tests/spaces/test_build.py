@@ -22,9 +22,9 @@ from mmengine.dataset import pseudo_collate
 from mmengine.registry import PARAM_SCHEDULERS
 
 from spaces.backbones import backbone, catalog_name, import_mmpretrain_models
-from spaces.build import BuildError, build_config, load_base, resolve_base, step_milestones
+from spaces.build import STEPS, BuildError, KnobError, build_config, load_base, resolve_base, step, step_milestones
 from spaces.dataset import Dataset
-from spaces.knobs import BACKBONES, ROI_HEADS
+from spaces.knobs import BACKBONES, KNOBS, ROI_HEADS
 
 # Every build without a local checkpoint warns once; the tests that count warnings record them explicitly.
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .*training from scratch:UserWarning")
@@ -476,8 +476,9 @@ def test_freeze_applies_to_the_base_backbone(faster: Config, synth: Dataset) -> 
 def test_freeze_of_an_unknown_backbone_is_refused(faster: Config, synth: Dataset) -> None:
     base = faster.copy()
     base.model.backbone = dict(type="RegNet", arch="regnetx_3.2gf", out_indices=(0, 1, 2, 3))
-    with pytest.raises(BuildError, match="freeze.*RegNet"):
+    with pytest.raises(KnobError, match="freeze.*RegNet") as caught:
         build_config(base, {"freeze": 1}, synth)
+    assert caught.value.knob == "freeze" and isinstance(caught.value, BuildError)
 
 
 # --- preset, batch size -----------------------------------------------------------------------------
@@ -539,3 +540,17 @@ def test_every_bad_override_is_reported_at_once(cascade: Config, synth: Dataset)
     with pytest.raises(BuildError) as error:
         build_config(cascade, {}, synth, overrides={"model.nek": 1, "optim_wraper.x": 2, "load_from": None})
     assert "model.nek" in str(error.value) and "optim_wraper.x" in str(error.value)
+
+
+# --- the step registry ------------------------------------------------------------------------------
+
+def test_every_step_sets_a_catalogued_knob_or_every_point() -> None:
+    assert {s.knob for s in STEPS.values()} - {None} <= set(KNOBS)
+    assert all(s.every_point for s in STEPS.values() if s.knob is None)
+
+
+def test_a_step_for_an_unknown_knob_or_a_taken_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="'amps'.*KNOBS"):
+        step("amps", knob="amps")
+    with pytest.raises(ValueError, match="registered twice"):
+        step("scale", knob="scale")

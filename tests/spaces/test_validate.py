@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from search.validate_cmd import add_parser
+from spaces import build as build_module
 from spaces import validate as validate_module
 from spaces.errors import Problem, SpaceError
 from spaces.synth import write_dataset
@@ -235,6 +236,21 @@ def test_knob_values_the_base_config_cannot_take(data_root: Path, tmp_path: Path
 
     assert [(p.field, p.value) for p in problems] == [("space.roi_head", "faster"), ("space.roi_head", "cascade")]
     assert all("two-stage base config" in p.rule for p in problems)
+
+
+def test_a_failing_step_is_blamed_on_the_knob_it_is_registered_for(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build_module, "STEPS", dict(build_module.STEPS))
+
+    @build_module.step("lr_check_with_an_unrelated_name", knob="lr")
+    def fail(cfg: Any, build: build_module.Build) -> None:
+        raise KeyError("no optim_wrapper")
+
+    problems = problems_of(tmp_path, space_data(data_root))
+
+    assert {p.field for p in problems} == {"space.lr"}
+    assert all("KeyError: 'no optim_wrapper'" in p.rule for p in problems)
 
 
 def test_model_that_mmdet_cannot_construct(data_root: Path, tmp_path: Path) -> None:
