@@ -32,20 +32,25 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from results.report import SearchHandle, add_tracking_flag, format_value, open_search, open_tracking
-from search.tracking import TAG_EXP_NUM, TAG_STORAGE, TAG_TRIAL, is_log_column
-from spaces.build import BuildError, load_config
+from results.report import format_value
+from results.store import SearchHandle, add_tracking_flag, open_search, open_tracking
+from search.tracking import TAG_EXP_NUM, TAG_STORAGE, is_log_column
+from spaces.build import load_config
+from spaces.errors import BadArgument, NotFound, UserError
 from spaces.schema import Space
-from trainers.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.inference import FPS_METRIC
 from trainers.metrics import EPOCH
-from trainers.trial import TRIAL_CONFIG
 
 METRICS_FILE = "metrics.json"
 PARAMS_FILE = "params.json"
 EXPORTED_FILES = (TRIAL_CONFIG, CHECKPOINT_FILE, METRICS_FILE, PARAMS_FILE)
 EXPORT_ARTIFACTS = "export"
 _META_KEYS = ("dataset_meta", "epoch", "iter", "cfg", "seed", "mmengine_version")
+
+
+class NothingToExport(UserError):
+    """The search has no checkpoint to export (yet, or any more); the message says when to try again."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,27 +111,33 @@ def ranked_candidates(candidates: Sequence[Candidate], metric: str, mode: str) -
     """The candidates that have ``metric``, best first (earlier epochs first among equals).
 
     Raises:
-        BuildError: No candidate at all, or none with ``metric`` (the message lists the metrics there are).
+        NothingToExport: No candidate at all.
+        BadArgument: No candidate has ``metric`` (the message lists the metrics there are).
     """
     if not candidates:
-        raise BuildError("no trial checkpoint is on disk yet: wait until a trial finishes its first epoch")
+        raise NothingToExport("no trial checkpoint is on disk yet: wait until a trial finishes its first epoch")
     scored = [c for c in candidates if c.value(metric) is not None]
     if not scored:
         known = sorted({k for c in candidates for k in c.result if is_log_column(k)})
-        raise BuildError(f"no checkpoint has the metric {metric!r}: pass --metric with one of {', '.join(known)}")
+        raise BadArgument(f"no checkpoint has the metric {metric!r}: pass --metric with one of {', '.join(known)}")
     sign = -1.0 if mode == "max" else 1.0
     return sorted(scored, key=lambda c: sign * (c.value(metric) or 0.0))
 
 
 def experiment_dir(search: SearchHandle) -> Path:
-    """The search's Ray experiment directory, as its parent run records it."""
+    """The search's Ray experiment directory, as its parent run records it.
+
+    Raises:
+        NothingToExport: The search does not record it.
+        NotFound: It is not on this machine.
+    """
     recorded = search.parent.data.tags.get(TAG_STORAGE)
     if not recorded:
-        raise BuildError(f"search {search.name} does not record its Ray experiment directory "
+        raise NothingToExport(f"search {search.name} does not record its Ray experiment directory "
                          f"(tag {TAG_STORAGE}): it was run by an older dettune; rerun it to export")
     path = Path(recorded)
     if not path.is_dir():
-        raise BuildError(f"the Ray experiment directory of search {search.name}, {path}, is not on this machine: "
+        raise NotFound(f"the Ray experiment directory of search {search.name}, {path}, is not on this machine: "
                          "run export where the search's --storage is mounted")
     return path
 
@@ -141,13 +152,13 @@ def export_best(search: SearchHandle, out: Path, *, metric: str | None = None) -
             _write_model(candidate, out)
         except FileNotFoundError:  # Ray deleted it for a better one since we looked: that one is on the list
             continue
-        run = _trial_run(search, candidate.trial_id)
+        run = search.run_of(candidate.trial_id)
         _write_json(out / METRICS_FILE, _metrics(search, candidate, run, metric))
         _write_json(out / PARAMS_FILE, _params(search.space, candidate))
         version = register(search, run, out, candidate.epoch)
         return Export(out=out, exp_num=run.data.tags.get(TAG_EXP_NUM, run.info.run_id), candidate=candidate,
                       metric=metric, version=version)
-    raise BuildError("every checkpoint was replaced while exporting: run export again")
+    raise NothingToExport("every checkpoint was replaced while exporting: run export again")
 
 
 def _write_model(candidate: Candidate, out: Path) -> None:
@@ -163,14 +174,6 @@ def _write_model(candidate: Candidate, out: Path) -> None:
     cfg.dump(str(out / TRIAL_CONFIG))
     torch.save({"state_dict": checkpoint["state_dict"], "meta": {k: meta[k] for k in _META_KEYS if k in meta}},
                out / CHECKPOINT_FILE)
-
-
-def _trial_run(search: SearchHandle, trial_id: str) -> Run:
-    runs = search.runs(**{TAG_TRIAL: trial_id})
-    if not runs:
-        raise BuildError(f"trial {trial_id} of search {search.name} has no MLflow run: was the search moved to "
-                         "another tracking store? Pass its --tracking-uri")
-    return runs[0]
 
 
 def _metrics(search: SearchHandle, candidate: Candidate, run: Run, metric: str) -> dict[str, Any]:

@@ -10,52 +10,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from results.report import LB_METRIC, TAG_LB_NOTE, add_tracking_flag, open_tracking
+from results.store import LB_METRIC, TAG_LB_NOTE, add_tracking_flag, find_trial_run, open_tracking
 from search.tracking import TAG_EXP_NUM
-from spaces.build import BuildError
-
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-EXP_NUM = re.compile(r"^(?P<search>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<n>[0-9]+)$")
-_REF_HELP = "give the trial's MLflow run id or its Exp num from `dettune report` (e.g. demo-4)"
-
-
-def find_run(client: MlflowClient, ref: str) -> Run:
-    """The run named by ``ref``: an MLflow run id, or a trial's Exp num ``<search>-<n>``.
-
-    Raises:
-        BuildError: ``ref`` is neither, or names no run in this store.
-    """
-    if RUN_ID.match(ref):
-        try:
-            return client.get_run(ref)
-        except MlflowException:
-            raise BuildError(f"no run with id {ref} in {client.tracking_uri}: {_REF_HELP}, or pass the "
-                             "search's --tracking-uri") from None
-    match = EXP_NUM.match(ref)
-    if match is None:
-        raise BuildError(f"{ref!r} is not a run id or an Exp num: {_REF_HELP}")
-    experiment = client.get_experiment_by_name(match["search"])
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{TAG_EXP_NUM}` = '{ref}'", max_results=1)
-    if not runs:
-        raise BuildError(f"no trial {ref} in {client.tracking_uri}: {_REF_HELP}, or pass the search's --tracking-uri")
-    return runs[0]
+from spaces.errors import BadArgument
 
 
 def record_score(client: MlflowClient, run: Run, score: float, *, note: str | None = None) -> int:
     """Logs one leaderboard submission's score (percent, 0..100) and note; returns the submission number.
 
     Raises:
-        BuildError: ``score`` outside 0..100.
+        BadArgument: ``score`` outside 0..100.
     """
     if not (math.isfinite(score) and 0.0 <= score <= 100.0):
-        raise BuildError(f"--map is {score}, but must be the leaderboard's mAP in percent, 0..100 (e.g. 54.5)")
+        raise BadArgument(f"--map is {score}, but must be the leaderboard's mAP in percent, 0..100 (e.g. 54.5)")
     run_id = run.info.run_id
     step = len(client.get_metric_history(run_id, LB_METRIC))
     client.log_metric(run_id, LB_METRIC, score, step=step)
@@ -80,7 +51,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_lb(args: argparse.Namespace) -> int:
     """The ``lb`` command."""
     client = open_tracking(args.tracking_uri)
-    run = find_run(client, args.run)
+    run = find_trial_run(client, args.run)
     submission = record_score(client, run, args.score, note=args.note)
     name = run.data.tags.get(TAG_EXP_NUM, run.info.run_id)
     print(f"recorded public LB mAP {args.score:g} for {name} (run {run.info.run_id}, submission {submission})")

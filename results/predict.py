@@ -18,10 +18,10 @@ from typing import Any
 import cv2
 import torch
 
-from spaces.build import BuildError, load_config
-from trainers.checkpoint import CHECKPOINT_FILE
+from spaces.build import load_config
+from spaces.errors import BadArgument, NotFound
+from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.inference import WARMUP_IMAGES, timed_inference
-from trainers.trial import TRIAL_CONFIG
 
 PREDICTIONS_FILE = "predictions.json"
 DEFAULT_SCORE_THR = 0.3
@@ -63,7 +63,8 @@ def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: fl
         device: Torch device (default: the GPU when there is one, else the CPU).
 
     Raises:
-        BuildError: A missing file or a threshold outside 0..1; checked before the model loads.
+        NotFound: A missing model or image file; checked before the model loads.
+        BadArgument: A threshold outside 0..1.
     """
     _check_inputs(model_dir, images, score_thr)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,13 +87,13 @@ def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: fl
 
 def _check_inputs(model_dir: Path, images: Sequence[Path], score_thr: float) -> None:
     if not ((model_dir / TRIAL_CONFIG).is_file() and (model_dir / CHECKPOINT_FILE).is_file()):
-        raise BuildError(f"{model_dir} is not an exported model (it needs {TRIAL_CONFIG} and {CHECKPOINT_FILE}): "
+        raise NotFound(f"{model_dir} is not an exported model (it needs {TRIAL_CONFIG} and {CHECKPOINT_FILE}): "
                          "write one with `dettune export NAME --out DIR`")
     missing = [str(image) for image in images if not image.is_file()]
     if missing:
-        raise BuildError(f"no such image: {', '.join(missing)}: check the paths")
+        raise NotFound(f"no such image: {', '.join(missing)}: check the paths")
     if not 0.0 <= score_thr <= 1.0:
-        raise BuildError(f"--score-thr is {score_thr}, but must be between 0 and 1")
+        raise BadArgument(f"--score-thr is {score_thr}, but must be between 0 and 1")
 
 
 def _drawn_paths(out: Path, images: Sequence[Path]) -> list[Path]:

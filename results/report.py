@@ -5,9 +5,7 @@ space file, the result filled with the measured effect of each searched knob), o
 the log's columns, the failed trials with their reason, the plots, and the leaderboard table. A trial's scores
 come from its best epoch by the search's metric, the checkpoint ``dettune export`` would hand over (the log
 asks for "the best checkpoint used for inference"); mAPs print in percent with one decimal, as the log does.
-
-This module also holds what the other result commands share: opening the tracking store, finding a search,
-and reading its trials back from MLflow.
+The search comes from :mod:`results.store`.
 """
 
 from __future__ import annotations
@@ -15,41 +13,18 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import mlflow.artifacts
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 
 from results.plots import Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob
-from search.tracking import (
-    TAG_EXP_NUM,
-    TAG_FAILURE,
-    TAG_ROLE,
-    TAG_SEARCH,
-    TAG_STATUS,
-    TAG_STOPPED_AT,
-    TAG_TRIAL,
-    check_reachable,
-    local_tracking_uri,
-)
+from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
+from search.tracking import param_text
 from spaces.backbones import catalog_name
 from spaces.build import BuildError, current_head, load_base
 from spaces.distributions import Choice, Grid
 from spaces.schema import Space
 from trainers.inference import FPS_METRIC
-
-DEFAULT_STORAGE = Path("runs")
-"""``dettune search``'s default ``--storage``: its SQLite store is the default tracking URI here too."""
-
-LB_METRIC = "lb/public_mAP"
-"""A public leaderboard score, in percent (0..100) as the leaderboard shows it; see :mod:`results.leaderboard`."""
-TAG_LB_NOTE = "dettune.lb_note"
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
                 "Optimizer": "optimizer"}
@@ -64,137 +39,7 @@ COLUMNS = ("Exp num", "Backbone", "RoI Head", "Epoch", "initial lr", "Lr schd", 
 MISSING = "-"
 SORT_METRIC = "val/bbox_mAP"
 REPORT_ARTIFACTS = "report"
-_EPOCH_PREFIXES = ("val/", "train/")
 _BINS = 3
-
-
-# --- reading a search back from MLflow ------------------------------------------------------------------
-
-def add_tracking_flag(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--tracking-uri`` with the search's default."""
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the SQLite store `dettune search` "
-                                               f"writes under ./{DEFAULT_STORAGE})")
-
-
-def open_tracking(uri: str | None) -> MlflowClient:
-    """A client for ``uri`` (default: the search's local SQLite store).
-
-    Raises:
-        BuildError: The SQLite file does not exist (MLflow would create an empty store there).
-        TrackingUnreachable: A tracking server that does not answer.
-    """
-    uri = uri or local_tracking_uri(DEFAULT_STORAGE)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise BuildError(f"no MLflow store at {uri}: run this where `dettune search` ran (it writes "
-                         f"{DEFAULT_STORAGE}/mlflow.db), or pass the search's --tracking-uri")
-    check_reachable(uri)
-    return MlflowClient(uri)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchHandle:
-    """A search in MLflow: its experiment, its parent run and the space it searched."""
-
-    client: MlflowClient
-    name: str
-    experiment_id: str
-    parent: Run
-    space: Space
-
-    def runs(self, **tags: str) -> list[Run]:
-        """This search's trial runs with the given tag values, oldest first."""
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {TAG_SEARCH: self.name, TAG_ROLE: "trial",
-                                                                  **tags}.items())
-        return list(self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000,
-                                            order_by=["attributes.start_time ASC"]))
-
-
-def open_search(client: MlflowClient, name: str) -> SearchHandle:
-    """Finds the search ``name`` and reloads its space from the parent run's ``space.json``.
-
-    Raises:
-        BuildError: No such search in this store; the message lists the searches it has.
-    """
-    experiment = client.get_experiment_by_name(name)
-    parents = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_SEARCH}` = '{name}'")
-    if experiment is None or not parents:
-        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-        raise BuildError(f"no search named {name!r} in {client.tracking_uri} (it has: {', '.join(known) or 'none'}): "
-                         "check the name, or pass the --tracking-uri the search used")
-    parent = parents[0]
-    text = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/space.json")
-    return SearchHandle(client=client, name=name, experiment_id=experiment.experiment_id, parent=parent,
-                        space=Space.from_json(json.loads(text), f"{name}: space.json"))
-
-
-@dataclass(frozen=True)
-class Point:
-    """One logged value: the step is the epoch (for ``lb/`` the submission count)."""
-
-    step: int
-    value: float
-    timestamp_ms: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrialRecord:
-    """One trial run as MLflow holds it: tags, params (strings) and every metric's history."""
-
-    run_id: str
-    exp_num: str
-    trial_id: str
-    status: str
-    stopped_at: int | None
-    failure: str | None
-    lb_note: str | None
-    params: Mapping[str, str]
-    history: Mapping[str, Sequence[Point]]
-
-    @property
-    def epochs(self) -> int:
-        """The last epoch the trial reported."""
-        return max((p.step for k, points in self.history.items() if k.startswith(_EPOCH_PREFIXES)
-                    for p in points), default=0)
-
-    def best_epoch(self, metric: str, mode: str) -> int | None:
-        """The first epoch with the trial's best ``metric``, or None before any."""
-        points = self.history.get(metric, ())
-        if not points:
-            return None
-        pick = max if mode == "max" else min
-        return pick(points, key=lambda p: p.value).step
-
-    def at(self, epoch: int | None) -> dict[str, float]:
-        """Every metric logged at ``epoch``."""
-        return {key: p.value for key, points in self.history.items() for p in points if p.step == epoch}
-
-    def score(self, metric: str, mode: str) -> float | None:
-        """The trial's best ``metric``."""
-        return self.at(self.best_epoch(metric, mode)).get(metric)
-
-    def latest(self, key: str) -> float | None:
-        """The last value of ``key`` (e.g. ``inference/fps``, measured after the last epoch only)."""
-        points = self.history.get(key, ())
-        return points[-1].value if points else None
-
-
-def load_trials(search: SearchHandle) -> list[TrialRecord]:
-    """Every trial of the search with its full metric histories, oldest first."""
-    return [_trial_record(search.client, run) for run in search.runs()]
-
-
-def _trial_record(client: MlflowClient, run: Run) -> TrialRecord:
-    tags = run.data.tags
-    history = {key: sorted((Point(int(m.step), float(m.value), int(m.timestamp))
-                            for m in client.get_metric_history(run.info.run_id, key)),
-                           key=lambda p: (p.step, p.timestamp_ms))
-               for key in run.data.metrics}
-    stopped_at = tags.get(TAG_STOPPED_AT)
-    return TrialRecord(run_id=run.info.run_id, exp_num=tags.get(TAG_EXP_NUM, run.info.run_id),
-                       trial_id=tags.get(TAG_TRIAL, ""), status=tags.get(TAG_STATUS, "running"),
-                       stopped_at=int(stopped_at) if stopped_at else None, failure=tags.get(TAG_FAILURE),
-                       lb_note=tags.get(TAG_LB_NOTE), params=dict(run.data.params), history=history)
 
 
 # --- formatting -----------------------------------------------------------------------------------------
@@ -216,15 +61,6 @@ def format_value(key: str, value: float | None) -> str:
     if is_map(key) or key.endswith("acc") or key == FPS_METRIC:
         return f"{shown(key, value):.1f}"
     return f"{value:.3f}"
-
-
-def status_text(trial: TrialRecord) -> str:
-    """How the trial ended, as a sentence."""
-    if trial.status == "stopped":
-        return f"stopped by ASHA at epoch {trial.stopped_at or trial.epochs}"
-    if trial.status == "failed":
-        return f"failed: {trial.failure or 'no reason recorded'}"
-    return trial.status
 
 
 def epoch_cell(trial: TrialRecord, max_epochs: int) -> str:
@@ -271,11 +107,6 @@ def ranked(trials: Sequence[TrialRecord], space: Space) -> list[TrialRecord]:
 
 
 # --- the effect of each searched knob -------------------------------------------------------------------
-
-def param_text(value: Any) -> str:
-    """A knob value as the tracker logs it as an MLflow param (``[800, 800]`` -> ``800x800``)."""
-    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-
 
 def knob_groups(space: Space, trials: Sequence[TrialRecord], knob: str) -> list[Group]:
     """The trials' best scores grouped by the knob's value (a choice) or by range (a continuous knob)."""
@@ -430,7 +261,7 @@ def write_report(search: SearchHandle, out: Path, *, fmt: str = "md") -> Path:
 
     The CSV holds the same rows and columns as the markdown table, plus how each trial ended.
     """
-    trials = load_trials(search)
+    trials = search.trials()
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         return _write_csv(search, trials, out / "report.csv")
@@ -450,7 +281,7 @@ def _write_csv(search: SearchHandle, trials: Sequence[TrialRecord], path: Path) 
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow([*COLUMNS, "Status"])
-        writer.writerows([*table_row(t, space, defaults), status_text(t)] for t in ranked(trials, space))
+        writer.writerows([*table_row(t, space, defaults), t.outcome] for t in ranked(trials, space))
     return path
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
-from search.tracking import Tracker
+from search.tracking import Tracker, outcome_text
 from trainers.metrics import EPOCH
 
 FailureOf = Callable[[str], "str | None"]
@@ -180,10 +180,8 @@ class ConsoleCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         failure = self._failure_of(trial.trial_id)
         status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
-        if status == "failed":
-            self._say(trial, f"failed (not retried): {failure}")
-        else:
-            self._say(trial, "completed" if status == "completed" else f"stopped by ASHA at epoch {stopped_at}")
+        text = outcome_text(status, stopped_at=stopped_at, failure=failure)
+        self._say(trial, f"{text} (not retried)" if status == "failed" else text)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._say(trial, f"failed: {failure_reason(trial)}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,10 +16,9 @@ from results import export, leaderboard, predict, report
 from search import validate_cmd
 from search.callbacks import TrackingDown
 from search.driver import SearchOptions, SearchOutcome, resume_options, run_search
-from spaces.build import BuildError
-from spaces.errors import UserError
+from search.tracking import without_credentials
+from spaces.errors import USAGE_ERROR, BadArgument, UserError
 
-USAGE_ERROR = 2
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
@@ -33,7 +31,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     try:
         summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
     except ValueError as exc:  # argument rules, e.g. --images must be >= 4
-        raise BuildError(str(exc)) from None
+        raise BadArgument(str(exc)) from None
     print(f"wrote {summary.train_images} train + {summary.val_images} val images, "
           f"{summary.annotations} objects {summary.area_counts} to {summary.out}")
     return 0
@@ -56,14 +54,7 @@ def _print_outcome(outcome: SearchOutcome) -> None:
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"MLflow:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
     else:
-        print(f"MLflow:      {_without_credentials(outcome.tracking_uri)}")
-
-
-def _without_credentials(uri: str) -> str:
-    parts = urllib.parse.urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+        print(f"MLflow:      {without_credentials(outcome.tracking_uri)}")
 
 
 def _cmd_search(args: argparse.Namespace) -> int:

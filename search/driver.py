@@ -21,15 +21,26 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
-from search.tracking import TAG_STORAGE, Tracker, check_reachable, local_tracking_uri
+from search.tracking import (
+    TAG_EXP_NUM,
+    TAG_FAILURE,
+    TAG_STATUS,
+    TAG_STOPPED_AT,
+    TAG_STORAGE,
+    Tracker,
+    check_reachable,
+    local_tracking_uri,
+    outcome_text,
+)
 from search.trainable import TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
-from spaces.errors import UserError
+from spaces.errors import NotFound, UserError
 from spaces.schema import Space, load_space
 from spaces.validate import check_space
 from trainers.metrics import EPOCH
 
-KEEP_CHECKPOINTS = 2
+KEPT_REPORTED_CHECKPOINTS = 2
+"""Ray storage keeps each trial's best reported checkpoints, by the space's metric; export picks among them."""
 SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
 SAVED_OPTIONS = "search.json"
 
@@ -147,7 +158,7 @@ def resume_options(name: str, storage: Path, tracking_uri: str | None = None) ->
     experiment_dir = storage.resolve() / name
     saved = experiment_dir / SAVED_OPTIONS
     if not saved.is_file():
-        raise SearchExists(f"no search named {name} in {storage}: check the name and --storage "
+        raise NotFound(f"no search named {name} in {storage}: check the name and --storage "
                            f"(searches there: {', '.join(_searches(storage)) or 'none'})")
     recorded = json.loads(saved.read_text())
     return SearchOptions(space_file=experiment_dir / SAVED_SPACE, name=name, storage=storage,
@@ -222,7 +233,7 @@ def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, re
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(storage), callbacks=callbacks, verbose=0,
             failure_config=tune.FailureConfig(max_failures=space.budget.max_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_REPORTED_CHECKPOINTS,
                                                     checkpoint_score_attribute=space.metric,
                                                     checkpoint_score_order=space.mode)),
     )
@@ -298,14 +309,12 @@ def results_table(tracker: Tracker, space: Space) -> str:
     lines = [header]
     for run in tracker.trial_runs():
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        status = tags.get("dettune.status", "?")
-        if status == "stopped":
-            status = f"stopped by ASHA at epoch {tags.get('dettune.stopped_at_epoch')}"
-        elif status == "failed":
-            status = f"failed: {tags.get('dettune.failure', '')}"
+        stopped_at = tags.get(TAG_STOPPED_AT)
+        status = outcome_text(tags.get(TAG_STATUS, "?"), stopped_at=int(stopped_at) if stopped_at else None,
+                              failure=tags.get(TAG_FAILURE))
         value = metrics.get(space.metric)
         epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append([tags.get("dettune.exp_num", "?"), *(params.get(k, "-") for k in knobs), str(epochs),
+        lines.append([tags.get(TAG_EXP_NUM, "?"), *(params.get(k, "-") for k in knobs), str(epochs),
                       f"{value:.4f}" if value is not None else "-", status])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from spaces.errors import UserError
+from spaces.errors import BadArgument, UserError
 
 TAG_SEARCH = "dettune.search"
 TAG_ROLE = "dettune.role"
@@ -40,6 +41,50 @@ def is_log_column(key: str) -> bool:
 def local_tracking_uri(storage: Path) -> str:
     """The embedded default: a SQLite store next to the search's Ray storage."""
     return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` without a ``user:password@`` part, for anything printed or written to a file."""
+    parts = urllib.parse.urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+
+
+def param_text(value: Any) -> str:
+    """A knob value as an MLflow param and wherever params are compared: ``[800, 800]`` -> ``800x800``."""
+    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None) -> str:
+    """How a trial ended, as the console, the end-of-search table and the report say it."""
+    if status == "stopped":
+        return f"stopped by ASHA at epoch {stopped_at if stopped_at is not None else '?'}"
+    if status == "failed":
+        return f"failed: {failure or 'no reason recorded'}"
+    return status
+
+
+def run_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow filter string matching runs with exactly these tag values.
+
+    MLflow's filter grammar has no escape for a quote inside a value, so such a value is refused.
+
+    Raises:
+        BadArgument: a value holds a quote or backtick.
+    """
+    for value in tags.values():
+        if any(quote in value for quote in "'\"`"):
+            raise BadArgument(f"{value!r} holds a quote: search, trial and run names are letters, digits, "
+                              "'_', '.' and '-'")
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
+def find_runs(client: MlflowClient, experiment_id: str, tags: Mapping[str, str], *,
+              max_results: int = 10000) -> list[Run]:
+    """The experiment's live runs with these tag values, oldest first."""
+    return list(client.search_runs([experiment_id], filter_string=run_filter(tags), max_results=max_results,
+                                   order_by=["attributes.start_time ASC"]))
 
 
 class TrackingUnreachable(UserError, ConnectionError):
@@ -97,15 +142,13 @@ class Tracker:
 
     # --- lookup ---------------------------------------------------------------------------------------
 
-    def _find(self, **tags: str) -> Any:
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {TAG_SEARCH: self.search, **tags}.items())
-        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2)
+    def _find(self, **tags: str) -> Run | None:
+        runs = find_runs(self.client, self.experiment_id, {TAG_SEARCH: self.search, **tags}, max_results=1)
         return runs[0] if runs else None
 
     def _discard_runs(self) -> None:
         """Deletes every run of this search (MLflow keeps them restorable), for ``--overwrite``."""
-        query = f"tags.`{TAG_SEARCH}` = '{self.search}'"
-        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=50000):
+        for run in find_runs(self.client, self.experiment_id, {TAG_SEARCH: self.search}, max_results=50000):
             self.client.delete_run(run.info.run_id)
 
     def _find_or_create_parent(self) -> str:
@@ -116,12 +159,9 @@ class Tracker:
                                      tags={TAG_SEARCH: self.search, TAG_ROLE: "parent"})
         return str(run.info.run_id)
 
-    def trial_runs(self) -> list[Any]:
+    def trial_runs(self) -> list[Run]:
         """Every trial run of this search, in the order they were created."""
-        query = f"tags.`{TAG_SEARCH}` = '{self.search}' and tags.`{TAG_ROLE}` = 'trial'"
-        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000,
-                                       order_by=["attributes.start_time ASC"])
-        return list(runs)
+        return find_runs(self.client, self.experiment_id, {TAG_SEARCH: self.search, TAG_ROLE: "trial"})
 
     # --- parent ---------------------------------------------------------------------------------------
 
@@ -135,7 +175,7 @@ class Tracker:
                     trial_id: str) -> None:
         """Gives the parent run the best trial's params and metrics (params once: MLflow can't change them)."""
         existing = self.client.get_run(self.parent_run_id).data.params
-        new_params = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        new_params = [Param(k, param_text(v)) for k, v in params.items() if k not in existing]
         stamp = _now_ms()
         self.client.log_batch(
             self.parent_run_id,
@@ -158,7 +198,7 @@ class Tracker:
                 TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_EXP_NUM: exp_num,
                 MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: exp_num, TAG_STATUS: "running"})
             run_id = str(run.info.run_id)
-            self.client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+            self.client.log_batch(run_id, params=[Param(k, param_text(v)) for k, v in params.items()])
             self._runs[trial_id] = _RunState(run_id, set())
         else:
             run_id = str(found.info.run_id)
@@ -197,10 +237,6 @@ class Tracker:
             tags.append(RunTag(TAG_FAILURE, failure[:4000]))
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
-
-
-def _param(value: Any) -> str:
-    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _now_ms() -> int:

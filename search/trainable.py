@@ -24,9 +24,9 @@ from ray.train import Checkpoint
 
 from spaces.dataset import open_dataset
 from spaces.schema import Space
-from trainers.checkpoint import CHECKPOINT_FILE
+from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.hook import TrialDiverged
-from trainers.trial import TRIAL_CONFIG, TrialSpec, run_trial
+from trainers.trial import TrialSpec, run_trial
 
 FAILURE_FILE = "failure.txt"
 # Failures that a retry would only repeat: the trial ends at once, marked failed, instead of being retried.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE_ERROR = 2
+from spaces.errors import USAGE_ERROR
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

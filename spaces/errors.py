@@ -64,3 +64,15 @@ class SpaceError(UserError):
 
     def __str__(self) -> str:
         return "\n".join(str(problem) for problem in self.problems)
+
+
+USAGE_ERROR = 2
+"""The exit status of a command that ends with a :class:`UserError`."""
+
+
+class NotFound(UserError, LookupError):
+    """Something the user named (a search, trial, run, store or file) is not where they said."""
+
+
+class BadArgument(UserError, ValueError):
+    """A command-line value breaks its rule (a range, a character it may not hold)."""

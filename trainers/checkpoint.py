@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
 
-LAST_CHECKPOINT_FILE = "last_checkpoint"
 CHECKPOINT_FILE = "checkpoint.pth"  # the file name of a trial checkpoint in Ray storage and in an export
+TRIAL_CONFIG = "config.py"  # the trial's exact mmdet config, beside its checkpoint in Ray storage and an export
 
 
 def _numpy_globals() -> list[Any]:
@@ -33,15 +33,6 @@ def trusted_checkpoint_globals() -> Iterator[None]:
     """Within this block ``torch.load`` accepts the checkpoints dettune's own trials write."""
     with torch.serialization.safe_globals([HistoryBuffer, getattr, *_numpy_globals()]):
         yield
-
-
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    """The checkpoint mmengine's CheckpointHook saved last in ``work_dir``, or None before the first."""
-    marker = work_dir / LAST_CHECKPOINT_FILE
-    if not marker.is_file():
-        return None
-    path = Path(marker.read_text().strip())
-    return path if path.is_file() else None
 
 
 def load_checkpoint(path: Path) -> dict[str, object]:

@@ -17,13 +17,14 @@ from mmengine.config import Config
 
 from spaces.build import build_config
 from spaces.dataset import Dataset
+from trainers.checkpoint import TRIAL_CONFIG
 from trainers.hook import EpochReportHook, Report
 from trainers.metrics import no_detection_scores
 from trainers.runner import build_runner, release_globals
 
 TRIAL_LOG = "trial.log"
-TRIAL_CONFIG = "config.py"
-KEEP_CHECKPOINTS = 2
+KEPT_LOCAL_CHECKPOINTS = 2
+"""mmengine keeps this many epoch checkpoints in the work dir (the reported ones are copied to Ray storage)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,14 +51,14 @@ def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | N
     cfg.experiment_name = experiment_name
     # Ray Train has already built the process group: 'pytorch' makes mmengine use it (and wrap DDP).
     cfg.launcher = "pytorch" if distributed else "none"
-    cfg.env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl" if cuda else "gloo"),
-                       mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0))
+    # No dist_cfg: mmengine only reads it to build a process group, and Ray Train has built it.
+    cfg.env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0))
     if distributed and not cuda:
         # mmengine's default wrapper passes device_ids=[LOCAL_RANK], which torch refuses for CPU modules.
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False, device_ids=None)
     cfg.randomness = dict(seed=spec.seed)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,
-                                        max_keep_ckpts=KEEP_CHECKPOINTS)
+                                        max_keep_ckpts=KEPT_LOCAL_CHECKPOINTS)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)
     # One visualizer per trial, writing only locally: MLflow hears each metric once, from the search.
     cfg.visualizer = dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")],

@@ -16,14 +16,15 @@ from test_report import FinishedSearch, finished_search
 
 from results.export import (
     EXPORTED_FILES,
+    NothingToExport,
     checkpoint_candidates,
     export_best,
     metric_mode,
     ranked_candidates,
 )
-from results.report import load_trials, open_search, open_tracking
-from spaces.build import BuildError
+from results.store import open_search, open_tracking
 from spaces.dataset import Dataset
+from spaces.errors import BadArgument
 from spaces.schema import load_space
 from spaces.synth import CLASSES
 
@@ -45,7 +46,7 @@ def exported(finished: FinishedSearch, tmp_path_factory: pytest.TempPathFactory)
 @pytest.mark.slow
 def test_export_writes_the_best_trials_files(finished: FinishedSearch, exported: Path) -> None:
     search = open_search(open_tracking(finished.tracking_uri), finished.name)
-    trials = {t.exp_num: t for t in load_trials(search)}
+    trials = {t.exp_num: t for t in search.trials()}
     info = json.loads((exported / "metrics.json").read_text())
     params = json.loads((exported / "params.json").read_text())
     best = trials[info["exp_num"]]
@@ -140,10 +141,10 @@ def test_only_checkpoints_on_disk_count_while_the_search_runs(tmp_path: Path) ->
 
 
 def test_no_checkpoint_or_unknown_metric_is_a_user_error(tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match="no trial checkpoint is on disk yet"):
+    with pytest.raises(NothingToExport, match="no trial checkpoint is on disk yet"):
         ranked_candidates(checkpoint_candidates(tmp_path), "val/bbox_mAP", "max")
     _fake_trial(tmp_path, "a", [{"epoch": 1, "val/bbox_mAP": 0.1, "checkpoint_dir_name": "c"}], kept={"c"})
-    with pytest.raises(BuildError, match=r"no checkpoint has the metric 'val/bbox_mAP_xl'.*val/bbox_mAP"):
+    with pytest.raises(BadArgument, match=r"no checkpoint has the metric 'val/bbox_mAP_xl'.*val/bbox_mAP"):
         ranked_candidates(checkpoint_candidates(tmp_path), "val/bbox_mAP_xl", "max")
 
 

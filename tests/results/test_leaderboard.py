@@ -9,10 +9,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_report import FinishedSearch, finished_search
 
-from results.leaderboard import add_parser, find_run, record_score
-from results.report import LB_METRIC, TAG_LB_NOTE, open_search, open_tracking, write_report
-from spaces.build import BuildError
+from results.leaderboard import add_parser, record_score
+from results.report import write_report
+from results.store import LB_METRIC, TAG_LB_NOTE, find_trial_run, open_search, open_tracking
 from spaces.dataset import Dataset
+from spaces.errors import BadArgument, NotFound
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def _lb(finished: FinishedSearch, *argv: str) -> int:
 def test_score_lands_in_mlflow_and_in_the_reports_table(finished: FinishedSearch, tmp_path: Path) -> None:
     client = MlflowClient(finished.tracking_uri)
     assert _lb(finished, f"{finished.name}-2", "--map", "54.5", "--note", "tta | fold 1") == 0
-    run = find_run(client, f"{finished.name}-2")
+    run = find_trial_run(client, f"{finished.name}-2")
     assert _lb(finished, run.info.run_id, "--map", "55.1") == 0
 
     history = client.get_metric_history(run.info.run_id, LB_METRIC)
@@ -48,11 +49,11 @@ def test_score_lands_in_mlflow_and_in_the_reports_table(finished: FinishedSearch
 @pytest.mark.slow
 def test_wrong_run_or_score_is_a_user_error(finished: FinishedSearch) -> None:
     client = MlflowClient(finished.tracking_uri)
-    with pytest.raises(BuildError, match=f"no trial {finished.name}-99 in"):
-        find_run(client, f"{finished.name}-99")
-    with pytest.raises(BuildError, match="no run with id 0{32}"):
-        find_run(client, "0" * 32)
-    with pytest.raises(BuildError, match="not a run id or an Exp num"):
-        find_run(client, "it's mine")
-    with pytest.raises(BuildError, match="must be the leaderboard's mAP in percent, 0..100"):
-        record_score(client, find_run(client, f"{finished.name}-1"), 545.0)
+    with pytest.raises(NotFound, match=f"no trial {finished.name}-99 in"):
+        find_trial_run(client, f"{finished.name}-99")
+    with pytest.raises(NotFound, match="no run with id 0{32}"):
+        find_trial_run(client, "0" * 32)
+    with pytest.raises(NotFound, match="not a run id or an Exp num"):
+        find_trial_run(client, "it's mine")
+    with pytest.raises(BadArgument, match="must be the leaderboard's mAP in percent, 0..100"):
+        record_score(client, find_trial_run(client, f"{finished.name}-1"), 545.0)

@@ -10,9 +10,9 @@ from test_report import FinishedSearch, finished_search
 
 from results.export import export_best
 from results.predict import PREDICTIONS_FILE, predict
-from results.report import open_search, open_tracking
-from spaces.build import BuildError
+from results.store import open_search, open_tracking
 from spaces.dataset import Dataset
+from spaces.errors import BadArgument, NotFound
 from spaces.synth import CLASSES
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -57,12 +57,12 @@ def test_same_image_twice_gets_two_drawings(model_dir: Path, synth_large: Datase
 
 def test_bad_inputs_are_user_errors_before_the_model_loads(synth: Dataset, tmp_path: Path) -> None:
     image = _val_images(synth, 1)[0]
-    with pytest.raises(BuildError, match="is not an exported model"):
+    with pytest.raises(NotFound, match="is not an exported model"):
         predict(tmp_path, [image], tmp_path / "out")
     (tmp_path / "config.py").write_text("")
     (tmp_path / "checkpoint.pth").write_bytes(b"")
-    with pytest.raises(BuildError, match="no such image: .*missing.png"):
+    with pytest.raises(NotFound, match="no such image: .*missing.png"):
         predict(tmp_path, [tmp_path / "missing.png"], tmp_path / "out")
-    with pytest.raises(BuildError, match="--score-thr is 1.5"):
+    with pytest.raises(BadArgument, match="--score-thr is 1.5"):
         predict(tmp_path, [image], tmp_path / "out", score_thr=1.5)
     assert not (tmp_path / "out").exists()

@@ -18,20 +18,12 @@ import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
-from results.report import (
-    add_parser,
-    draw_plots,
-    format_value,
-    load_trials,
-    open_search,
-    open_tracking,
-    ranked,
-    write_report,
-)
+from results.report import add_parser, draw_plots, format_value, ranked, write_report
+from results.store import open_search, open_tracking
 from search.driver import SearchOptions, run_search
 from search.tracking import Tracker
-from spaces.build import BuildError
 from spaces.dataset import Dataset
+from spaces.errors import NotFound
 
 NAME = "results"
 HYPOTHESIS = "A larger lr learns faster in two epochs."
@@ -129,7 +121,7 @@ def test_table_has_the_logs_columns_and_one_row_per_trial(finished: FinishedSear
 @pytest.mark.slow
 def test_scores_come_from_each_trials_best_epoch(finished: FinishedSearch, report: Path) -> None:
     search = open_search(open_tracking(finished.tracking_uri), finished.name)
-    trials = {t.exp_num: t for t in load_trials(search)}
+    trials = {t.exp_num: t for t in search.trials()}
     for row in _table(report.read_text())[1:]:
         trial = trials[row[0]]
         best = trial.at(trial.best_epoch("val/bbox_mAP", "max"))
@@ -167,8 +159,8 @@ def test_fps_is_logged_once_after_the_last_epoch(finished: FinishedSearch) -> No
 def test_writeup_has_the_spaces_hypothesis_method_and_knob_effects(finished: FinishedSearch, report: Path) -> None:
     text = report.read_text()
     search = open_search(open_tracking(finished.tracking_uri), finished.name)
-    scores = {t.params["lr"]: [] for t in load_trials(search)}
-    for trial in load_trials(search):
+    scores = {t.params["lr"]: [] for t in search.trials()}
+    for trial in search.trials():
         if (score := trial.score("val/bbox_mAP", "max")) is not None:
             scores[trial.params["lr"]].append(100 * score)
 
@@ -184,7 +176,7 @@ def test_writeup_has_the_spaces_hypothesis_method_and_knob_effects(finished: Fin
 def test_plots_are_pngs_linked_from_the_report_and_logged(finished: FinishedSearch, report: Path,
                                                           tmp_path: Path) -> None:
     search = open_search(open_tracking(finished.tracking_uri), finished.name)
-    trials = load_trials(search)
+    trials = search.trials()
     plots = {p.path.name: p for p in draw_plots(search, trials, tmp_path)}
 
     assert set(plots) == {"epochs.png", "best_so_far.png", "knob_lr.png"}
@@ -206,7 +198,7 @@ def test_csv_has_the_same_rows_and_how_each_trial_ended(finished: FinishedSearch
     header, *rows = list(csv.reader(path.open()))
 
     assert path.name == "report.csv" and header == [*LOG_COLUMNS, "Status"]
-    assert [row[0] for row in rows] == [t.exp_num for t in ranked(load_trials(search), search.space)]
+    assert [row[0] for row in rows] == [t.exp_num for t in ranked(search.trials(), search.space)]
     statuses = {row[0]: row[-1] for row in rows}
     assert statuses[f"{NAME}-3"] == "stopped by ASHA at epoch 1"
     assert statuses[f"{NAME}-4"] == f"failed: {FAILURE}"
@@ -214,7 +206,7 @@ def test_csv_has_the_same_rows_and_how_each_trial_ended(finished: FinishedSearch
 
 @pytest.mark.slow
 def test_unknown_search_is_a_user_error_naming_the_known_ones(finished: FinishedSearch) -> None:
-    with pytest.raises(BuildError, match=rf"no search named 'nope' .*it has: {NAME}"):
+    with pytest.raises(NotFound, match=rf"no search named 'nope' .*it has: {NAME}"):
         open_search(open_tracking(finished.tracking_uri), "nope")
 
 
@@ -225,6 +217,6 @@ def test_missing_default_store_is_a_user_error(tmp_path: Path, monkeypatch: pyte
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["report", "demo"])
-    with pytest.raises(BuildError, match="no MLflow store at .*runs/mlflow.db"):
+    with pytest.raises(NotFound, match="no MLflow store at .*runs/mlflow.db"):
         args.handler(args)
     assert not (tmp_path / "runs").exists()

@@ -212,8 +212,8 @@ def test_resume_of_an_unknown_search(cwd: Path, capfd: pytest.CaptureFixture[str
     assert tree(cwd) == before
 
 
-@pytest.mark.parametrize("command", [["report", "NOPE"], ["export", "NOPE", "--out", "exported"]],
-                         ids=["report", "export"])
+@pytest.mark.parametrize("command", [["report", "NOPE"], ["export", "NOPE", "--out", "exported"],
+                                     ["report", "it's"]], ids=["report", "export", "quote-in-name"])
 def test_report_and_export_of_an_unknown_search(command: list[str], cwd: Path,
                                                 capfd: pytest.CaptureFixture[str]) -> None:
     tracking_uri = local_tracking_uri(cwd / STORAGE)
@@ -222,6 +222,6 @@ def test_report_and_export_of_an_unknown_search(command: list[str], cwd: Path,
     before = tree(cwd, skip=("mlflow.db",))
 
     outcome = dettune(capfd, *command, "--tracking-uri", tracking_uri)
-    outcome.assert_refused("no search named 'NOPE'", "(it has: other)", "check the name")
+    outcome.assert_refused(f"no search named {command[1]!r}", "(it has: other)", "check the name")
     assert tree(cwd, skip=("mlflow.db",)) == before
     assert store_contents(tracking_uri) == stored
