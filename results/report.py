@@ -19,7 +19,7 @@ from pathlib import Path
 
 from results.plots import Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob
 from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
-from search.tracking import param_text
+from search.tracking import TAG_INHERITED, param_text
 from spaces.backbones import catalog_name
 from spaces.build import BuildError, current_head, load_base
 from spaces.distributions import Choice, Grid
@@ -185,7 +185,8 @@ def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
     rows = [table_row(trial, space, defaults) for trial in ranked(trials, space)]
     lines = [f"# Results and Models: {search.name}", "", "## Experiment",
              f"Scores are each trial's best epoch by {space.metric}: the checkpoint inference would use "
-             f"(`dettune export {search.name}`).", "", *_writeup(space, trials), "", *markdown_table(COLUMNS, rows),
+             f"(`dettune export {search.name}`).", "", *_writeup(space, trials, search.parent.data.tags), "",
+             *markdown_table(COLUMNS, rows),
              *_failed(trials), *_plot_links(plots, directory), "", "## Leader board 결과(제출했을 시)",
              *_leaderboard(trials)]
     return "\n".join(lines) + "\n"
@@ -199,13 +200,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return [line(header), "|" + "|".join(":---:" for _ in header) + "|", *(line(row) for row in rows)]
 
 
-def _writeup(space: Space, trials: Sequence[TrialRecord]) -> list[str]:
+def _writeup(space: Space, trials: Sequence[TrialRecord], tags: Mapping[str, str]) -> list[str]:
     knobs = list(space.space)
+    inherited = tags.get(TAG_INHERITED)
     title = f"{space.name}: {space.metric} by {', '.join(knobs)}"
     return [f'<span style="color:blue">1. {title}</span>  ',
             f"- 실험 가설 (hypothesis) : {space.hypothesis or '~'}",
             f"- 실험 방법 (method) : {space.method or '~'}",
             f"  - search: {_setup(space)}",
+            *([f"  - inherited: {'; '.join(inherited.splitlines())}"] if inherited else []),
             f"- 결과 (result) : {_best_line(space, trials)}",
             *(f"  - {effect_line(k, g, metric=space.metric, mode=space.mode)}" for k in knobs
               if (g := knob_groups(space, trials, k))),

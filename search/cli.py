@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,14 +16,16 @@ from pathlib import Path
 from results import export, leaderboard, predict, report
 from search import validate_cmd
 from search.callbacks import TrackingDown
-from search.driver import SearchOptions, SearchOutcome, resume_options, run_search
-from search.tracking import without_credentials
+from search.driver import SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
+from search.staging import check_chain
+from search.tracking import local_tracking_uri, without_credentials
 from spaces.errors import USAGE_ERROR, BadArgument, UserError
 
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
 DEMO_IMAGES = 96
+TRACKING_TIMEOUT_S = 600.0
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -38,7 +41,8 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _search_options(args: argparse.Namespace, **changes: object) -> SearchOptions:
-    fields = dict(space_file=Path(args.space), name=args.name, address=args.address, tracking_uri=args.tracking_uri,
+    fields = dict(space_file=Path(args.space[0]), name=args.name, address=args.address,
+                  tracking_uri=args.tracking_uri,
                   storage=Path(args.storage), trials=args.trials, epochs=args.epochs,
                   max_concurrent=args.max_concurrent, data_root=Path(args.data_root) if args.data_root else None,
                   tracking_timeout_s=args.tracking_timeout,
@@ -58,8 +62,37 @@ def _print_outcome(outcome: SearchOutcome) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    _print_outcome(run_search(_search_options(args)))
+    files: list[str] = args.space
+    if len(files) == 1:
+        _print_outcome(run_search(_search_options(args, space_file=Path(files[0]))))
+        return 0
+    if args.name:
+        raise BadArgument("--name renames one search, but a chain runs several: drop --name (each search takes its "
+                        "space's name)")
+    check_chain([(file, load_for_search(_search_options(args, space_file=Path(file)))) for file in files],
+                args.tracking_uri or local_tracking_uri(Path(args.storage).resolve()))
+    for index, file in enumerate(files):
+        again = _continue_command(files[index:], args)
+        print(f"chain {index + 1}/{len(files)}: {file}  (if it stops, continue with: {again})", flush=True)
+        try:
+            _print_outcome(run_search(_search_options(args, space_file=Path(file))))
+        except (UserError, TrackingDown):
+            print(f"dettune: the chain stopped at {file}; continue it with: {again}", file=sys.stderr)
+            raise
     return 0
+
+
+def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
+    """The command that continues a chain at its first file: the same flags, that search resumed."""
+    flags = {"--address": args.address, "--storage": args.storage if args.storage != "runs" else None,
+             "--trials": args.trials, "--epochs": args.epochs, "--max-concurrent": args.max_concurrent,
+             "--data-root": args.data_root,
+             "--tracking-timeout": args.tracking_timeout if args.tracking_timeout != TRACKING_TIMEOUT_S else None,
+             # from the environment it is there again; typed on the command line it is shown without credentials
+             "--tracking-uri": (without_credentials(args.tracking_uri)
+                                if args.tracking_uri != os.environ.get("MLFLOW_TRACKING_URI") else None)}
+    given = [f"{flag} {shlex.quote(str(value))}" for flag, value in flags.items() if value is not None]
+    return shlex.join(["dettune", "search", *files]) + "".join(f" {flag}" for flag in given) + " --resume"
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -73,7 +106,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not (DEMO_DATA / "train.json").is_file():
         write_dataset(DEMO_DATA, images=DEMO_IMAGES, size=160, seed=0)
         print(f"wrote the demo dataset to {DEMO_DATA}")
-    args.space = str(DEMO_SPACE)
+    args.space = [str(DEMO_SPACE)]
     _print_outcome(run_search(_search_options(args, overwrite=True)))
     return 0
 
@@ -89,7 +122,7 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")
     parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: budget.max_concurrent)")
     parser.add_argument("--data-root", help="dataset folder, replacing the space's data.root")
-    parser.add_argument("--tracking-timeout", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--tracking-timeout", type=float, default=TRACKING_TIMEOUT_S, metavar="SECONDS",
                         help="stop the search (to resume later) when MLflow stays unreachable this long "
                              "(default 600); until then its writes are buffered")
 
@@ -106,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     synth.set_defaults(handler=_cmd_data_synth)
 
-    search = commands.add_parser("search", help="run a hyperparameter search over a space file")
-    search.add_argument("space", help="space YAML file")
+    search = commands.add_parser("search", help="run a hyperparameter search over a space file, or a chain of them")
+    search.add_argument("space", nargs="+", help="space YAML file; several run as a chain, in order, each free to "
+                                                 "inherit from and warm-start on the ones before")
     _add_search_flags(search)
     search.add_argument("--overwrite", action="store_true", help="replace an existing search of this name")
     search.add_argument("--resume", action="store_true", help="continue an existing search of this name")

@@ -20,6 +20,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from search import staging
 from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
 from search.tracking import (
     TAG_EXP_NUM,
@@ -117,19 +118,30 @@ def trial_resources(plan: TrialPlan) -> dict[str, float]:
     return {"CPU": 0, "memory": LAUNCHER_MEMORY}
 
 
-def make_searcher(space: Space) -> tuple[Any, dict[str, Any], int]:
+def make_searcher(space: Space, staged: staging.Staging | None = None) -> tuple[Any, dict[str, Any], int]:
     """The search algorithm (limited to ``budget.max_concurrent`` trials at a time), the Tuner's
-    param_space, and num_samples, for the space's algorithm."""
+    param_space, and num_samples, for the space's algorithm.
+
+    With ``staged`` warm-start points, TPE starts from a study that already holds them and a grid search
+    trains only the points no earlier search trained to the full budget.
+    """
     algorithm, seed = space.search.algorithm, space.search.seed
+    warm = staged.warm if staged else staging.WarmStart()
     if algorithm == "tpe":
         from optuna.samplers import TPESampler
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
+        storage = staging.warm_study(space, warm) if warm.points else None
         searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
-                                sampler=TPESampler(seed=seed))
+                                sampler=TPESampler(seed=seed), storage=storage,
+                                study_name=space.name if storage else None)
         return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
+    grid = staged.grid if staged else None
+    if grid is not None:  # the points left, each given whole
+        return (BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=space.budget.max_concurrent),
+                {}, len(grid))
     generator = BasicVariantGenerator(random_state=seed, max_concurrent=space.budget.max_concurrent)
     samples = 1 if algorithm == "grid" else space.budget.trials
     return generator, space.tune_param_space(), samples
@@ -171,18 +183,19 @@ def _searches(storage: Path) -> list[str]:
 
 def run_search(options: SearchOptions) -> SearchOutcome:
     """Runs (or resumes) a search to its end and returns where its results are."""
-    space = load_for_search(options)
-    check_space(space, str(options.space_file))  # all of the input is checked before anything is written
     storage = options.storage.resolve()
+    tracking_uri = options.tracking_uri or local_tracking_uri(storage)
+    check_reachable(tracking_uri)
+    staged = staging.stage_from_store(load_for_search(options), tracking_uri)
+    space = staged.space  # inherited knobs are fixed in it, and saved so: a resume keeps them
+    check_space(space, str(options.space_file))  # all of the input is checked before anything is written
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
-    tracking_uri = options.tracking_uri or local_tracking_uri(storage)
-    check_reachable(tracking_uri)
     _save(experiment_dir, space, options.tracking_uri)
     tracker = Tracker(tracking_uri, space.name, fresh=options.overwrite,
                       artifact_root=None if options.tracking_uri else storage / "mlartifacts")
-    tracker.describe_search(tags={**_search_tags(space), TAG_STORAGE: str(experiment_dir)},
+    tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), TAG_STORAGE: str(experiment_dir)},
                             space_yaml=options.space_file.read_text(),
                             space_json=json.dumps(space.to_json(), indent=2))
     # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
@@ -190,7 +203,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     connect_ray(options.address)
     restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-    tuner = _tuner(space, plan, tracker, storage, resume=restorable, down_timeout_s=options.tracking_timeout_s)
+    tuner = _tuner(staged, plan, tracker, storage, resume=restorable, down_timeout_s=options.tracking_timeout_s)
     results = tuner.fit()
     reconcile(results, space, plan, tracker)
     best_id = _record_best(results, space, plan, tracker)
@@ -214,12 +227,13 @@ def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(experiment_dir)
 
 
-def _tuner(space: Space, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool,
+def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool,
            down_timeout_s: float) -> tune.Tuner:
+    space = staged.space
     trainable = tune.with_resources(tune.with_parameters(tune_trial, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
-    searcher, param_space, samples = make_searcher(space)
+    searcher, param_space, samples = make_searcher(space, staged)
     params_of = plan.point
     epochs = space.budget.epochs
     callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=epochs, failure_of=plan.failure_of,

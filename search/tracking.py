@@ -30,6 +30,8 @@ TAG_STATUS = "dettune.status"
 TAG_STOPPED_AT = "dettune.stopped_at_epoch"
 TAG_FAILURE = "dettune.failure"
 TAG_STORAGE = "dettune.storage"  # the search's Ray experiment directory (trial checkpoints live there)
+TAG_INHERITED = "dettune.inherited"  # one line per knob taken from an earlier search's best trial
+TAG_WARM_START = "dettune.warm_start"  # which earlier trials the searcher was told before it started
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "lb/")
 
 

@@ -1,13 +1,18 @@
 """``dettune validate SPACE.yaml``: checks a search space without training anything.
 
 Prints a one-screen summary of a valid space and exits 0; otherwise lists every problem (file, field,
-value, rule) on stderr and exits 2, without a traceback.
+value, rule) on stderr and exits 2, without a traceback. A space that builds on earlier searches (``inherit``,
+``warm_start``) is read against the tracking store the search would use: each inherited value is printed with
+the trial it comes from, and the earlier trials the searcher will be told, or why they are left out. A named
+search that is not in the store yet is a note, not an error: a chain is validated before it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from spaces.errors import USAGE_ERROR
 
@@ -25,6 +30,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "combination of its knobs builds a model. Exit status 2 lists every problem.",
     )
     parser.add_argument("space", help="space YAML file")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow store holding the searches named by inherit and warm_start (default: "
+                             "$MLFLOW_TRACKING_URI, else the SQLite store under --storage, as `dettune search`)")
+    parser.add_argument("--storage", default="runs", help="the search's Ray storage path (default: runs)")
     parser.set_defaults(handler=run_validate)
 
 
@@ -34,11 +43,17 @@ def run_validate(args: argparse.Namespace) -> int:
     Returns:
         0 for a valid space, 2 if it has problems.
     """
+    from search.staging import stage_from_store
+    from search.tracking import local_tracking_uri
     from spaces.errors import SpaceError
-    from spaces.validate import check_file, summary
+    from spaces.validate import check_file, check_space, summary
 
     try:
         validation = check_file(args.space)
+        tracking_uri = args.tracking_uri or local_tracking_uri(Path(args.storage).resolve())
+        staged = stage_from_store(validation.space, tracking_uri, pending_ok=True)
+        if staged.inherited:  # the models change with the inherited knobs: build them again
+            validation = check_space(staged.space, args.space)
     except SpaceError as error:
         count = len(error.problems)
         print(f"dettune: error: {args.space} has {count} problem{'' if count == 1 else 's'}:", file=sys.stderr)
@@ -46,4 +61,6 @@ def run_validate(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return USAGE_ERROR
     print(summary(validation))
+    for line in staged.lines():
+        print(line)
     return 0

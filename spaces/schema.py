@@ -18,6 +18,8 @@ An example, with every section (optional ones are marked)::
     fixed: {batch_size: 2, preset: tiny}                           # optional
     overrides: {model.rpn_head.anchor_generator.scales: [8]}       # optional raw config edits
     pretrained: {r50: /path/to/r50.pth}                            # optional local ImageNet checkpoints
+    inherit: [backbone-vs-map]      # optional: knobs neither searched nor fixed take these searches' best values
+    warm_start: [backbone-vs-map]   # optional: earlier trials inside this space are told to the searcher first
 
 :func:`load_space` reads such a file and checks it whole: YAML syntax, field types, unknown fields and the
 rules below all end up as :class:`~spaces.errors.Problem` entries of a single
@@ -38,6 +40,7 @@ from typing import Annotated, Any, Literal, get_origin
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -133,6 +136,14 @@ class SchedulerSpec(_Section):
     reduction_factor: int = Field(default=3, ge=2, description="ASHA keeps 1 / factor of trials per rung")
 
 
+def _one_or_many(value: Any) -> Any:
+    """Accepts ``inherit: name`` as ``inherit: [name]``."""
+    return [value] if isinstance(value, str) else value
+
+
+SearchNames = Annotated[list[str], BeforeValidator(_one_or_many)]
+"""Earlier searches by name: one name or a list (``inherit``, ``warm_start``)."""
+
 DistributionField = Annotated[
     Distribution,
     PlainValidator(parse_distribution),
@@ -160,6 +171,14 @@ class Space(_Section):
     fixed: dict[str, Any] = Field(default_factory=dict)
     overrides: dict[str, Any] = Field(default_factory=dict)
     pretrained: dict[str, str] = Field(default_factory=dict)
+    inherit: SearchNames = Field(
+        default_factory=list,
+        description="earlier searches whose best trial gives every knob this space neither searches nor fixes; "
+        "with several, a later one wins",
+    )
+    warm_start: SearchNames = Field(
+        default_factory=list, description="earlier searches whose trials inside this space the searcher is told first"
+    )
 
     def to_json(self) -> dict[str, Any]:
         """Returns the space as plain JSON data; :meth:`from_json` reads it back equal."""
@@ -584,6 +603,21 @@ def _check_pretrained(v: dict[str, Any], out: _Problems) -> None:
             out.add(f"pretrained.{backbone}", path, f"keys are backbone names: {backbone!r} {rule}")
 
 
+def _check_earlier_searches(v: dict[str, Any], out: _Problems) -> None:
+    for section in ("inherit", "warm_start"):
+        names = v.get(section, [])
+        for name in names:
+            if not NAME_PATTERN.match(name):
+                out.add(section, name, f"must name an earlier search: {_FIXES['name']}")
+            elif name == v.get("name"):
+                out.add(section, name, "a search can't build on itself: name an earlier search")
+        for name in {n for n in names if names.count(n) > 1}:
+            out.add(section, name, "named twice: list each earlier search once")
+    if v.get("warm_start") and _get(v, "search", "algorithm") == "random":
+        out.add("warm_start", v["warm_start"], "random sampling can't use earlier trials: use search: "
+                "{algorithm: tpe} (told the earlier trials) or grid (skips points already trained), or remove it")
+
+
 _RULES: tuple[Callable[[dict[str, Any], _Problems], None], ...] = (
     _check_metric,
     _check_scheduler,
@@ -593,4 +627,5 @@ _RULES: tuple[Callable[[dict[str, Any], _Problems], None], ...] = (
     _check_distribution_values,
     _check_algorithm,
     _check_pretrained,
+    _check_earlier_searches,
 )
