@@ -139,9 +139,9 @@ def make_searcher(space: Space, staged: staging.Staging | None = None) -> tuple[
         return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
     grid = staged.grid if staged else None
-    if grid is not None:  # the points left, each given whole
+    if grid is not None:  # the points left, each preset whole over the grid (one sample each, nothing more)
         return (BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=space.budget.max_concurrent),
-                {}, len(grid))
+                space.tune_param_space(), len(grid))
     generator = BasicVariantGenerator(random_state=seed, max_concurrent=space.budget.max_concurrent)
     samples = 1 if algorithm == "grid" else space.budget.trials
     return generator, space.tune_param_space(), samples

@@ -168,3 +168,41 @@ def test_a_chain_killed_in_its_second_search_continues_without_rerunning_the_fir
         assert run.data.tags[TAG_STATUS] == "completed" and run.data.params["lr"] in best_lr
         steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
         assert steps == [1, 2], steps
+
+
+def test_bad_earlier_searches_are_refused_before_anything_is_written(
+        tmp_path: Path, synth: Dataset, capfd: pytest.CaptureFixture[str]) -> None:
+    storage = tmp_path / "runs"
+    uri = local_tracking_uri(storage)
+    unknown = write_space(tmp_path / "u.yaml", synth, name="needs-x", inherit="x")
+    assert main(["search", str(unknown), "--storage", str(storage)]) == 2
+    assert "inherit: no search named 'x'" in capfd.readouterr().err and not storage.exists()
+
+    assert main(["validate", str(unknown), "--storage", str(storage)]) == 0  # a chain not run yet: a note
+    assert "pending     x: not in the tracking store yet" in capfd.readouterr().out
+
+    earlier = write_space(tmp_path / "a.yaml", synth, name="unfinished", budget={"epochs": 2, "trials": 1})
+    _record_search(uri, tmp_path / "mlartifacts", earlier, [(0.01, "stopped", [0.1])])
+    for sections, message in (({"inherit": "unfinished"}, "unfinished has no completed trial"),
+                              ({"inherit": "unfinished", "mode": "min"}, "maximises val/bbox_mAP_50 but this")):
+        space_file = write_space(tmp_path / "b.yaml", synth, name="b", **sections)
+        for command in ("search", "validate"):
+            assert main([command, str(space_file), "--storage", str(storage)]) == 2
+            err = capfd.readouterr().err
+            assert message in err and "Traceback" not in err
+    assert not (storage / "b").exists()
+
+
+def test_a_grid_search_skips_points_an_earlier_search_trained_to_the_full_budget(
+        tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    storage = tmp_path / "runs"
+    uri = local_tracking_uri(storage)
+    grid = {"search": {"algorithm": "grid", "seed": 0}, "budget": {"epochs": 1, "trials": 1}}
+    earlier = write_space(tmp_path / "a.yaml", synth, name="grid-a", space={"lr": {"grid": [0.01, 0.03]}}, **grid)
+    _record_search(uri, storage / "mlartifacts", earlier, [(0.01, "completed", [0.1]), (0.03, "failed", [])])
+    later = write_space(tmp_path / "b.yaml", synth, name="grid-b", space={"lr": {"grid": [0.01, 0.02, 0.03]}},
+                        warm_start=["grid-a"], **grid)
+
+    run_search(SearchOptions(space_file=later, storage=storage))
+
+    assert sorted(run.data.params["lr"] for run in _runs(uri, "grid-b")) == ["0.02", "0.03"]
