@@ -9,7 +9,8 @@
   one as COMPLETE with its last epoch's value (what Tune itself tells the searcher). Grid searches skip the grid
   points an earlier search already trained to the full budget.
 
-Everything but :func:`read_earlier` and :func:`warm_study` is pure logic over records read from MLflow.
+Reading the store is :func:`stage_from_store` and :func:`check_chain`; the rest is pure logic over the records
+read back (:class:`~results.store.TrialRecord`), and :func:`warm_study` builds the Optuna study.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ class Staging:
 
 def _warm_summary(warm: WarmStart) -> str:
     pruned = sum(point.pruned for point in warm.points)
-    return (f"{len(warm.points)} earlier trials told to the searcher ({len(warm.points) - pruned} completed, "
-            f"{pruned} pruned), {len(warm.left_out)} left out")
+    return (f"{len(warm.points)} earlier trials used ({len(warm.points) - pruned} completed, {pruned} stopped by "
+            f"ASHA, told as pruned), {len(warm.left_out)} left out")
 
 
 # --- reading earlier searches -----------------------------------------------------------------------------
