@@ -1,53 +1,113 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the pinned stack. mmcv 2.1.0 has no CPU wheel on PyPI:
+# Creates $VENV (default .venv) and installs the pinned stack. mmcv 2.1.0 has no CPU wheel on PyPI:
 # take it from $DETTUNE_WHEELHOUSE when given, else build it once from source and cache the wheel
-# under ${XDG_CACHE_HOME:-~/.cache}/dettune/wheels so the next install reuses it.
+# under ${XDG_CACHE_HOME:-~/.cache}/dettune/wheels/torch-<version> so the next install reuses it.
+# Every failure ends with one line on stderr naming the step and what to do, and a non-zero exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
-CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/dettune/wheels
+TORCH_VERSION=2.13.0
 MMCV=mmcv==2.1.0
+MMCV_VERSION=${MMCV#mmcv==}
+# The cached wheel is compiled against one torch's C++ ABI, so the cache is keyed by it.
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/dettune/wheels/torch-$TORCH_VERSION
+BUILD_DIR=""
+WHEEL=""
+trap '[ -z "$BUILD_DIR" ] || rm -rf "$BUILD_DIR"' EXIT
 
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+say() { echo "install: $*" >&2; }
+fail() { say "$1 failed: $2"; exit 1; }
+pip_in() { local venv=$1; shift; "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# pip prints its own error above; the step says what the user can do about it.
+pip_step() {
+  local step=$1 venv=$2; shift 2
+  pip_in "$venv" "$@" || fail "$step" "pip's error is above; check that this machine reaches the package index \
+(\`pip config list\` shows which) and re-run"
+}
 
-# torch first, alone: on these machines `torch==2.13.0` resolves to a local CPU wheel.
-pip install torch==2.13.0 numpy wheel
+check_python() {
+  command -v "$PY" >/dev/null 2>&1 ||
+    fail "finding Python" "no '$PY' on this machine; install Python 3.11 or set PYTHON=/path/to/python3.11"
+  "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
+    fail "finding Python" "'$PY' is Python $("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null \
+|| echo '?'), dettune needs 3.11; set PYTHON=/path/to/python3.11"
+}
+
+check_compiler() {
+  command -v "${CXX:-c++}" >/dev/null 2>&1 ||
+    fail "building mmcv" "no C++ compiler ('${CXX:-c++}') to build mmcv $MMCV_VERSION from source; install one \
+(Debian/Ubuntu: apt-get install build-essential) or set DETTUNE_WHEELHOUSE to a folder holding a prebuilt mmcv wheel"
+}
+
+make_venv() {
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" ||
+    fail "creating $VENV" "'$PY -m venv' did not work; on Debian/Ubuntu install python3.11-venv"
+}
+
+mmcv_loads() { "$VENV/bin/python" -c "import mmcv.ops" >/dev/null 2>&1; }
 
 find_mmcv_wheel() {
   local dir whl
   for dir in "${DETTUNE_WHEELHOUSE:-}" "$CACHE"; do
     [ -n "$dir" ] || continue
-    for whl in "$dir"/mmcv-2.1.0-cp311-*.whl; do
-      [ -f "$whl" ] && { echo "$whl"; return; }
+    for whl in "$dir/mmcv-$MMCV_VERSION"-cp311-*.whl; do
+      [ -f "$whl" ] && { echo "$whl"; return 0; }
     done
   done
+  return 1
+}
+
+install_torch() {
+  # torch first, alone: on these machines `torch==2.13.0` resolves to a local CPU wheel.
+  pip_step "installing torch $TORCH_VERSION" "$VENV" install "torch==$TORCH_VERSION" numpy wheel
 }
 
 # mmcv's setup.py needs pkg_resources (setuptools<70) while torch 2.13 requires setuptools>=77,
 # so the build gets a throw-away venv where the older setuptools is forced in after torch.
+# The wheel is built there and moved into the cache only once complete; WHEEL names it.
 build_mmcv_wheel() {
-  local tmp; tmp=$(mktemp -d)
-  "$PY" -m venv "$tmp/venv"
-  local bpip="$tmp/venv/bin/python -m pip --disable-pip-version-check -q"
-  $bpip install torch==2.13.0 numpy ninja psutil wheel
-  $bpip install "setuptools<70"
-  $bpip download --no-deps --no-build-isolation "$MMCV" -d "$tmp/src"
-  mkdir -p "$CACHE"
+  BUILD_DIR=$(mktemp -d)
+  local venv=$BUILD_DIR/venv whl
+  say "no mmcv $MMCV_VERSION wheel in DETTUNE_WHEELHOUSE or $CACHE; building from source (~11 min on 2 cores)"
+  "$PY" -m venv "$venv" || fail "building mmcv" "'$PY -m venv' did not work; on Debian/Ubuntu install python3.11-venv"
+  pip_step "building mmcv (installing its build tools)" "$venv" install "torch==$TORCH_VERSION" numpy ninja psutil wheel
+  pip_step "building mmcv (installing setuptools<70)" "$venv" install "setuptools<70"
+  pip_step "building mmcv (downloading its source)" "$venv" download --no-deps --no-build-isolation "$MMCV" \
+    -d "$BUILD_DIR/src"
   MAX_JOBS=${MAX_JOBS:-2} MMCV_WITH_OPS=1 FORCE_CUDA=0 \
-    $bpip wheel --no-deps --no-build-isolation -w "$CACHE" "$tmp"/src/mmcv-2.1.0.tar.gz
-  rm -rf "$tmp"
+    pip_in "$venv" wheel --no-deps --no-build-isolation -w "$BUILD_DIR/wheels" \
+    "$BUILD_DIR/src/mmcv-$MMCV_VERSION.tar.gz" ||
+    fail "building mmcv" "the compiler's error is above; mmcv $MMCV_VERSION needs a C++17 compiler and torch's headers"
+  mkdir -p "$CACHE"
+  for whl in "$BUILD_DIR"/wheels/mmcv-*.whl; do
+    cp "$whl" "$CACHE/.$(basename "$whl").part" && mv "$CACHE/.$(basename "$whl").part" "$CACHE/$(basename "$whl")"
+    WHEEL=$CACHE/$(basename "$whl")
+  done
 }
 
-if ! "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null; then
-  wheel=$(find_mmcv_wheel)
-  if [ -z "$wheel" ]; then
-    echo "install: no mmcv 2.1.0 wheel in DETTUNE_WHEELHOUSE or $CACHE; building from source (~11 min on 2 cores)" >&2
-    build_mmcv_wheel
-    wheel=$(find_mmcv_wheel)
-  fi
-  pip install --no-deps "$wheel"
-fi
+# A wheel compiled against another torch installs fine and fails only on import (undefined symbol),
+# so the import is the check.
+install_mmcv() {
+  local wheel=$1
+  say "installing mmcv from $wheel"
+  pip_step "installing mmcv" "$VENV" install --no-deps --force-reinstall "$wheel"
+  mmcv_loads || fail "loading mmcv.ops" "$wheel does not load with torch $TORCH_VERSION (built for another torch?); \
+remove it, or unset DETTUNE_WHEELHOUSE, and re-run to build mmcv from source"
+}
 
-pip install -e ".[dev]"
+main() {
+  check_python
+  make_venv
+  if ! mmcv_loads; then
+    WHEEL=$(find_mmcv_wheel) || check_compiler
+  fi
+  install_torch
+  if ! mmcv_loads; then
+    [ -n "$WHEEL" ] || build_mmcv_wheel
+    install_mmcv "$WHEEL"
+  fi
+  pip_step "installing dettune and its dependencies" "$VENV" install -e ".[dev]"
+}
+
+main "$@"
