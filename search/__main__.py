@@ -1,5 +1,5 @@
 """``python -m search`` is the ``dettune`` command."""
 
-from search.cli import main
+from search.entry import main
 
 raise SystemExit(main())

@@ -165,6 +165,18 @@ def connect_ray(address: str | None) -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
+def quiet_tune_console() -> None:
+    """Keeps Ray Tune's own console output off the user's screen: dettune's ConsoleCallback says what matters.
+
+    Tune's default output engine prints its experiment-configuration box and TensorBoard hint even at
+    ``verbose=0``; the legacy engine at ``verbose=0`` prints nothing. Tune also warns on every forced
+    experiment snapshot, which ``CheckpointConfig(num_to_keep)`` asks for by design; 0 turns that warning off.
+    A value the user set in the environment wins.
+    """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def resume_options(name: str, storage: Path, tracking_uri: str | None = None) -> SearchOptions:
     """The options that continue search ``name``: its saved effective space and tracking URI."""
     experiment_dir = storage.resolve() / name
@@ -202,6 +214,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     connect_ray(options.address)
+    quiet_tune_console()
     restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
     tuner = _tuner(staged, plan, tracker, storage, resume=restorable, down_timeout_s=options.tracking_timeout_s)
     results = tuner.fit()
@@ -328,8 +341,21 @@ def results_table(tracker: Tracker, space: Space) -> str:
                               failure=tags.get(TAG_FAILURE))
         value = metrics.get(space.metric)
         epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append([tags.get(TAG_EXP_NUM, "?"), *(params.get(k, "-") for k in knobs), str(epochs),
-                      f"{value:.4f}" if value is not None else "-", status])
+        lines.append([tags.get(TAG_EXP_NUM, "?"), *(short_number(params.get(k, "-")) for k in knobs),
+                      str(epochs), f"{value:.3g}" if value is not None else "-", status])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
 
+
+
+def short_number(text: str) -> str:
+    """A parameter as the results table shows it: floats to 3 significant digits, anything else as it is.
+
+    MLflow stores parameters as strings, so ``0.006871605772069692`` comes back at full length.
+    """
+    if text.lstrip("-").isdigit():
+        return text
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text

@@ -117,12 +117,14 @@ def test_python_matches_requires_python(dockerfile: tuple[dict[str, str], dict[s
     assert match.group(1) in SpecifierSet(pyproject["project"]["requires-python"])
 
 
-def test_cpu_pins_match_pyproject(dockerfile: tuple[dict[str, str], dict[str, Stage]], pyproject: dict) -> None:
+def test_cpu_pins_match_install_script(dockerfile: tuple[dict[str, str], dict[str, Stage]], pyproject: dict) -> None:
+    """The CPU image installs the torch and mmcv that scripts/install.sh does, within pyproject's torch floor."""
     stages = dockerfile[1]
     torch = _pins(pyproject)["torch"]
     for stage in ("mmcv-build", "cpu"):
         version = stages[stage].args["TORCH_CPU_VERSION"]
-        assert str(torch.specifier) == f"=={version}", f"{stage}: torch {version} but pyproject has {torch}"
+        assert version == _install_script_value("TORCH_VERSION"), f"{stage}: torch {version} differs from install.sh"
+        assert version in torch.specifier, f"{stage}: torch {version} but pyproject needs {torch}"
         assert stages[stage].args["MMCV_VERSION"] == _mmcv_version()
 
 
@@ -187,11 +189,18 @@ def test_build_context_keeps_what_the_dockerfile_copies(dockerfile: tuple[dict[s
     assert not {".venv", "data", "runs", ".git"} & kept
 
 
+def _install_script_value(name: str) -> str:
+    """A ``NAME=value`` line of scripts/install.sh."""
+    match = re.search(rf"^{name}=(\S+)$", (REPO / "scripts" / "install.sh").read_text(), flags=re.MULTILINE)
+    assert match, f"scripts/install.sh sets {name}=..."
+    return match.group(1)
+
+
 def _mmcv_version() -> str:
     """The mmcv release scripts/install.sh installs (pyproject.toml can't pin mmcv: it has no CPU wheel)."""
-    match = re.search(r"^MMCV=mmcv==(\S+)$", (REPO / "scripts" / "install.sh").read_text(), flags=re.MULTILINE)
-    assert match, "scripts/install.sh names the mmcv release as MMCV=mmcv==X.Y.Z"
-    return match.group(1)
+    pin = _install_script_value("MMCV")
+    assert pin.startswith("mmcv=="), "scripts/install.sh names the mmcv release as MMCV=mmcv==X.Y.Z"
+    return pin.removeprefix("mmcv==")
 
 
 def _tool(name: str) -> str:
