@@ -72,7 +72,7 @@ build_mmcv_wheel() {
   say "no mmcv $MMCV_VERSION wheel in DETTUNE_WHEELHOUSE or $CACHE; building from source (~11 min on 2 cores)"
   "$PY" -m venv "$venv" || fail "building mmcv" "'$PY -m venv' did not work; on Debian/Ubuntu install python3.11-venv"
   pip_step "building mmcv (installing its build tools)" "$venv" install "torch==$TORCH_VERSION" numpy ninja psutil wheel
-  pip_step "building mmcv (installing setuptools<70)" "$venv" install "setuptools<70"
+  pip_step "building mmcv (installing setuptools<70)" "$venv" install --no-warn-conflicts "setuptools<70"
   pip_step "building mmcv (downloading its source)" "$venv" download --no-deps --no-build-isolation "$MMCV" \
     -d "$BUILD_DIR/src"
   MAX_JOBS=${MAX_JOBS:-2} MMCV_WITH_OPS=1 FORCE_CUDA=0 \

@@ -8,6 +8,7 @@ for Massively Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -171,10 +172,15 @@ def quiet_tune_console() -> None:
     Tune's default output engine prints its experiment-configuration box and TensorBoard hint even at
     ``verbose=0``; the legacy engine at ``verbose=0`` prints nothing. Tune also warns on every forced
     experiment snapshot, which ``CheckpointConfig(num_to_keep)`` asks for by design; 0 turns that warning off.
-    A value the user set in the environment wins.
+    A value the user set in the environment wins. Tune's and Optuna's info lines (result files written, study
+    created) go too, as Ray does for RLlib; their warnings and errors still show.
     """
+    import optuna
+
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not its logger's level: Optuna resets that on first use
 
 
 def resume_options(name: str, storage: Path, tracking_uri: str | None = None) -> SearchOptions:

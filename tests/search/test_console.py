@@ -1,0 +1,52 @@
+"""What a user sees on the console during and after a search: dettune's lines, none of Tune's internals."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_space
+
+from search.driver import short_number
+from spaces.dataset import Dataset
+
+TUNE_INTERNALS = ["Configuration for experiment", "TensorBoard", "Experiment state snapshotting",
+                  "View detailed results here", "Trial status:", "Wrote the latest version of all result files",
+                  "A new study created"]
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("0.006871605772069692", "0.00687"), ("0.02", "0.02"), ("123.456", "123"), ("1e-05", "1e-05"),
+    ("160", "160"), ("-1", "-1"), ("faster", "faster"), ("[160, 160]", "[160, 160]"),
+])
+def test_table_numbers_have_three_significant_digits(text: str, shown: str) -> None:
+    assert short_number(text) == shown
+
+
+def test_search_console_shows_dettune_lines_only(tmp_path: Path, synth: Dataset) -> None:
+    space_file = write_space(tmp_path / "space.yaml", synth, name="console",
+                             budget={"epochs": 1, "trials": 1, "max_concurrent": 1},
+                             space={"lr": {"loguniform": [0.005, 0.03]}})
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AIR_NEW_OUTPUT", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S")}
+    done = subprocess.run([sys.executable, "-m", "search", "search", str(space_file)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+
+    assert re.search(r"trial \w+: started .*lr=", console)
+    assert re.search(r"trial \w+: epoch 1/1 val/bbox_mAP_50=", console)
+    assert re.search(r"trial \w+: completed", console)
+    for internal in TUNE_INTERNALS:
+        assert internal not in console, f"Tune's {internal!r} reached the console"
+
+    table = done.stdout.split("search console: best trial")[1].splitlines()
+    at = next(i for i, line in enumerate(table) if line.split()[:1] == ["trial"])
+    header, row = table[at], table[at + 1]
+    lr = row.split()[header.split().index("lr")]
+    digits = lr.split("e")[0].replace("-", "").replace(".", "").lstrip("0")
+    assert 0.005 <= float(lr) <= 0.03 and len(digits) <= 3, f"lr printed as {lr}"
