@@ -170,8 +170,8 @@ def quiet_tune_console() -> None:
     """Keeps Ray Tune's own console output off the user's screen: dettune's ConsoleCallback says what matters.
 
     Tune's default output engine prints its experiment-configuration box and TensorBoard hint even at
-    ``verbose=0``; the legacy engine at ``verbose=0`` prints nothing. Tune also warns on every forced
-    experiment snapshot, which ``CheckpointConfig(num_to_keep)`` asks for by design; 0 turns that warning off.
+    ``verbose=0``; the legacy engine at ``verbose=0`` prints nothing. Tune also warns when forced experiment
+    snapshots come often, which ``CheckpointConfig(num_to_keep)`` asks for by design; 0 turns that warning off.
     A value the user set in the environment wins. Tune's and Optuna's info lines (result files written, study
     created) go too, as Ray does for RLlib; their warnings and errors still show.
     """
@@ -351,7 +351,6 @@ def results_table(tracker: Tracker, space: Space) -> str:
                       str(epochs), f"{value:.3g}" if value is not None else "-", status])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
-
 
 
 def short_number(text: str) -> str:
