@@ -79,10 +79,10 @@ build_mmcv_wheel() {
     pip_in "$venv" wheel --no-deps --no-build-isolation -w "$BUILD_DIR/wheels" \
     "$BUILD_DIR/src/mmcv-$MMCV_VERSION.tar.gz" ||
     fail "building mmcv" "the compiler's error is above; mmcv $MMCV_VERSION needs a C++17 compiler and torch's headers"
-  mkdir -p "$CACHE"
   for whl in "$BUILD_DIR"/wheels/mmcv-*.whl; do
-    cp "$whl" "$CACHE/.$(basename "$whl").part" && mv "$CACHE/.$(basename "$whl").part" "$CACHE/$(basename "$whl")"
     WHEEL=$CACHE/$(basename "$whl")
+    { mkdir -p "$CACHE" && cp "$whl" "$WHEEL.part" && mv "$WHEEL.part" "$WHEEL"; } ||
+      fail "caching the mmcv wheel" "could not write $CACHE; free space there or set XDG_CACHE_HOME elsewhere"
   done
 }
 
