@@ -47,6 +47,19 @@ make_venv() {
 
 mmcv_loads() { "$VENV/bin/python" -c "import mmcv.ops" >/dev/null 2>&1; }
 
+# mmcv's compiled ops alone, before its Python dependencies (they come with dettune's): a wheel compiled against
+# another torch installs fine and fails only when this library loads (undefined symbol).
+ops_load() {
+  "$VENV/bin/python" - >/dev/null 2>&1 <<'PY'
+import glob, importlib.util, os
+import torch  # noqa: F401  first: the ops link against its libraries
+package = importlib.util.find_spec("mmcv").submodule_search_locations[0]
+(library,) = glob.glob(os.path.join(package, "_ext*.so"))
+spec = importlib.util.spec_from_file_location("mmcv._ext", library)
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+PY
+}
+
 find_mmcv_wheel() {
   local dir whl
   for dir in "${DETTUNE_WHEELHOUSE:-}" "$CACHE"; do
@@ -86,28 +99,28 @@ build_mmcv_wheel() {
   done
 }
 
-# A wheel compiled against another torch installs fine and fails only on import (undefined symbol),
-# so the import is the check.
 install_mmcv() {
   local wheel=$1
   say "installing mmcv from $wheel"
   pip_step "installing mmcv" "$VENV" install --no-deps --force-reinstall "$wheel"
-  mmcv_loads || fail "loading mmcv.ops" "$wheel does not load with torch $TORCH_VERSION (built for another torch?); \
+  ops_load || fail "loading mmcv's ops" "$wheel does not load with torch $TORCH_VERSION (built for another torch?); \
 remove it, or unset DETTUNE_WHEELHOUSE, and re-run to build mmcv from source"
 }
 
 main() {
   check_python
   make_venv
-  if ! mmcv_loads; then
+  if ! ops_load; then
     WHEEL=$(find_mmcv_wheel) || check_compiler
   fi
   install_torch
-  if ! mmcv_loads; then
+  if ! ops_load; then
     [ -n "$WHEEL" ] || build_mmcv_wheel
     install_mmcv "$WHEEL"
   fi
   pip_step "installing dettune and its dependencies" "$VENV" install -e ".[dev]"
+  mmcv_loads || fail "importing mmcv.ops" "run '$VENV/bin/python -c \"import mmcv.ops\"' to see why; \
+removing $VENV and re-running installs everything afresh"
 }
 
 main "$@"
