@@ -46,7 +46,7 @@ def _last_line(done: subprocess.CompletedProcess[str]) -> str:
 def _nms_kept(python: Path, boxes: list[list[float]], scores: list[float], iou: float) -> list[int]:
     code = ("import json, sys, torch, mmcv.ops\n"
             "boxes, scores, iou = json.loads(sys.argv[1])\n"
-            "_, kept = mmcv.ops.nms(torch.tensor(boxes), torch.tensor(scores), iou)\n"
+            "_, kept = mmcv.ops.nms(torch.tensor(boxes, dtype=torch.float32), torch.tensor(scores), iou)\n"
             "print(json.dumps(kept.tolist()))\n")
     done = subprocess.run([str(python), "-c", code, json.dumps([boxes, scores, iou])], capture_output=True,
                           text=True, timeout=300)
