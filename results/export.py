@@ -6,8 +6,12 @@
 - ``checkpoint.pth``: the weights as a checkpoint that torch's default ``weights_only=True`` loading accepts
   (``state_dict`` plus ``meta`` with ``dataset_meta`` classes, no optimizer or message-hub state), so
   ``init_detector``, ``DetInferencer`` and ``tools/test.py`` load it without any allow-list;
-- ``metrics.json``: which trial and epoch, chosen by which metric, and that epoch's log columns;
+- ``metrics.json``: which trial and epoch, chosen by which metric within which limits, that epoch's log columns,
+  and what the limits traded: the primary metric and costs of the exported trial and of the best trial without them;
 - ``params.json``: the trial's knob values.
+
+Limits (``--min-fps``, ``--max-gflops``, and the space's ``constraints``) apply to a trial's costs as last
+measured; with limits the best is the best trial by the metric among those that meet them all.
 
 Checkpoints are found in the Ray experiment directory the parent run records (``dettune.storage``): each
 trial's ``result.json`` names the checkpoint directory of every epoch, and only those still on disk count (Ray
@@ -21,8 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +36,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from results.report import format_value
+from results.report import format_value, record_values
 from results.store import SearchHandle, add_tracking_flag, open_search, open_tracking
 from search.tracking import TAG_EXP_NUM, TAG_STORAGE, is_log_column
 from spaces.build import load_config
 from spaces.errors import BadArgument, NotFound, UserError
-from spaces.schema import Space
+from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, violations
+from spaces.schema import Limit, Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
-from trainers.inference import FPS_METRIC
 from trainers.metrics import EPOCH
 
 METRICS_FILE = "metrics.json"
@@ -142,18 +146,84 @@ def experiment_dir(search: SearchHandle) -> Path:
     return path
 
 
-def export_best(search: SearchHandle, out: Path, *, metric: str | None = None) -> Export:
-    """Writes the best checkpoint's model directory to ``out`` and registers it as a new model version."""
+class NoTrialMeetsLimits(NothingToExport):
+    """No finished trial meets the export's limits; the message lists the closest ones."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """The export's limits on top of the space's ``constraints``: a trial outside one is never exported."""
+
+    flags: Mapping[str, Limit] = field(default_factory=dict)
+    space: Mapping[str, Limit] = field(default_factory=dict)
+
+    def violations(self, values: Mapping[str, float]) -> list[float]:
+        return violations(values, self.space) + violations(values, self.flags)
+
+    def met(self, values: Mapping[str, float]) -> bool:
+        return all(v <= 0 for v in self.violations(values))
+
+    def describe(self) -> dict[str, str]:
+        return {m: limit.text() for limits in (self.space, self.flags) for m, limit in limits.items()}
+
+
+def limits_from_flags(min_fps: float | None, max_gflops: float | None) -> dict[str, Limit]:
+    """``--min-fps`` / ``--max-gflops`` as limits."""
+    limits = {}
+    if min_fps is not None:
+        limits[FPS_METRIC] = Limit(min=min_fps)
+    if max_gflops is not None:
+        limits[GFLOPS_METRIC] = Limit(max=max_gflops)
+    return limits
+
+
+def feasible_trials(search: SearchHandle, limits: Limits) -> tuple[set[str], dict[str, dict[str, float]]]:
+    """The trial ids that meet the limits, and every trial's values by trial id.
+
+    Raises:
+        NoTrialMeetsLimits: None does; the message names the closest three with their costs.
+    """
+    trials = search.trials()
+    values = {t.trial_id: record_values(t, search.space) for t in trials}
+    feasible = {trial_id for trial_id, v in values.items() if limits.met(v)}
+    if feasible or not limits.describe():
+        return feasible, values
+    closest = sorted(trials, key=lambda t: sum(max(v, 0.0) for v in limits.violations(values[t.trial_id])))[:3]
+    shown = "; ".join(f"{t.exp_num}: " + ", ".join(f"{m} {format_value(m, values[t.trial_id].get(m))}"
+                                                   for m in limits.describe()) for t in closest)
+    wanted = ", ".join(f"{m} {text}" for m, text in limits.describe().items())
+    raise NoTrialMeetsLimits(f"no trial of {search.name} meets {wanted} (closest: {shown}): relax the limits, "
+                             "or search further with them as the space's constraints")
+
+
+def export_best(search: SearchHandle, out: Path, *, metric: str | None = None,
+                limits: Mapping[str, Limit] | None = None) -> Export:
+    """Writes the best checkpoint's model directory to ``out`` and registers it as a new model version.
+
+    Args:
+        search: The search.
+        out: The model directory to write.
+        metric: Rank by this metric (default: the space's).
+        limits: Extra limits (``--min-fps`` ...); the space's constraints apply as well.
+    """
     metric = metric or search.space.metric
-    ranked = ranked_candidates(checkpoint_candidates(experiment_dir(search)), metric,
-                               metric_mode(search.space, metric))
+    bounds = Limits(flags=limits or {}, space=search.space.constraints)
+    feasible, values = feasible_trials(search, bounds)
+    candidates = checkpoint_candidates(experiment_dir(search))
+    ranked = ranked_candidates(candidates, metric, metric_mode(search.space, metric))
+    if bounds.describe():
+        ranked = [c for c in ranked if c.trial_id in feasible]
+        if not ranked:
+            raise NothingToExport("the trials that meet the limits have no checkpoint on disk (Ray keeps each trial's "
+                             "best two): wait for them to report, or relax the limits")
     for candidate in ranked:
         try:
             _write_model(candidate, out)
         except FileNotFoundError:  # Ray deleted it for a better one since we looked: that one is on the list
             continue
         run = search.run_of(candidate.trial_id)
-        _write_json(out / METRICS_FILE, _metrics(search, candidate, run, metric))
+        traded = _traded(search, values, candidates, candidate, metric, bounds)
+        _write_json(out / METRICS_FILE, {**_metrics(search, candidate, run, metric), **traded})
         _write_json(out / PARAMS_FILE, _params(search.space, candidate))
         version = register(search, run, out, candidate.epoch)
         return Export(out=out, exp_num=run.data.tags.get(TAG_EXP_NUM, run.info.run_id), candidate=candidate,
@@ -178,11 +248,28 @@ def _write_model(candidate: Candidate, out: Path) -> None:
 
 def _metrics(search: SearchHandle, candidate: Candidate, run: Run, metric: str) -> dict[str, Any]:
     metrics = {k: v for k, v in candidate.result.items() if is_log_column(k) and isinstance(v, (int, float))}
-    if FPS_METRIC not in metrics and FPS_METRIC in run.data.metrics:  # measured after the last epoch only
-        metrics[FPS_METRIC] = run.data.metrics[FPS_METRIC]
+    for cost in COST_METRICS:  # measured at some epochs only
+        if cost not in metrics and cost in run.data.metrics:
+            metrics[cost] = run.data.metrics[cost]
     return {"search": search.name, "exp_num": run.data.tags.get(TAG_EXP_NUM), "trial_id": candidate.trial_id,
             "mlflow_run_id": run.info.run_id, "epoch": candidate.epoch,
             "selected_by": {"metric": metric, "mode": metric_mode(search.space, metric)}, "metrics": metrics}
+
+
+def _traded(search: SearchHandle, values: Mapping[str, Mapping[str, float]], candidates: Sequence[Candidate],
+            chosen: Candidate, metric: str, limits: Limits) -> dict[str, Any]:
+    """The limits, and the metric and costs of the exported trial against the best trial without the limits."""
+    if not limits.describe():
+        return {}
+    unconstrained = ranked_candidates(candidates, metric, metric_mode(search.space, metric))[0]
+
+    def summary(candidate: Candidate) -> dict[str, Any]:
+        costs = values.get(candidate.trial_id, {})
+        return {"trial_id": candidate.trial_id, "epoch": candidate.epoch, metric: candidate.value(metric),
+                **{m: costs[m] for m in COST_METRICS if m in costs}}
+
+    return {"limits": limits.describe(), "traded": {"exported": summary(chosen),
+                                                    "best_without_limits": summary(unconstrained)}}
 
 
 def _params(space: Space, candidate: Candidate) -> dict[str, Any]:
@@ -221,6 +308,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                                      "params.json)")
     parser.add_argument("--metric", help="choose the best by this metric (default: the space's metric); higher "
                                          "is better except for losses")
+    parser.add_argument("--min-fps", type=float, help=f"only trials whose {FPS_METRIC} is at least this")
+    parser.add_argument("--max-gflops", type=float, help=f"only trials whose {GFLOPS_METRIC} is at most this")
     add_tracking_flag(parser)
     parser.set_defaults(handler=run_export)
 
@@ -228,7 +317,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_export(args: argparse.Namespace) -> int:
     """The ``export`` command."""
     search = open_search(open_tracking(args.tracking_uri), args.name)
-    done = export_best(search, Path(args.out), metric=args.metric)
+    done = export_best(search, Path(args.out), metric=args.metric,
+                       limits=limits_from_flags(args.min_fps, args.max_gflops))
     value = format_value(done.metric, done.candidate.value(done.metric))
     print(f"exported {done.exp_num} (trial {done.candidate.trial_id}, epoch {done.candidate.epoch}, "
           f"{done.metric} {value}) to {done.out}")

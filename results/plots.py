@@ -95,6 +95,40 @@ def plot_knob(path: Path, knob: str, groups: Sequence[Group], *, metric: str, mo
     return _save(figure, ax, path)
 
 
+@dataclass(frozen=True)
+class Axis:
+    """One objective on a Pareto plot: its label, each trial's value, and the limits to draw on it."""
+
+    label: str
+    values: Sequence[float]
+    limits: Sequence[float] = ()
+
+
+def plot_pareto(path: Path, x: Axis, y: Axis, *, front: Sequence[int], labels: Sequence[str]) -> PlotFile:
+    """Every trial a point, the Pareto front's points marked and joined, the limits as dashed lines.
+
+    Args:
+        path: The PNG to write.
+        x: The other objective, one value per trial.
+        y: The primary metric, one value per trial.
+        front: Indices of the front's trials.
+        labels: Each trial's name, written beside the front's points.
+    """
+    figure, ax = _figure(f"{y.label} against {x.label}", xlabel=x.label, ylabel=y.label)
+    ax.scatter(x.values, y.values, s=18, alpha=0.6, label="trials")
+    ordered = sorted(front, key=lambda i: (x.values[i], y.values[i]))
+    ax.plot([x.values[i] for i in ordered], [y.values[i] for i in ordered], marker="*", markersize=11,
+            color="tab:red", label="Pareto front")
+    for i in ordered:
+        ax.annotate(labels[i], (x.values[i], y.values[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for limit in x.limits:
+        ax.axvline(limit, linestyle="--", color="gray")
+    for limit in y.limits:
+        ax.axhline(limit, linestyle="--", color="gray")
+    ax.legend(fontsize="small")
+    return _save(figure, ax, path)
+
+
 def _figure(title: str, *, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
     figure = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
     ax = figure.add_subplot()

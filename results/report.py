@@ -17,14 +17,22 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from results.plots import Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob
+from results.plots import Axis, Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob, plot_pareto
 from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
-from search.tracking import TAG_INHERITED, param_text
+from search.tracking import TAG_INHERITED, TAG_PARETO, param_text
 from spaces.backbones import catalog_name
 from spaces.build import BuildError, current_head, load_base
 from spaces.distributions import Choice, Grid
+from spaces.objectives import (
+    COST_METRICS,
+    FPS_METRIC,
+    GFLOPS_METRIC,
+    PARAMS_METRIC,
+    feasible_front,
+    is_feasible,
+    trial_values,
+)
 from spaces.schema import Space
-from trainers.inference import FPS_METRIC
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
                 "Optimizer": "optimizer"}
@@ -32,7 +40,8 @@ METRIC_COLUMNS = ("val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbo
                   "val/bbox_mAP_s", "train/loss_rpn_cls", "train/s1.loss_bbox", "train/s2.loss_cls", "train/s1.acc",
                   "train/s2.acc", "train/loss")
 FPS_COLUMN = "Inf time (fps)"
-COLUMNS = ("Exp num", "Backbone", "RoI Head", "Epoch", "initial lr", "Lr schd", "Optimizer", FPS_COLUMN,
+COST_COLUMNS = {FPS_COLUMN: FPS_METRIC, "GFLOPs": GFLOPS_METRIC, "Params (M)": PARAMS_METRIC}
+COLUMNS = ("Exp num", "Backbone", "RoI Head", "Epoch", "initial lr", "Lr schd", "Optimizer", *COST_COLUMNS,
            *METRIC_COLUMNS)
 """The experiment log's columns, in its order."""
 
@@ -60,6 +69,8 @@ def format_value(key: str, value: float | None) -> str:
         return MISSING
     if is_map(key) or key.endswith("acc") or key == FPS_METRIC:
         return f"{shown(key, value):.1f}"
+    if key in COST_METRICS:
+        return f"{value:.2f}"
     return f"{value:.3f}"
 
 
@@ -90,8 +101,8 @@ def table_row(trial: TrialRecord, space: Space, defaults: Mapping[str, str]) -> 
     lr = knobs.get("lr")
     cells = {column: knobs.get(knob, MISSING) for column, knob in KNOB_COLUMNS.items()}
     cells.update({"Exp num": trial.exp_num, "Epoch": epoch_cell(trial, space.budget.epochs),
-                  "initial lr": f"{float(lr):.3e}" if lr else MISSING,
-                  FPS_COLUMN: format_value(FPS_METRIC, trial.latest(FPS_METRIC))})
+                  "initial lr": f"{float(lr):.3e}" if lr else MISSING})
+    cells.update({column: format_value(metric, trial.latest(metric)) for column, metric in COST_COLUMNS.items()})
     scores = trial.at(trial.best_epoch(space.metric, space.mode))
     cells.update({key: format_value(key, scores.get(key)) for key in METRIC_COLUMNS})
     return [cells[column] for column in COLUMNS]
@@ -175,11 +186,74 @@ def _axis_label(metric: str) -> str:
     return f"{metric} (%)" if is_map(metric) else metric
 
 
+# --- accuracy against cost: the Pareto front ------------------------------------------------------------
+
+FINISHED = ("completed", "stopped")
+"""Trials with values to compare: ASHA's stopped ones hold a checkpoint and their costs too."""
+
+
+def record_values(trial: TrialRecord, space: Space) -> dict[str, float]:
+    """The trial's values as the searcher was told them: scores of its best epoch, costs as last measured."""
+    epochs = sorted({p.step for points in trial.history.values() for p in points})
+    return trial_values([trial.at(epoch) for epoch in epochs], primary=space.metric, mode=space.mode)
+
+
+def pareto_front(space: Space, trials: Sequence[TrialRecord]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Each finished trial's values by Exp num, and the Exp nums of the front of those that meet every limit."""
+    values = {t.exp_num: record_values(t, space) for t in trials if t.status in FINISHED}
+    return values, feasible_front(values, directions=space.directions(), constraints=space.constraints)
+
+
+def draw_pareto(space: Space, trials: Sequence[TrialRecord], directory: Path) -> list[PlotFile]:
+    """One plot per objective besides the primary metric: every finished trial, the front, the limits."""
+    values, front = pareto_front(space, trials)
+    files = []
+    for other, _ in space.directions()[1:]:
+        names = [name for name, v in values.items() if space.metric in v and other in v]
+        if not names:
+            continue
+        x = Axis(_axis_label(other), [shown(other, values[n][other]) for n in names], _limits(space, other))
+        y = Axis(_axis_label(space.metric), [shown(space.metric, values[n][space.metric]) for n in names],
+                 _limits(space, space.metric))
+        path = directory / f"pareto_{other.replace('/', '_')}.png"
+        files.append(plot_pareto(path, x, y, front=[i for i, n in enumerate(names) if n in front], labels=names))
+    return files
+
+
+def _limits(space: Space, metric: str) -> list[float]:
+    limit = space.constraints.get(metric)
+    return [shown(metric, b) for b in (limit.min, limit.max) if b is not None] if limit else []
+
+
+def _pareto_section(search: SearchHandle, trials: Sequence[TrialRecord], plots: Sequence[PlotFile],
+                    directory: Path) -> list[str]:
+    """The front's trials with their knobs and values, the limits, and the plots."""
+    space = search.space
+    values, front = pareto_front(space, trials)
+    objectives = [metric for metric, _ in space.directions()]
+    costs = [m for m in COST_METRICS if m not in objectives]
+    header = ["Exp num", *space.space, *objectives, *costs]
+    params = {t.exp_num: t.params for t in trials}
+    rows = [[name, *(short_param(params[name].get(k, MISSING)) for k in space.space),
+             *(format_value(m, values[name].get(m)) for m in [*objectives, *costs])] for name in front]
+    directions = ", ".join(f"{metric} ({mode})" for metric, mode in space.directions())
+    limits = "; ".join(f"{metric} {limit.text()}" for metric, limit in space.constraints.items())
+    feasible = len([n for n, v in values.items() if is_feasible(v, space.constraints)])
+    return ["", "## Pareto front",
+            f"Objectives: {directions}. " + (f"Limits: {limits}; {feasible} of {len(values)} finished trials meet "
+                                             "them. " if limits else "")
+            + f"No other finished trial is at least as good in every objective as these {len(front)} "
+            f"(MLflow: `tags.{TAG_PARETO} = 'true'`); costs are each trial's last measurement.", "",
+            *markdown_table(header, rows),
+            *(f"![{p.path.stem}]({p.path.relative_to(directory).as_posix()})" for p in plots)]
+
+
 # --- the markdown ---------------------------------------------------------------------------------------
 
 def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: Sequence[PlotFile],
-                    directory: Path) -> str:
-    """report.md: the write-up, the trial table, failed trials, plots and the leaderboard table."""
+                    directory: Path, pareto_plots: Sequence[PlotFile] = ()) -> str:
+    """report.md: the write-up, the trial table, failed trials, the Pareto front (with objectives), plots and
+    the leaderboard table."""
     space = search.space
     defaults = base_knobs(space.base)
     rows = [table_row(trial, space, defaults) for trial in ranked(trials, space)]
@@ -187,7 +261,8 @@ def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
              f"Scores are each trial's best epoch by {space.metric}: the checkpoint inference would use "
              f"(`dettune export {search.name}`).", "", *_writeup(space, trials, search.parent.data.tags), "",
              *markdown_table(COLUMNS, rows),
-             *_failed(trials), *_plot_links(plots, directory), "", "## Leader board 결과(제출했을 시)",
+             *_failed(trials), *(_pareto_section(search, trials, pareto_plots, directory) if space.objectives else []),
+             *_plot_links(plots, directory), "", "## Leader board 결과(제출했을 시)",
              *_leaderboard(trials)]
     return "\n".join(lines) + "\n"
 
@@ -269,11 +344,12 @@ def write_report(search: SearchHandle, out: Path, *, fmt: str = "md") -> Path:
     if fmt == "csv":
         return _write_csv(search, trials, out / "report.csv")
     plots = draw_plots(search, trials, out / "plots")
+    pareto_plots = draw_pareto(search.space, trials, out / "plots") if search.space.objectives else []
     path = out / "report.md"
-    path.write_text(render_markdown(search, trials, plots, out), encoding="utf-8")
+    path.write_text(render_markdown(search, trials, plots, out, pareto_plots), encoding="utf-8")
     run_id = search.parent.info.run_id
     search.client.log_artifact(run_id, str(path), REPORT_ARTIFACTS)
-    for plot in plots:
+    for plot in [*plots, *pareto_plots]:
         search.client.log_artifact(run_id, str(plot.path), f"{REPORT_ARTIFACTS}/plots")
     return path
 

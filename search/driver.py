@@ -1,7 +1,8 @@
 """The search driver: assemble Ray Tune (searcher, ASHA, resources, storage, callbacks) and run it.
 
-Searchers: Optuna TPE (Bergstra et al., "Algorithms for Hyper-Parameter Optimization", NeurIPS 2011) through
-Ray Tune's ``OptunaSearch``, random sampling, or Tune's grid search. Early stopping: ASHA (Li et al., "A System
+Searchers: Optuna TPE (Bergstra et al., "Algorithms for Hyper-Parameter Optimization", NeurIPS 2011) or NSGA-II
+through Ray Tune's ``OptunaSearch`` (:mod:`search.optuna_search`, over one or several objectives), random
+sampling, or Tune's grid search. Early stopping: ASHA (Li et al., "A System
 for Massively Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its time attribute.
 """
 
@@ -37,6 +38,7 @@ from search.tracking import (
 from search.trainable import TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
 from spaces.errors import NotFound, UserError
+from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
 from spaces.validate import check_space
 from trainers.metrics import EPOCH
@@ -128,15 +130,13 @@ def make_searcher(space: Space, staged: staging.Staging | None = None) -> tuple[
     """
     algorithm, seed = space.search.algorithm, space.search.seed
     warm = staged.warm if staged else staging.WarmStart()
-    if algorithm == "tpe":
-        from optuna.samplers import TPESampler
+    if space.search.uses_optuna:
         from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
+
+        from search.optuna_search import ObjectiveSearch
 
         storage = staging.warm_study(space, warm) if warm.points else None
-        searcher = OptunaSearch(space=space.optuna_space(), metric=space.metric, mode=space.mode,
-                                sampler=TPESampler(seed=seed), storage=storage,
-                                study_name=space.name if storage else None)
+        searcher = ObjectiveSearch(space, storage=storage)
         return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
     grid = staged.grid if staged else None
@@ -253,11 +253,10 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
     searcher, param_space, samples = make_searcher(space, staged)
-    params_of = plan.point
     epochs = space.budget.epochs
-    callbacks = [MlflowCallback(tracker, params_of=params_of, max_epochs=epochs, failure_of=plan.failure_of,
+    callbacks = [MlflowCallback(tracker, params_of=plan.run_params, max_epochs=epochs, failure_of=plan.failure_of,
                                 down_timeout_s=down_timeout_s),
-                 ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=params_of,
+                 ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=plan.point,
                                  failure_of=plan.failure_of)]
     return tune.Tuner(
         trainable,
@@ -302,11 +301,11 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
     fills whatever a killed driver or an unreachable tracking server left out.
     """
     for result in results:
-        history = result.metrics_dataframe
-        if history is None or history.empty:
+        if not _has_history(result):
             continue
-        trial_id = str(history["trial_id"].iloc[-1])
-        tracker.start_trial(trial_id, plan.point(result.config))
+        history = result.metrics_dataframe
+        trial_id = _trial_id(result)
+        tracker.start_trial(trial_id, plan.run_params(result.config))
         for row in history.to_dict("records"):
             tracker.log_epoch(trial_id, {k: v for k, v in row.items() if not _is_nan(v)})
         failure = plan.failure_of(trial_id) or (failure_reason_of(result.error) if result.error else None)
@@ -324,15 +323,35 @@ def _is_nan(value: Any) -> bool:
 
 
 def _record_best(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> str | None:
-    try:
-        best = results.get_best_result(metric=space.metric, mode=space.mode, scope="all")
-    except RuntimeError:  # no trial reported the metric
+    """Gives the parent run the best feasible trial; with objectives, tags the Pareto front's runs."""
+    finished = {_trial_id(r): r for r in results if _has_history(r) and not r.error
+                and plan.failure_of(_trial_id(r)) is None}
+    values = {trial_id: trial_values(_rows(r), primary=space.metric, mode=space.mode)
+              for trial_id, r in finished.items()}
+    if space.objectives:
+        tracker.mark_pareto(feasible_front(values, directions=space.directions(), constraints=space.constraints))
+    trial_id = best_trial(values, metric=space.metric, mode=space.mode, constraints=space.constraints)
+    if trial_id is None:  # no trial reported the metric, or none met the limits
         return None
+    best = finished[trial_id]
     history = best.metrics_dataframe
     row = history.loc[history[space.metric].idxmax() if space.mode == "max" else history[space.metric].idxmin()]
-    trial_id = str(best.metrics.get("trial_id", ""))
     tracker.record_best(plan.point(best.config), row.dropna().to_dict(), epoch=int(row[EPOCH]), trial_id=trial_id)
     return trial_id
+
+
+def _has_history(result: Any) -> bool:
+    return result.metrics_dataframe is not None and not result.metrics_dataframe.empty
+
+
+def _rows(result: Any) -> list[dict[str, float]]:
+    """The trial's reported metrics per epoch (the dataframe fills a metric missing from an epoch with NaN)."""
+    return [{k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not _is_nan(v)}
+            for row in result.metrics_dataframe.to_dict("records")]
+
+
+def _trial_id(result: Any) -> str:
+    return str(result.metrics_dataframe["trial_id"].iloc[-1])
 
 
 def results_table(tracker: Tracker, space: Space) -> str:

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,12 @@ TAG_EXP_NUM = "dettune.exp_num"
 TAG_STATUS = "dettune.status"
 TAG_STOPPED_AT = "dettune.stopped_at_epoch"
 TAG_FAILURE = "dettune.failure"
+TAG_PARETO = "dettune.pareto"  # "true" on the trials of the Pareto front, "false" on the others
+TAG_FRONT = "dettune.pareto_front"  # on the parent: the front's Exp nums
 TAG_STORAGE = "dettune.storage"  # the search's Ray experiment directory (trial checkpoints live there)
 TAG_INHERITED = "dettune.inherited"  # one line per knob taken from an earlier search's best trial
 TAG_WARM_START = "dettune.warm_start"  # which earlier trials the searcher was told before it started
-LOGGED_PREFIXES = ("val/", "train/", "inference/", "lb/")
+LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
 
 
 def is_log_column(key: str) -> bool:
@@ -183,6 +185,16 @@ class Tracker:
             self.parent_run_id,
             metrics=[Metric(k, float(v), stamp, epoch) for k, v in metrics.items() if is_log_column(k)],
             params=new_params, tags=[RunTag("dettune.best_trial", trial_id)])
+
+    def mark_pareto(self, front: Sequence[str]) -> None:
+        """Tags every trial run on or off the Pareto front (trial ids), and the parent with the front's Exp nums."""
+        exp_nums = []
+        for run in self.trial_runs():
+            on_front = run.data.tags.get(TAG_TRIAL) in front
+            if on_front:
+                exp_nums.append(run.data.tags.get(TAG_EXP_NUM, run.info.run_id))
+            self.client.set_tag(run.info.run_id, TAG_PARETO, "true" if on_front else "false")
+        self.client.set_tag(self.parent_run_id, TAG_FRONT, ", ".join(exp_nums))
 
     def finish_search(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)

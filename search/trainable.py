@@ -26,6 +26,7 @@ from spaces.dataset import open_dataset
 from spaces.schema import Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.hook import TrialDiverged
+from trainers.inference import fps_settings
 from trainers.trial import TrialSpec, run_trial
 
 FAILURE_FILE = "failure.txt"
@@ -56,8 +57,12 @@ class TrialPlan:
         """The full knob values of a trial: the space's fixed knobs plus the sampled ones, decoded."""
         space = self.parsed_space
         # Only Optuna needs its encoded choices (e.g. "[800, 800]") turned back; Tune's own samplers give real values.
-        values = space.decode_optuna(dict(sampled)) if space.search.algorithm == "tpe" else dict(sampled)
+        values = space.decode_optuna(dict(sampled)) if space.search.uses_optuna else dict(sampled)
         return {**space.point_defaults(), **values}
+
+    def run_params(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """What a trial's MLflow run records as params: its knobs and how its FPS is measured."""
+        return {**self.point(sampled), **fps_settings("cuda" if self.gpus_per_worker else "cpu")}
 
     def work_dir(self, trial_id: str, rank: int) -> Path:
         """Where a worker's mmengine work dir and trial.log live: next to Ray's results, on shared storage."""

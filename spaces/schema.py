@@ -10,7 +10,9 @@ An example, with every section (optional ones are marked)::
     hypothesis: "..."               # optional free text
     method: "..."                   # optional free text
     budget: {epochs: 12, trials: 16, gpus_per_trial: 1, cpus_per_worker: 2, max_concurrent: 4, max_retries: 2}
-    search: {algorithm: tpe, seed: 0}                              # optional: tpe (default) | random | grid
+    objectives: [{metric: inference/fps, mode: max}]               # optional: more objectives than metric
+    constraints: {inference/fps: {min: 10}, model/params_M: {max: 60}}  # optional hard limits
+    search: {algorithm: tpe, seed: 0}                   # optional: tpe (default) | nsga2 | random | grid
     scheduler: {type: asha, grace_epochs: 1, reduction_factor: 3}  # optional, or {type: none}
     space:
       backbone: {choice: [r50, r101, swin-t]}
@@ -62,6 +64,7 @@ from spaces.distributions import (
 )
 from spaces.errors import MISSING, Problem, SpaceError
 from spaces.knobs import KNOBS
+from spaces.objectives import COST_METRICS
 
 METRICS = (
     "val/bbox_mAP",
@@ -72,6 +75,12 @@ METRICS = (
     "val/bbox_mAP_l",
 )
 """The metric names the trainer logs; ``metric`` must be one of them."""
+
+TRIAL_METRICS = (*METRICS, *COST_METRICS)
+"""What every trial reports: objectives and constraints may use any of them."""
+
+AFTER_SEARCH_METRICS = {"lb/public_mAP": "`dettune lb` records it after the search"}
+"""Metrics dettune records that no trial reports, so no objective or limit can use them."""
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 """What a space ``name`` looks like (it names MLflow experiments and output folders)."""
@@ -124,8 +133,40 @@ class Budget(_Section):
 class SearchSpec(_Section):
     """The search algorithm: Optuna TPE, random sampling, or Ray Tune's grid search."""
 
-    algorithm: Literal["tpe", "random", "grid"] = "tpe"
+    algorithm: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
     seed: int = 0
+
+    @property
+    def uses_optuna(self) -> bool:
+        """Whether an Optuna sampler proposes the trials (its choices come back encoded)."""
+        return self.algorithm in ("tpe", "nsga2")
+
+
+class Objective(_Section):
+    """One more objective beside the primary ``metric``."""
+
+    metric: str = Field(description="a metric every trial reports, e.g. inference/fps")
+    mode: Literal["max", "min"] = Field(description="max or min")
+
+
+class Limit(_Section):
+    """A hard limit on one metric: a trial outside it is never the best."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Limit:
+        if self.min is None and self.max is None:
+            raise ValueError("a limit needs min or max, e.g. {min: 10}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min <= max must hold, but got (min={self.min:g}, max={self.max:g})")
+        return self
+
+    def text(self) -> str:
+        """``>= 10``, ``<= 60`` or ``>= 10 and <= 60``."""
+        bounds = [f"{sign} {bound:g}" for sign, bound in ((">=", self.min), ("<=", self.max)) if bound is not None]
+        return " and ".join(bounds)
 
 
 class SchedulerSpec(_Section):
@@ -160,6 +201,8 @@ class Space(_Section):
     data: DataSpec = Field(description="dataset: {root, train, val, images}")
     metric: str = "val/bbox_mAP"
     mode: Literal["max", "min"] = "max"
+    objectives: list[Objective] = Field(default_factory=list)
+    constraints: dict[str, Limit] = Field(default_factory=dict)
     hypothesis: str | None = None
     method: str | None = None
     budget: Budget = Field(description="{epochs, trials, gpus_per_trial, ...}")
@@ -192,6 +235,10 @@ class Space(_Section):
             SpaceError: With every problem found; ``file`` names the source in the messages.
         """
         return validate_space(data, file)
+
+    def directions(self) -> list[tuple[str, str]]:
+        """Every objective as (metric, mode), the primary ``metric`` first."""
+        return [(self.metric, self.mode), *((o.metric, o.mode) for o in self.objectives)]
 
     def tune_param_space(self) -> dict[str, Any]:
         """Returns the searched knobs as Ray Tune search-space objects (fixed knobs are not included).
@@ -495,6 +542,41 @@ def _check_metric(v: dict[str, Any], out: _Problems) -> None:
         out.add("metric", v["metric"], f"must be one of {', '.join(METRICS)}{hint}")
 
 
+def _metric_rule(metric: str) -> str | None:
+    """Why an objective or a limit cannot use ``metric``, with the fix; None if it can."""
+    if metric in TRIAL_METRICS:
+        return None
+    if metric in AFTER_SEARCH_METRICS:
+        return f"no trial reports {metric} ({AFTER_SEARCH_METRICS[metric]}): use one of {', '.join(TRIAL_METRICS)}"
+    return f"must be one of {', '.join(TRIAL_METRICS)}{_did_you_mean(metric, TRIAL_METRICS)}"
+
+
+def _check_objectives(v: dict[str, Any], out: _Problems) -> None:
+    seen = {v.get("metric")}
+    for index, objective in enumerate(v.get("objectives", [])):
+        field = f"objectives.{index}.metric"
+        rule = _metric_rule(objective.metric)
+        if rule:
+            out.add(field, objective.metric, rule)
+        elif objective.metric in seen:
+            out.add(field, objective.metric, f"{objective.metric} is already an objective (the primary one is "
+                    "`metric`): list each metric once")
+        seen.add(objective.metric)
+    if v.get("objectives") and v.get("warm_start"):
+        out.add("warm_start", v["warm_start"], "earlier trials are told to the searcher with the primary metric "
+                "only, but objectives need every objective's value: remove warm_start or objectives")
+    if v.get("objectives") and _get(v, "search", "algorithm") == "grid":
+        out.add("search.algorithm", "grid", "grid tries every point whatever the objectives, so there is nothing to "
+                "steer: use tpe or nsga2, or remove objectives (constraints work with grid)")
+
+
+def _check_constraints(v: dict[str, Any], out: _Problems) -> None:
+    for metric in v.get("constraints", {}):
+        rule = _metric_rule(metric)
+        if rule:
+            out.add(f"constraints.{metric}", v["constraints"][metric].model_dump(exclude_none=True), rule)
+
+
 def _check_knob_names(v: dict[str, Any], out: _Problems) -> None:
     for section in ("space", "fixed"):
         for name, value in v.get(section, {}).items():
@@ -620,6 +702,8 @@ def _check_earlier_searches(v: dict[str, Any], out: _Problems) -> None:
 
 _RULES: tuple[Callable[[dict[str, Any], _Problems], None], ...] = (
     _check_metric,
+    _check_objectives,
+    _check_constraints,
     _check_scheduler,
     _check_knob_names,
     _check_overlap,

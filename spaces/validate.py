@@ -39,7 +39,7 @@ from spaces.build import BuildError, KnobError, apply_overrides, build_config, l
 from spaces.dataset import Dataset, DatasetError, open_dataset
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
 from spaces.errors import Problem, SpaceError
-from spaces.schema import DataSpec, Space, load_space
+from spaces.schema import DataSpec, Limit, Space, load_space
 
 AREA_METRICS = {
     "val/bbox_mAP_s": ("s", "small", "area < 32²"),
@@ -215,13 +215,20 @@ def _stand_in(spec: DataSpec) -> Dataset:
 
 
 def _check_area_metric(space: Space, dataset: Dataset, out: _Problems) -> None:
-    """An area metric needs val objects of its area range; COCO reports -1 (no score) otherwise."""
-    if space.metric not in AREA_METRICS:
-        return
-    code, word, bounds = AREA_METRICS[space.metric]
-    if code not in dataset.val_area_ranges:
-        out.add("metric", space.metric, f"{dataset.val_json} has no {word} objects ({bounds}), so COCO reports "
-                f"-1 (no score) for {space.metric}: choose another metric, or a val set with {word} objects")
+    """An area metric needs val objects of its area range; COCO reports -1 (no score) otherwise.
+
+    That holds for the primary metric, each objective and each limit: no trial would report the metric.
+    """
+    uses = [("metric", space.metric),
+            *((f"objectives.{i}.metric", o.metric) for i, o in enumerate(space.objectives)),
+            *((f"constraints.{metric}", metric) for metric in space.constraints)]
+    for field, metric in uses:
+        if metric not in AREA_METRICS:
+            continue
+        code, word, bounds = AREA_METRICS[metric]
+        if code not in dataset.val_area_ranges:
+            out.add(field, metric, f"{dataset.val_json} has no {word} objects ({bounds}), so COCO reports -1 "
+                    f"(no score) and no trial reports {metric}: use another metric, or a val set with {word} objects")
 
 
 def _check_masks(space: Space, dataset: Dataset, base: Config | None, out: _Problems) -> None:
@@ -405,6 +412,8 @@ def summary(validation: Validation) -> str:
         ("base", space.base),
         ("data", _data_line(space.data, dataset)),
         ("metric", f"{space.metric} ({space.mode})"),
+        *_labelled("objectives", [f"{o.metric} ({o.mode})" for o in space.objectives]),
+        *_labelled("limits", [_limit_line(metric, limit) for metric, limit in space.constraints.items()]),
         *_labelled("space", [_knob_line(name, dist, _width(space)) for name, dist in space.space.items()]),
         ("fixed", "  ".join(f"{name}={_show(value)}" for name, value in space.point_defaults().items())),
         ("grid", _grid_line(space)),
@@ -469,16 +478,25 @@ def _trials_line(space: Space) -> str:
 
 
 def _search_line(space: Space) -> str:
-    name = {"tpe": "Optuna TPE", "random": "random sampling", "grid": "grid search"}[space.search.algorithm]
-    return f"{name}, seed {space.search.seed}"
+    name = {"tpe": "Optuna TPE", "nsga2": "Optuna NSGA-II", "random": "random sampling",
+            "grid": "grid search"}[space.search.algorithm]
+    steers = [metric for metric, _ in space.directions()] if space.search.uses_optuna else []
+    towards = f" towards {' and '.join(steers)}" if len(steers) > 1 else ""
+    limits = ", within the limits" if space.constraints and space.search.uses_optuna else ""
+    return f"{name}{towards}{limits}, seed {space.search.seed}"
+
+
+def _limit_line(metric: str, limit: Limit) -> str:
+    return f"{metric} {limit.text()}: a trial outside it is never the best"
 
 
 def _scheduler_line(space: Space) -> str:
     scheduler = space.scheduler
     if scheduler.type == "none":
         return "none: every trial trains all epochs"
+    primary = f" by {space.metric}, the primary metric" if space.objectives else ""
     return (f"ASHA: first rung after {_count(scheduler.grace_epochs, 'epoch')}, keeps 1/"
-            f"{scheduler.reduction_factor} of the trials at each rung")
+            f"{scheduler.reduction_factor} of the trials at each rung{primary}")
 
 
 def _resources_line(space: Space) -> str:

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 from mmengine.hooks import Hook
 
-from trainers.inference import FPS_METRIC, measure_fps
+from spaces.objectives import FPS_METRIC
+from trainers.cost import model_cost
+from trainers.inference import measure_fps
 from trainers.metrics import EPOCH, VAL_PREFIX, non_finite, train_metrics, val_metrics
 
 Report = Callable[[dict[str, float], Path], None]
@@ -32,8 +34,9 @@ class EpochReportHook(Hook):
     ``empty_scores`` stands in for the val columns when the evaluator returns none because nothing was
     detected. Runs at ``LOWEST`` priority so mmengine's own CheckpointHook has already saved the epoch's checkpoint.
     Under DDP every rank calls ``report`` (Ray Train expects all workers to report) with the same values:
-    the train means are averaged over ranks first. After the last epoch the row also holds the inference speed
-    on the val set (``inference/fps``, each rank on its own device), since the tracker keeps one report per epoch.
+    the train means are averaged over ranks first. After the first and the last epoch the row also holds the
+    inference speed on the val set (``inference/fps``, each rank on its own device), so a trial ASHA stops early
+    has one too; the first epoch's row holds the model's machine-independent costs (:func:`~trainers.cost.model_cost`).
     """
 
     priority = "LOWEST"
@@ -69,7 +72,9 @@ class EpochReportHook(Hook):
         if not any(key.startswith(VAL_PREFIX + "bbox_mAP") for key in val):
             val.update(self._empty_scores)
         row = {**train_metrics(sums, count), **val, EPOCH: float(epoch)}
-        if epoch == runner.max_epochs:
+        if epoch == 1:
+            row.update(model_cost(runner.model, runner.val_dataloader.dataset))
+        if epoch in (1, runner.max_epochs):
             row[FPS_METRIC] = measure_fps(runner.model, runner.val_dataloader.dataset)
         bad = non_finite(row)
         if bad:  # never hand a NaN to ASHA (ray#6659) or MLflow

@@ -1,8 +1,9 @@
 """Inference speed: frames per second at batch 1, after warm-up, on the device the model is on.
 
-The log's "Inf time (fps)" column. A trial measures it once, on its validation images, after its last epoch;
-``dettune predict`` measures it on the user's images. Both time the model's whole test step (preprocessing,
-forward, box post-processing) and leave data loading out, as mmdet's own benchmark tool does.
+The log's "Inf time (fps)" column. A trial measures it on its validation images after its first epoch (so a
+trial ASHA stops early has one too) and after its last; ``dettune predict`` measures it on the user's images.
+Both time the model's whole test step (preprocessing, forward, box post-processing) and leave data loading
+out, as mmdet's own benchmark tool does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any, TypeVar
 import torch
 from mmengine.dataset import pseudo_collate
 
-FPS_METRIC = "inference/fps"
 WARMUP_IMAGES = 2
 TIMED_IMAGES = 20
 
@@ -50,18 +50,23 @@ def timed_inference(infer: Callable[[Item], Output], inputs: Sequence[Item], *, 
     return len(outputs) / elapsed, outputs
 
 
+def fps_settings(device: str) -> dict[str, str]:
+    """How a trial measures ``inference/fps`` (logged as params, so two FPS figures can be compared)."""
+    return {"inference.batch_size": "1", "inference.warmup": str(WARMUP_IMAGES),
+            "inference.images": str(TIMED_IMAGES), "inference.device": device}
+
+
 def measure_fps(model: Any, dataset: Any, *, warmup: int = WARMUP_IMAGES, images: int = TIMED_IMAGES) -> float:
-    """Frames per second of ``model.test_step`` on up to ``images`` items of ``dataset``, one at a time.
+    """Frames per second of ``model.test_step`` on ``images`` items of ``dataset``, one at a time.
 
     Args:
         model: An mmengine model (or its DDP wrapper); it is put in eval mode and restored afterwards.
-        dataset: The validation dataset; items are loaded before the clock starts. Warm-up reuses the
-            first items when the dataset is small.
+        dataset: The validation dataset; items are loaded before the clock starts. A small dataset is cycled
+            through, so every trial times the same number of calls.
         warmup: Untimed calls first.
-        images: At most this many timed calls.
+        images: Timed calls.
     """
-    count = min(images, len(dataset))
-    batches = [pseudo_collate([dataset[i % len(dataset)]]) for i in range(warmup + count)]
+    batches = [pseudo_collate([dataset[i % len(dataset)]]) for i in range(warmup + images)]
     was_training = model.training
     model.eval()
     try:

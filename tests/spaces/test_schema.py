@@ -166,7 +166,7 @@ BAD_FIELDS = [
     ("scheduler.grace_epochs", 0, "scheduler.grace_epochs", "must be >= 1"),
     ("scheduler.grace_epochs", 12, "scheduler.grace_epochs", "grace_epochs < budget.epochs must hold"),
     ("scheduler.type", "hyperband", "scheduler.type", "'asha' or 'none'"),
-    ("search.algorithm", "bayes", "search.algorithm", "'tpe', 'random' or 'grid'"),
+    ("search.algorithm", "bayes", "search.algorithm", "'tpe', 'nsga2', 'random' or 'grid'"),
     ("metric", "val/bbox_map", "metric", "did you mean 'val/bbox_mAP'?"),
     ("mode", "maximize", "mode", "'max' or 'min'"),
     ("space.backbon", {"choice": ["r50"]}, "space.backbon", "did you mean 'backbone'?"),
@@ -274,3 +274,51 @@ def test_error_lists_every_problem_one_per_line() -> None:
     first = Problem("a.yaml", "budget.epochs", 0, "must be >= 1")
     error = SpaceError([first, Problem("b.yaml", "name", MISSING, "?")])
     assert str(error) == "a.yaml: budget.epochs = 0: must be >= 1\nb.yaml: name = <missing>: ?"
+
+
+TRADE_OFF = {"objectives": [{"metric": "inference/fps", "mode": "max"}, {"metric": "model/gflops", "mode": "min"}],
+             "constraints": {"inference/fps": {"min": 10}, "model/params_M": {"min": 1, "max": 60.5}}}
+
+
+def test_objectives_and_constraints_load_and_round_trip(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, {**valid(), **TRADE_OFF, "search": {"algorithm": "nsga2"}}))
+    assert space.directions() == [("val/bbox_mAP", "max"), ("inference/fps", "max"), ("model/gflops", "min")]
+    assert (space.constraints["inference/fps"].min, space.constraints["inference/fps"].max) == (10, None)
+    assert space.constraints["model/params_M"].text() == ">= 1 and <= 60.5"
+    assert space.search.uses_optuna
+    assert Space.from_json(json.loads(json.dumps(space.to_json()))) == space
+
+
+BAD_OBJECTIVES = [
+    ({"objectives": [{"metric": "inference/fsp", "mode": "max"}]}, "objectives.0.metric", "inference/fsp",
+     "did you mean 'inference/fps'?"),
+    ({"objectives": [{"metric": "inference/fps", "mode": "maximize"}]}, "objectives.0.mode", "maximize",
+     "'max' or 'min'"),
+    ({"objectives": [{"metric": "inference/fps"}]}, "objectives.0.mode", MISSING, "required field is missing"),
+    ({"objectives": [{"metric": "val/bbox_mAP", "mode": "max"}]}, "objectives.0.metric", "val/bbox_mAP",
+     "is already an objective"),
+    ({"constraints": {"lb/public_mAP": {"min": 50}}}, "constraints.lb/public_mAP", {"min": 50},
+     "no trial reports lb/public_mAP (`dettune lb` records it after the search)"),
+    ({"constraints": {"model/gflop": {"max": 5}}}, "constraints.model/gflop", {"max": 5},
+     "did you mean 'model/gflops'?"),
+    ({"constraints": {"inference/fps": {}}}, "constraints.inference/fps", {}, "a limit needs min or max"),
+    ({"constraints": {"model/gflops": {"min": 5, "max": 1}}}, "constraints.model/gflops", {"min": 5, "max": 1},
+     "min <= max must hold, but got (min=5, max=1)"),
+    ({"objectives": [{"metric": "inference/fps", "mode": "max"}], "search": {"algorithm": "grid"},
+      "space": {"scale": {"choice": [[800, 800], [512, 512]]}}}, "search.algorithm", "grid",
+     "nothing to steer: use tpe or nsga2, or remove objectives"),
+]
+
+
+@pytest.mark.parametrize(("sections", "field", "value", "fragment"), BAD_OBJECTIVES)
+def test_bad_objective_or_constraint(tmp_path: Path, sections: dict[str, Any], field: str, value: Any,
+                                     fragment: str) -> None:
+    problem = only_problem(tmp_path, {**valid(), **sections})
+    assert (problem.field, problem.value) == (field, value)
+    assert fragment in problem.rule
+
+
+def test_constraints_work_with_grid(tmp_path: Path) -> None:
+    data = {**valid(), "constraints": {"inference/fps": {"min": 10}}, "search": {"algorithm": "grid"},
+            "space": {"scale": {"choice": [[800, 800], [512, 512]]}}}
+    assert load_space(write(tmp_path, data)).constraints["inference/fps"].min == 10

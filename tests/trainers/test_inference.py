@@ -9,7 +9,8 @@ import pytest
 from conftest import FASTER_BASE, tiny_point
 
 from spaces.dataset import Dataset
-from trainers.inference import FPS_METRIC, measure_fps, timed_inference
+from spaces.objectives import FPS_METRIC
+from trainers.inference import measure_fps, timed_inference
 from trainers.trial import TrialSpec, run_trial
 
 
@@ -52,10 +53,10 @@ def test_measure_fps_runs_batch_one_in_eval_mode_and_restores_training() -> None
         ([0], False), ([1], False), ([2], False), ([3], False), ([4], False)]
 
 
-def test_small_val_sets_are_reused_for_warmup() -> None:
+def test_small_val_sets_are_cycled_so_every_trial_times_the_same_number_of_calls() -> None:
     model = _Model()
-    measure_fps(model, [{"inputs": 0}, {"inputs": 1}], warmup=2, images=20)
-    assert [batch["inputs"] for batch, _ in model.calls] == [[0], [1], [0], [1]]
+    measure_fps(model, [{"inputs": 0}, {"inputs": 1}], warmup=2, images=5)
+    assert [batch["inputs"] for batch, _ in model.calls] == [[0], [1], [0], [1], [0], [1], [0]]
 
 
 @pytest.mark.slow

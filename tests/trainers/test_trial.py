@@ -19,8 +19,8 @@ from mmengine.visualization import Visualizer
 
 from spaces.backbones import backbone
 from spaces.dataset import Dataset
+from spaces.objectives import FPS_METRIC
 from trainers.checkpoint import load_checkpoint
-from trainers.inference import FPS_METRIC
 from trainers.runner import build_runner, release_globals
 from trainers.trial import TRIAL_LOG, TrialSpec, run_trial, trial_config
 
