@@ -7,8 +7,9 @@ so this searcher folds every result into the trial's values (:func:`spaces.objec
 its best epoch by the primary metric, costs as last measured) and tells Optuna those. ASHA keeps pruning on the
 primary metric alone; Optuna only hears of a trial when it ends.
 
-With limits, each finished trial carries its violations as a user attribute (<= 0 where met), which the
-sampler's ``constraints_func`` reads (Optuna's constrained TPE and NSGA-II: infeasible trials rank last).
+With limits, each finished trial gets one constraint value per limit (<= 0 where met) through
+``Trial.set_constraint``, which Optuna's constrained TPE and NSGA-II read (infeasible trials rank after feasible
+ones); Optuna 5 deprecates the samplers' ``constraints_func`` for it.
 """
 
 from __future__ import annotations
@@ -17,30 +18,20 @@ from typing import Any
 
 from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
 from optuna.storages import BaseStorage
-from optuna.trial import FrozenTrial
 from ray.tune.search.optuna import OptunaSearch
 
-from spaces.objectives import fold_row, violations
+from spaces.objectives import fold_row, limit_violations
 from spaces.schema import Space
-
-VIOLATIONS_ATTR = "dettune.violations"
-
-
-def recorded_violations(trial: FrozenTrial) -> list[float]:
-    """Optuna's ``constraints_func``: the violations :class:`ObjectiveSearch` stored on the trial."""
-    return list(trial.user_attrs[VIOLATIONS_ATTR])
 
 
 def make_sampler(space: Space) -> BaseSampler:
-    """The space's Optuna sampler, with the limits as its constraints."""
-    constraints = recorded_violations if space.constraints else None
+    """The space's Optuna sampler."""
     seed = space.search.seed
     if space.search.algorithm == "nsga2":
         # Optuna's default population (50) would leave a search of a few dozen trials random throughout:
         # a quarter of the budget per generation lets it evolve a few times.
-        population = max(2, min(50, space.budget.trials // 4))
-        return NSGAIISampler(population_size=population, seed=seed, constraints_func=constraints)
-    return TPESampler(seed=seed, constraints_func=constraints)
+        return NSGAIISampler(population_size=max(2, min(50, space.budget.trials // 4)), seed=seed)
+    return TPESampler(seed=seed)
 
 
 class ObjectiveSearch(OptunaSearch):  # type: ignore[misc]
@@ -72,6 +63,7 @@ class ObjectiveSearch(OptunaSearch):  # type: ignore[misc]
         values = self._values.pop(trial_id, {})
         if result and values:
             result = {**result, **values}
-        if self._constraints and trial_id in self._ot_trials:  # Optuna reads them for pruned trials too
-            self._ot_trials[trial_id].set_user_attr(VIOLATIONS_ATTR, violations(values, self._constraints))
+        if trial_id in self._ot_trials:
+            for key, violation in limit_violations(values, self._constraints).items():
+                self._ot_trials[trial_id].set_constraint(key, violation)
         super().on_trial_complete(trial_id, result=result, error=error)

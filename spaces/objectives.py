@@ -64,23 +64,29 @@ def trial_values(rows: Iterable[Mapping[str, float]], *, primary: str, mode: str
     return values
 
 
-def violations(values: Mapping[str, float], constraints: Mapping[str, Bounds]) -> list[float]:
-    """One number per limit, Optuna's convention: <= 0 where it is met, else how far off, relative to the limit.
+def limit_violations(values: Mapping[str, float], constraints: Mapping[str, Bounds]) -> dict[str, float]:
+    """One number per limit (``inference/fps >=``, ...), Optuna's convention: <= 0 where it is met, else how far
+    off, relative to the limit.
 
     Relative, so that limits in different units (fps, millions of parameters) add up fairly when the closest
     infeasible trials are ranked. A metric the trial never reported breaks its limit by :data:`UNMEASURED`.
     """
-    out = []
+    out = {}
     for metric, bounds in constraints.items():
         value = values.get(metric)
-        for limit, sign in ((bounds.min, 1.0), (bounds.max, -1.0)):
+        for limit, sign, name in ((bounds.min, 1.0, ">="), (bounds.max, -1.0, "<=")):
             if limit is None:
                 continue
             if value is None or not math.isfinite(value):
-                out.append(UNMEASURED)
+                out[f"{metric} {name}"] = UNMEASURED
             else:
-                out.append(sign * (limit - value) / (abs(limit) or 1.0))
+                out[f"{metric} {name}"] = sign * (limit - value) / (abs(limit) or 1.0)
     return out
+
+
+def violations(values: Mapping[str, float], constraints: Mapping[str, Bounds]) -> list[float]:
+    """The numbers of :func:`limit_violations`, in the limits' order."""
+    return list(limit_violations(values, constraints).values())
 
 
 def is_feasible(values: Mapping[str, float], constraints: Mapping[str, Bounds]) -> bool:

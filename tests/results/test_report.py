@@ -30,6 +30,7 @@ HYPOTHESIS = "A larger lr learns faster in two epochs."
 METHOD = "Grid over two learning rates."
 FAILURE = "RuntimeError: CUDA out of memory | tried 2 GiB"
 LOG_COLUMNS = ["Exp num", "Backbone", "RoI Head", "Epoch", "initial lr", "Lr schd", "Optimizer", "Inf time (fps)",
+               "GFLOPs", "Params (M)",
                "val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_l", "val/bbox_mAP_m",
                "val/bbox_mAP_s", "train/loss_rpn_cls", "train/s1.loss_bbox", "train/s2.loss_cls", "train/s1.acc",
                "train/s2.acc", "train/loss"]

@@ -219,6 +219,32 @@ def test_area_metric_needs_val_objects_of_its_range(
     assert f"no {word} objects" in problem.rule and "-1" in problem.rule
 
 
+def test_objective_or_limit_on_an_area_metric_no_trial_reports(data_root: Path, tmp_path: Path) -> None:
+    edit_json(data_root / "val.json",
+              lambda doc: doc.update(annotations=[a for a in doc["annotations"] if a["area"] >= 32**2]))
+    data = space_data(data_root, objectives=[{"metric": "val/bbox_mAP_s", "mode": "max"}],
+                      constraints={"val/bbox_mAP_s": {"min": 0.1}})
+
+    problems = problems_of(tmp_path, data)
+
+    assert [(p.field, p.value) for p in problems] == [("objectives.0.metric", "val/bbox_mAP_s"),
+                                                      ("constraints.val/bbox_mAP_s", "val/bbox_mAP_s")]
+    assert all("no small objects" in p.rule and "no trial reports val/bbox_mAP_s" in p.rule for p in problems)
+
+
+def test_summary_of_a_constrained_multi_objective_search(data_root: Path, tmp_path: Path) -> None:
+    data = space_data(data_root, objectives=[{"metric": "inference/fps", "mode": "max"}],
+                      constraints={"model/params_M": {"max": 60}}, search={"algorithm": "nsga2"},
+                      scheduler={"type": "asha", "grace_epochs": 1})
+
+    text = summary(check_file(write_space(tmp_path, data)))
+
+    assert "objectives inference/fps (max)" in text
+    assert "limits     model/params_M <= 60: a trial outside it is never the best" in text
+    assert "search     Optuna NSGA-II towards val/bbox_mAP and inference/fps, within the limits, seed 0" in text
+    assert "by val/bbox_mAP, the primary metric" in text
+
+
 def test_knob_combination_that_cannot_build(data_root: Path, tmp_path: Path) -> None:
     overrides = {"model.roi_head.bbox_head.0.loss_cls.loss_weight": 2.0}  # cascade's list of three heads
     data = space_data(data_root, space={"roi_head": {"choice": ["cascade", "faster"]}}, overrides=overrides)

@@ -1,0 +1,142 @@
+"""Accuracy against cost on a real search: the costs every trial reports, the Pareto front in the report and in
+MLflow, and export within limits.
+
+One search runs per module (Ray in-process, tiny Faster R-CNN, ResNet-18 at 96 or 192 px: a real GFLOPs and FPS
+trade-off), TPE over three objectives with ASHA pruning on the primary metric. Every expectation is computed here
+from MLflow's raw metric histories, not from dettune's read-back code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import write_space
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from results.report import open_search, open_tracking, write_report
+from search.cli import main
+from search.driver import SearchOptions, SearchOutcome, run_search
+from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_ROLE, TAG_STATUS
+from spaces.dataset import Dataset
+
+NAME = "pareto"
+PRIMARY = "val/bbox_mAP_50"
+OBJECTIVES = [("inference/fps", "max"), ("model/gflops", "min")]
+COSTS = ("inference/fps", "model/gflops", "model/params_M")
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, synth: Dataset, ray_local: None) -> SearchOutcome:
+    root = tmp_path_factory.mktemp("pareto")
+    space = write_space(root / "space.yaml", synth, name=NAME, metric=PRIMARY,
+                        objectives=[{"metric": m, "mode": mode} for m, mode in OBJECTIVES],
+                        budget={"epochs": 2, "trials": 4, "max_concurrent": 2},
+                        scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2},
+                        space={"scale": {"choice": [[96, 96], [192, 192]]}, "lr": {"loguniform": [0.005, 0.03]}},
+                        fixed={"backbone": "r18", "preset": "tiny", "optimizer": "sgd", "batch_size": 4})
+    return run_search(SearchOptions(space_file=space, storage=root / "runs"))
+
+
+def _children(outcome: SearchOutcome) -> list[Run]:
+    client = MlflowClient(outcome.tracking_uri)
+    experiment = client.get_experiment_by_name(NAME)
+    assert experiment is not None
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'")
+
+
+def _history(client: MlflowClient, run: Run, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+
+def _values(outcome: SearchOutcome) -> dict[str, list[float]]:
+    """Per finished trial: the best primary over its epochs, and each other objective's last measurement."""
+    client = MlflowClient(outcome.tracking_uri)
+    out = {}
+    for run in _children(outcome):
+        if run.data.tags[TAG_STATUS] in ("completed", "stopped"):
+            primary = max(v for _, v in _history(client, run, PRIMARY))
+            out[run.data.tags[TAG_EXP_NUM]] = [primary, *(_history(client, run, m)[-1][1] for m, _ in OBJECTIVES)]
+    return out
+
+
+def _non_dominated(values: dict[str, list[float]]) -> set[str]:
+    signs = [1.0, *(1.0 if mode == "max" else -1.0 for _, mode in OBJECTIVES)]
+
+    def beats(p: list[float], q: list[float]) -> bool:
+        return (all(s * a >= s * b for s, a, b in zip(signs, p, q, strict=True))
+                and any(s * a > s * b for s, a, b in zip(signs, p, q, strict=True)))
+
+    return {name for name, q in values.items() if not any(beats(p, q) for p in values.values())}
+
+
+@pytest.mark.slow
+def test_every_trial_has_its_costs_from_the_first_epoch(searched: SearchOutcome) -> None:
+    client = MlflowClient(searched.tracking_uri)
+    children = _children(searched)
+    assert len(children) == 4
+    for run in children:
+        for key in COSTS:
+            steps = [step for step, _ in _history(client, run, key)]
+            assert steps and steps[0] == 1, (run.data.tags[TAG_EXP_NUM], key, steps)
+        assert run.data.params["inference.batch_size"] == "1"
+        assert run.data.params["inference.device"] == "cpu"
+    gflops = {run.data.params["scale"]: run.data.metrics["model/gflops"] for run in children}
+    if len(gflops) == 2:  # both scales were tried: the larger input costs more
+        assert gflops["192x192"] > gflops["96x96"]
+
+
+@pytest.mark.slow
+def test_reports_front_is_the_non_dominated_set_and_mlflow_tags_it(searched: SearchOutcome, tmp_path: Path) -> None:
+    expected = _non_dominated(_values(searched))
+    report = write_report(open_search(open_tracking(searched.tracking_uri), NAME), tmp_path).read_text()
+
+    section = report[report.index("## Pareto front"):]
+    front = {line.split("|")[1].strip() for line in section.splitlines()[4:] if re.match(r"\| pareto-\d+ ", line)}
+    assert front == expected
+    assert sorted(p.name for p in (tmp_path / "plots").glob("pareto_*.png")) == [
+        "pareto_inference_fps.png", "pareto_model_gflops.png"]
+    assert "| GFLOPs | Params (M) |" in report
+
+    client = MlflowClient(searched.tracking_uri)
+    tagged = {r.data.tags[TAG_EXP_NUM] for r in _children(searched) if r.data.tags.get(TAG_PARETO) == "true"}
+    parent = client.get_run(_children(searched)[0].data.tags["mlflow.parentRunId"])
+    assert tagged == expected
+    assert set(parent.data.tags[TAG_FRONT].split(", ")) == expected
+
+
+@pytest.mark.slow
+def test_export_with_min_fps_picks_the_best_trial_that_meets_it(searched: SearchOutcome, tmp_path: Path) -> None:
+    values = _values(searched)
+    fps = sorted(v[1] for v in values.values())
+    limit = (fps[0] + fps[-1]) / 2  # some trials meet it, some don't
+    feasible = {name: v for name, v in values.items() if v[1] >= limit}
+    expected = max(feasible, key=lambda name: feasible[name][0])
+    best_without = max(values, key=lambda name: values[name][0])
+
+    code = main(["export", NAME, "--out", str(tmp_path / "model"), "--min-fps", str(limit),
+                 "--tracking-uri", searched.tracking_uri])
+    info = json.loads((tmp_path / "model" / "metrics.json").read_text())
+
+    assert code == 0
+    assert info["exp_num"] == expected
+    assert info["limits"] == {"inference/fps": f">= {limit:g}"}
+    assert info["traded"]["exported"][PRIMARY] == feasible[expected][0]
+    assert info["traded"]["exported"]["inference/fps"] >= limit
+    assert info["traded"]["best_without_limits"][PRIMARY] == values[best_without][0]
+
+
+@pytest.mark.slow
+def test_a_limit_no_trial_meets_is_exit_2_naming_the_closest(searched: SearchOutcome, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "model"
+    code = main(["export", NAME, "--out", str(out), "--min-fps", "100000", "--tracking-uri", searched.tracking_uri])
+    error = capsys.readouterr().err
+
+    assert code == 2
+    assert "no trial of pareto meets inference/fps >= 100000 (closest: pareto-" in error
+    assert "relax the limits" in error and "Traceback" not in error
+    assert not out.exists()
