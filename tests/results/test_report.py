@@ -140,20 +140,24 @@ def test_completed_stopped_and_failed_trials_are_marked(report: Path) -> None:
 
     for row in completed:
         assert row[3] == "2" and float(row[7]) > 0, "a completed trial shows its epochs and inference fps"
-        assert row[15:19] == ["-"] * 4, "Faster R-CNN has no cascade stages"
-    assert stopped[3] == "1/2 (stopped by ASHA)" and stopped[7] == "-" and stopped[8] == "0.0"
-    assert failed[3] == "0/2 (failed)" and failed[7:] == ["-"] * 13
+        assert float(row[8]) > 0 and float(row[9]) > 0, "and its GFLOPs and parameters"
+        assert row[17:21] == ["-"] * 4, "Faster R-CNN has no cascade stages"
+    assert stopped[3] == "1/2 (stopped by ASHA)" and stopped[7:10] == ["-"] * 3 and stopped[10] == "0.0"
+    assert failed[3] == "0/2 (failed)" and failed[7:] == ["-"] * 15
     assert list(rows)[-1] == f"{NAME}-4", "a trial without a score comes last"
     assert f"- {NAME}-4: {FAILURE}" in text
 
 
 @pytest.mark.slow
-def test_fps_is_logged_once_after_the_last_epoch(finished: FinishedSearch) -> None:
+def test_fps_is_logged_after_the_first_and_the_last_epoch_and_model_costs_once(finished: FinishedSearch) -> None:
     client = MlflowClient(finished.tracking_uri)
     for run in client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
                                   "tags.`dettune.status` = 'completed'"):
         history = client.get_metric_history(run.info.run_id, "inference/fps")
-        assert [m.step for m in history] == [2] and history[0].value > 0
+        assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
+        for cost in ("model/gflops", "model/params_M"):
+            points = client.get_metric_history(run.info.run_id, cost)
+            assert [m.step for m in points] == [1] and points[0].value > 0
 
 
 @pytest.mark.slow
