@@ -303,11 +303,16 @@ def _best_line(space: Space, trials: Sequence[TrialRecord]) -> str:
     scored = [t for t in trials if t.score(space.metric, space.mode) is not None]
     if not scored:
         return "no trial has reported yet"
+    feasible = [t for t in scored if is_feasible(record_values(t, space), space.constraints)]
+    if not feasible:
+        return "no trial meets the limits yet; per knob value, best and mean of the trials:"
     pick: Callable[..., TrialRecord] = max if space.mode == "max" else min
-    best = pick(scored, key=lambda t: t.score(space.metric, space.mode))
+    best = pick(feasible, key=lambda t: t.score(space.metric, space.mode))
     knobs = ", ".join(f"{k}={short_param(best.params.get(k, MISSING))}" for k in space.space)
     value = format_value(space.metric, best.score(space.metric, space.mode))
-    return f"best {best.exp_num}: {space.metric} {value} ({knobs}); per knob value, best and mean of the trials:"
+    within = " within the limits" if space.constraints else ""
+    return (f"best{within} {best.exp_num}: {space.metric} {value} ({knobs}); per knob value, best and mean of the "
+            "trials:")
 
 
 def _failed(trials: Sequence[TrialRecord]) -> list[str]:
