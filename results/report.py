@@ -242,8 +242,8 @@ def _pareto_section(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
     return ["", "## Pareto front",
             f"Objectives: {directions}. " + (f"Limits: {limits}; {feasible} of {len(values)} finished trials meet "
                                              "them. " if limits else "")
-            + f"No other finished trial is at least as good in every objective as these {len(front)} "
-            f"(MLflow: `tags.{TAG_PARETO} = 'true'`); costs are each trial's last measurement.", "",
+            + f"The front, {len(front)} of them: no other finished trial is as good in every objective and better "
+            f"in one (MLflow: `tags.{TAG_PARETO} = 'true'`). Costs are each trial's last measurement.", "",
             *markdown_table(header, rows),
             *(f"![{p.path.stem}]({p.path.relative_to(directory).as_posix()})" for p in plots)]
 

@@ -17,11 +17,12 @@ from conftest import write_space
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from results.report import open_search, open_tracking, write_report
+from results.report import draw_pareto, open_search, open_tracking, write_report
 from search.cli import main
 from search.driver import SearchOptions, SearchOutcome, run_search
-from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_ROLE, TAG_STATUS
+from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_ROLE, TAG_STATUS, Tracker
 from spaces.dataset import Dataset
+from spaces.schema import Space
 
 NAME = "pareto"
 PRIMARY = "val/bbox_mAP_50"
@@ -140,3 +141,43 @@ def test_a_limit_no_trial_meets_is_exit_2_naming_the_closest(searched: SearchOut
     assert "no trial of pareto meets inference/fps >= 100000 (closest: pareto-" in error
     assert "relax the limits" in error and "Traceback" not in error
     assert not out.exists()
+
+
+# Logged by hand as the driver's callback would: (status, per-epoch mAP, per-epoch FPS (None: not measured)).
+# Values per trial: best mAP and last FPS. Limit FPS >= 5. By hand: t3 (0.55, 3) is outside the limit; t4
+# (0.15, 20) is beaten by t1 (0.20, 28); t6 failed. The front is t1 (0.20, 28), t5 (0.25, 15), t2 (0.35, 11).
+HAND_LOGGED = {
+    "t1": ("completed", [0.10, 0.20], [30.0, 28.0]),
+    "t2": ("completed", [0.30, 0.35], [12.0, 11.0]),
+    "t3": ("completed", [0.50, 0.55], [4.0, 3.0]),
+    "t4": ("stopped", [0.15], [20.0]),
+    "t5": ("stopped", [0.25], [15.0]),
+    "t6": ("failed", [], []),
+}
+
+
+def test_report_lists_the_front_within_the_limits(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = Space.from_json({
+        "name": "hand", "base": "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
+        "data": {"root": "data", "train": "train.json", "val": "val.json"}, "metric": "val/bbox_mAP",
+        "objectives": [{"metric": "inference/fps", "mode": "max"}], "constraints": {"inference/fps": {"min": 5}},
+        "budget": {"epochs": 2, "trials": 6}, "space": {"lr": {"loguniform": [0.001, 0.1]}}})
+    tracker = Tracker(uri, "hand", artifact_root=tmp_path / "artifacts")
+    tracker.describe_search(tags={}, space_yaml="", space_json=json.dumps(space.to_json()))
+    for trial_id, (status, maps, fps) in HAND_LOGGED.items():
+        tracker.start_trial(trial_id, {"lr": 0.01})
+        for epoch, (value, speed) in enumerate(zip(maps, fps, strict=True), start=1):
+            tracker.log_epoch(trial_id, {"epoch": epoch, "val/bbox_mAP": value, "inference/fps": speed})
+        tracker.end_trial(trial_id, status=status, stopped_at=1 if status == "stopped" else None)
+    search = open_search(open_tracking(uri), "hand")
+
+    report = write_report(search, tmp_path / "report").read_text()
+    plots = draw_pareto(space, search.trials(), tmp_path / "plots")
+
+    section = report[report.index("## Pareto front"):report.index("### Plots")]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| hand-")]
+    assert rows == ["hand-1", "hand-2", "hand-5"]
+    assert "Limits: inference/fps >= 5; 4 of 5 finished trials meet them." in section
+    assert "best within the limits hand-2: val/bbox_mAP 35.0" in report
+    assert [(p.path.name, p.lines) for p in plots] == [("pareto_inference_fps.png", 2)]  # the front and the limit
