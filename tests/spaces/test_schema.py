@@ -304,6 +304,8 @@ BAD_OBJECTIVES = [
     ({"constraints": {"inference/fps": {}}}, "constraints.inference/fps", {}, "a limit needs min or max"),
     ({"constraints": {"model/gflops": {"min": 5, "max": 1}}}, "constraints.model/gflops", {"min": 5, "max": 1},
      "min <= max must hold, but got (min=5, max=1)"),
+    ({"objectives": [{"metric": "inference/fps", "mode": "max"}], "warm_start": ["earlier"]}, "warm_start",
+     ["earlier"], "objectives need every objective's value: remove warm_start or objectives"),
     ({"objectives": [{"metric": "inference/fps", "mode": "max"}], "search": {"algorithm": "grid"},
       "space": {"scale": {"choice": [[800, 800], [512, 512]]}}}, "search.algorithm", "grid",
      "nothing to steer: use tpe or nsga2, or remove objectives"),
