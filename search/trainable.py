@@ -8,6 +8,7 @@ on the process group Ray made, and ``TuneReportCallback`` forwards rank 0's repo
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -105,7 +106,16 @@ def _launch_torch_trainer(config: dict[str, Any], plan: TrialPlan, trial_id: str
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=plan.storage,
                                        callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
     )
-    trainer.fit()
+    fit_to_end_or_failure(trainer, plan, trial_id)
+
+
+def fit_to_end_or_failure(trainer: Any, plan: TrialPlan, trial_id: str) -> None:
+    """Runs a multi-worker trial; one that failed for good (its reason recorded) ends instead of being retried."""
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError:
+        if plan.failure_of(trial_id) is None:  # a crash: Tune may retry the trial
+            raise
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -121,7 +131,7 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
     dataset = open_dataset(Path(plan.data_root), space.data.train, space.data.val, space.data.images)
     spec = TrialSpec(base=plan.base, dataset=dataset, point=plan.point(config), work_dir=work_dir,
                      pretrained=plan.pretrained, overrides=space.overrides, seed=space.search.seed,
-                     dataloader_workers=plan.dataloader_workers)
+                     dataloader_workers=plan.dataloader_workers, workers=plan.workers)
     resume_from = _restore(get_checkpoint(), work_dir)
 
     def report_epoch(metrics: dict[str, float], checkpoint: Path) -> None:
@@ -134,11 +144,20 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
     try:
         run_trial(spec, report=report_epoch, resume_from=resume_from)
     except UNRECOVERABLE as exc:
-        if rank == 0:
-            plan.failure_file(trial_id).write_text(f"{type(exc).__name__}: {exc}")
+        _record_failure(plan.failure_file(trial_id), exc)
+        if plan.workers > 1:
+            # The other ranks may wait in a collective for this one (an OOM is not agreed like a NaN loss):
+            # failing the worker makes Ray Train stop the whole group within seconds.
+            raise
     finally:
         for stale in work_dir.rglob("*.pth"):  # reported copies live in Ray storage
             stale.unlink()
+
+
+def _record_failure(path: Path, exc: BaseException) -> None:
+    """Keeps the first reason: with several workers, the rank that failed first knows why."""
+    with contextlib.suppress(FileExistsError), path.open("x") as file:
+        file.write(f"{type(exc).__name__}: {exc}")
 
 
 def _restore(checkpoint: Checkpoint | None, work_dir: Path) -> Path | None:

@@ -84,6 +84,8 @@ class Build:
     point: Mapping[str, Any]
     dataset: Dataset
     pretrained: Mapping[str, str]
+    workers: int = 1
+    """Data-parallel training processes; each sees 1/workers of an epoch."""
 
     @property
     def tiny(self) -> bool:
@@ -164,6 +166,7 @@ def build_config(
     *,
     pretrained: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    workers: int = 1,
 ) -> Config:
     """Returns the trial's config: ``base`` with the dataset, every knob in ``point`` and ``overrides``.
 
@@ -176,13 +179,15 @@ def build_config(
         dataset: the data every dataloader, evaluator and head is pointed at.
         pretrained: backbone name -> local ImageNet checkpoint; a backbone without one trains from scratch.
         overrides: dotted config key -> value, applied last; each key must already exist.
+        workers: data-parallel training processes; each sees 1/workers of an epoch, so iteration-based
+            settings (the warm-up) count one worker's iterations.
 
     Raises:
         KnobError: when the step of a knob fails (a :class:`BuildError`, naming the knob).
         BuildError: for a dataset or override that cannot become part of a valid config.
     """
     cfg = copy.deepcopy(base) if isinstance(base, Config) else load_base(base)
-    build = Build(point=point, dataset=dataset, pretrained=pretrained or {})
+    build = Build(point=point, dataset=dataset, pretrained=pretrained or {}, workers=workers)
     for entry in STEPS.values():
         if entry.applies(point):
             _apply(entry, cfg, build)
@@ -202,13 +207,15 @@ def _apply(entry: Step, cfg: Config, build: Build) -> None:
         raise KnobError(entry.knob, error) from error
 
 
-def _iters_per_epoch(cfg: Config, dataset: Dataset) -> int:
+def _iters_per_epoch(cfg: Config, dataset: Dataset, workers: int) -> int:
     """Training iterations in one epoch on one worker, counting RepeatDataset passes."""
     repeats, node = 1, cfg.train_dataloader.dataset
     while "dataset" in node:
         repeats *= int(node.get("times", 1))
         node = node.dataset
-    return max(1, dataset.num_train_images * repeats // int(cfg.train_dataloader.batch_size))
+    # mmengine's DefaultSampler gives each of the workers ceil(images / workers) samples.
+    per_worker = math.ceil(dataset.num_train_images * repeats / workers)
+    return max(1, per_worker // int(cfg.train_dataloader.batch_size))
 
 
 # --- roi_head ---------------------------------------------------------------------------------------
@@ -505,7 +512,7 @@ def _batch_size(cfg: Config, build: Build) -> None:
 def _optimisation(cfg: Config, build: Build) -> None:
     """Sets optimiser, lr, epochs and lr schedule together, so the schedule always fits max_epochs."""
     point = build.point
-    iters_per_epoch = _iters_per_epoch(cfg, build.dataset)
+    iters_per_epoch = _iters_per_epoch(cfg, build.dataset, build.workers)
     epochs = int(point.get("epochs", cfg.train_cfg.max_epochs))
     optimizer = point.get("optimizer")
     if optimizer is not None:

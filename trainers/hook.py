@@ -59,8 +59,9 @@ class EpochReportHook(Hook):
         if not self._started:  # start-up overhead, for bench/overhead and for users reading trial.log
             self._started = True
             runner.logger.info(f"{FIRST_ITER_MARK} {time.time():.3f}")
-        if not math.isfinite(self._sums.get("loss", 0.0)):
-            raise TrialDiverged(f"loss became {self._sums['loss']} in epoch {runner.epoch + 1}, "
+        diverged = _non_finite_losses_on_ranks(float((outputs or {}).get("loss", 0.0)))
+        if diverged:
+            raise TrialDiverged(f"loss became {_ranks_text(diverged)} in epoch {runner.epoch + 1}, "
                                 f"iteration {batch_idx + 1}: lower the lr or add gradient clipping")
         self._sums["lr"] += float(runner.optim_wrapper.get_lr()["lr"][0])
         self._count += 1
@@ -83,10 +84,35 @@ class EpochReportHook(Hook):
 
     def _summed_over_ranks(self) -> tuple[dict[str, float], int]:
         keys = sorted(self._sums)
-        values = torch.tensor([self._sums[k] for k in keys] + [float(self._count)], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                values = values.cuda()
-            dist.all_reduce(values)
-        *sums, count = values.tolist()
+        *sums, count = _all_ranks_sum([self._sums[k] for k in keys] + [float(self._count)])
         return dict(zip(keys, sums, strict=True)), int(count)
+
+
+def _non_finite_losses_on_ranks(loss: float) -> dict[int, float]:
+    """This iteration's non-finite losses by rank, the same on every rank.
+
+    Every rank must agree: a rank that stopped alone would leave the others waiting in DDP's next gradient
+    all-reduce until the process group times out (30 minutes). So each rank shares its loss every iteration
+    (one small all-reduce, after the optimizer step, where all ranks are in step) and all stop together.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    losses = [0.0] * world
+    losses[rank] = loss  # the other ranks add 0.0 to this slot, so the sum is this rank's loss, NaN included
+    return {r: value for r, value in enumerate(_all_ranks_sum(losses)) if not math.isfinite(value)}
+
+
+def _ranks_text(losses: Mapping[int, float]) -> str:
+    """``"nan"`` alone, or ``"nan on rank 1"`` when training is distributed."""
+    values = ", ".join(f"{value} on rank {rank}" for rank, value in losses.items())
+    return values if dist.is_available() and dist.is_initialized() else str(next(iter(losses.values())))
+
+
+def _all_ranks_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over all ranks (the values themselves without a process group)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor)
+    return [float(v) for v in tensor.tolist()]

@@ -39,12 +39,13 @@ class TrialSpec:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     dataloader_workers: int = 0
+    workers: int = 1  # data-parallel training processes the epoch is split across
 
 
 def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | None = None) -> Config:
     """The full config the Runner gets: the knobs' config plus this trial's runtime settings."""
     cfg = build_config(spec.base, spec.point, spec.dataset, pretrained=spec.pretrained,
-                       overrides=spec.overrides)
+                       overrides=spec.overrides, workers=spec.workers)
     distributed = dist.is_available() and dist.is_initialized()
     cuda = torch.cuda.is_available()
     cfg.work_dir = str(spec.work_dir)

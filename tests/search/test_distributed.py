@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ray.cloudpickle
 import ray.train
 import torch
@@ -14,8 +15,10 @@ from mlflow.tracking import MlflowClient
 from mmengine.hooks import Hook
 from ray.train.torch import TorchTrainer
 
-from search.driver import SearchOptions, run_search
+from search.driver import SearchOptions, make_plan, run_search
+from search.trainable import _worker_loop, fit_to_end_or_failure
 from spaces.dataset import Dataset, open_dataset
+from spaces.schema import load_space
 from trainers.runner import build_runner, release_globals
 from trainers.trial import TrialSpec, trial_config
 
@@ -40,6 +43,8 @@ class _StepProbe(Hook):
 
     def after_train_epoch(self, runner: Any) -> None:
         torch.save(self.image_ids, self.out / "image_ids.pt")
+        iterations = {"epoch": len(runner.train_dataloader), "warmup": runner.cfg.param_scheduler[0]["end"]}
+        torch.save(iterations, self.out / "iterations.pt")
 
 
 def _probe_loop(config: dict[str, Any]) -> None:
@@ -47,7 +52,7 @@ def _probe_loop(config: dict[str, Any]) -> None:
     out = Path(config["out"]) / f"rank{rank}"
     dataset = open_dataset(config["root"], "train.json", "val.json")
     point = dict(backbone="r18", preset="tiny", scale=[160, 160], optimizer="sgd", lr=0.02, epochs=1, batch_size=2)
-    spec = TrialSpec(base=FASTER_BASE, dataset=dataset, point=point, work_dir=out)
+    spec = TrialSpec(base=FASTER_BASE, dataset=dataset, point=point, work_dir=out, workers=2)
     cfg = trial_config(spec, experiment_name=f"ddp-probe-{rank}")
     try:
         runner = build_runner(cfg)
@@ -72,6 +77,51 @@ def test_two_workers_train_in_sync(tmp_path: Path, synth: Dataset, ray_local: No
     seen = [set(torch.load(tmp_path / f"rank{r}" / "image_ids.pt")) for r in (0, 1)]
     assert seen[0] and seen[1] and not seen[0] & seen[1], "each rank must train on its own shard"
     assert len(seen[0] | seen[1]) == synth.num_train_images
+    for rank in (0, 1):  # the warm-up (shorter than an epoch here) is counted in this worker's iterations
+        iterations = torch.load(tmp_path / f"rank{rank}" / "iterations.pt")
+        assert iterations["warmup"] == iterations["epoch"] == len(seen[rank]) // 2
+
+
+def _train_rank1_breaks(loop_config: dict[str, Any]) -> None:
+    """The trial's own worker loop, with rank 1's detector breaking at its second training iteration."""
+    from mmdet.models.detectors.two_stage import TwoStageDetector
+
+    if ray.train.get_context().get_world_rank() == 1:
+        loss, calls = TwoStageDetector.loss, []
+
+        def broken(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            calls.append(1)
+            if len(calls) == 2 and loop_config["fault"] == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
+            losses = loss(self, *args, **kwargs)
+            if len(calls) >= 2:
+                losses["loss_cls"] = losses["loss_cls"] * float("nan")
+            return losses
+
+        TwoStageDetector.loss = broken  # type: ignore[method-assign]
+    _worker_loop(loop_config)
+
+
+@pytest.mark.timeout(300)  # a rank left waiting in a collective would hang for the 30-minute process-group timeout
+@pytest.mark.parametrize(("fault", "reason"), [
+    ("nan", "TrialDiverged: loss became nan on rank 1 in epoch 1, iteration 2"),
+    ("oom", "OutOfMemoryError: CUDA out of memory (injected on rank 1)"),
+])
+def test_a_fault_on_one_rank_ends_the_trial_on_every_rank(tmp_path: Path, synth: Dataset, ray_local: None,
+                                                          fault: str, reason: str) -> None:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    space_file = write_space(tmp_path / "space.yaml", synth, name="fault",
+                             budget={"epochs": 2, "trials": 1, "workers_per_trial": 2, "cpus_per_worker": 1})
+    plan = make_plan(load_space(space_file), tmp_path / "runs")
+    trainer = TorchTrainer(
+        _train_rank1_breaks,
+        train_loop_config={"config": {"lr": 0.01}, "plan": plan, "trial_id": "t0", "fault": fault},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=ray.train.RunConfig(name=f"fault-{fault}", storage_path=plan.storage))
+
+    fit_to_end_or_failure(trainer, plan, "t0")  # returns: the trial failed for good, Tune must not retry it
+
+    assert (plan.failure_of("t0") or "").startswith(reason)
 
 
 def test_two_worker_search_reports_each_epoch_once(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
