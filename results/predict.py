@@ -64,10 +64,11 @@ def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: fl
 
     Raises:
         NotFound: A missing model or image file; checked before the model loads.
-        BadArgument: A threshold outside 0..1.
+        BadArgument: A threshold outside 0..1, or a device torch cannot use.
     """
     _check_inputs(model_dir, images, score_thr)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
     from mmdet.apis import DetInferencer
 
     cfg = load_config(model_dir / TRIAL_CONFIG)
@@ -96,6 +97,16 @@ def _check_inputs(model_dir: Path, images: Sequence[Path], score_thr: float) -> 
         raise BadArgument(f"--score-thr is {score_thr}, but must be between 0 and 1")
 
 
+def _check_device(device: str) -> None:
+    try:
+        index = torch.device(device).index or 0
+    except RuntimeError:
+        raise BadArgument(f"--device {device} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and index >= torch.cuda.device_count():
+        raise BadArgument(f"--device {device}, but torch {torch.__version__} sees {torch.cuda.device_count()} CUDA "
+                         "devices: use --device cpu, or a GPU index that exists")
+
+
 def _drawn_paths(out: Path, images: Sequence[Path]) -> list[Path]:
     """``out/<stem>.png`` per image, numbered where two images share a name."""
     paths: list[Path] = []
@@ -120,7 +131,7 @@ def _prediction(inferencer: Any, image: Path, sample: Any, classes: Sequence[str
 # --- command line ---------------------------------------------------------------------------------------
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds ``dettune predict DIR IMAGE... [--out OUTDIR] [--score-thr T]``."""
+    """Adds ``dettune predict DIR IMAGE... [--out OUTDIR] [--score-thr T] [--device D]``."""
     parser = commands.add_parser("predict", help="detect objects on images with an exported model")
     parser.add_argument("model_dir", metavar="DIR", help="a directory written by `dettune export`")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
@@ -128,12 +139,15 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="output directory: <image>.png per image and predictions.json (default: predictions)")
     parser.add_argument("--score-thr", type=float, default=DEFAULT_SCORE_THR,
                         help=f"keep detections scoring at least this, 0..1 (default {DEFAULT_SCORE_THR})")
+    parser.add_argument("--device", help="torch device to run on, e.g. cpu, cuda:1 (default: cuda when torch "
+                                         "sees a GPU, else cpu)")
     parser.set_defaults(handler=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` command."""
-    done = predict(Path(args.model_dir), [Path(p) for p in args.images], Path(args.out), score_thr=args.score_thr)
+    done = predict(Path(args.model_dir), [Path(p) for p in args.images], Path(args.out), score_thr=args.score_thr,
+                   device=args.device)
     found = sum(len(p.labels) for p in done.predictions)
     print(f"{found} detections on {len(done.predictions)} images, written to {args.out}")
     print(f"inference: {done.fps:.1f} FPS (batch 1, {done.device}, after {WARMUP_IMAGES} warm-up runs)")

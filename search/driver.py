@@ -24,6 +24,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from search import staging
 from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
+from search.resources import check_cluster
 from search.tracking import (
     TAG_EXP_NUM,
     TAG_FAILURE,
@@ -35,7 +36,7 @@ from search.tracking import (
     local_tracking_uri,
     outcome_text,
 )
-from search.trainable import TrialPlan, tune_trial
+from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
 from spaces.errors import NotFound, UserError
 from spaces.objectives import best_trial, feasible_front, trial_values
@@ -102,7 +103,7 @@ def make_plan(space: Space, storage: Path) -> TrialPlan:
     budget = space.budget
     return TrialPlan(space=space.to_json(), base=base, data_root=str(root), workers=budget.workers_per_trial,
                      cpus_per_worker=budget.cpus_per_worker,
-                     gpus_per_worker=budget.gpus_per_trial // budget.workers_per_trial if budget.gpus_per_trial else 0,
+                     gpus_per_worker=budget.gpus_per_trial / budget.workers_per_trial,
                      storage=str(storage), name=space.name,
                      pretrained={k: str(Path(v).resolve()) for k, v in space.pretrained.items()})
 
@@ -160,6 +161,7 @@ def connect_ray(address: str | None) -> None:
     """Joins the given cluster, the cluster of the Ray job we run in, or starts Ray in this process."""
     if ray.is_initialized():
         return
+    os.environ.setdefault(HIDE_UNASSIGNED_GPUS, "1")  # a local Ray's workers inherit it: CPU trials see no GPU
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or "auto", log_to_driver=False)
     else:  # "local": a private instance, never the cluster that `ray start` last recorded on this machine
@@ -210,12 +212,6 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
-    _save(experiment_dir, space, options.tracking_uri)
-    tracker = Tracker(tracking_uri, space.name, fresh=options.overwrite,
-                      artifact_root=None if options.tracking_uri else storage / "mlartifacts")
-    tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), TAG_STORAGE: str(experiment_dir)},
-                            space_yaml=options.space_file.read_text(),
-                            space_json=json.dumps(space.to_json(), indent=2))
     # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -223,6 +219,13 @@ def run_search(options: SearchOptions) -> SearchOutcome:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     connect_ray(options.address)
     quiet_tune_console()
+    check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
+    _save(experiment_dir, space, options.tracking_uri)
+    tracker = Tracker(tracking_uri, space.name, fresh=options.overwrite,
+                      artifact_root=None if options.tracking_uri else storage / "mlartifacts")
+    tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), TAG_STORAGE: str(experiment_dir)},
+                            space_yaml=options.space_file.read_text(),
+                            space_json=json.dumps(space.to_json(), indent=2))
     restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
     tuner = _tuner(staged, plan, tracker, storage, resume=restorable, down_timeout_s=options.tracking_timeout_s)
     results = tuner.fit()

@@ -9,6 +9,7 @@ on the process group Ray made, and ``TuneReportCallback`` forwards rank 0's repo
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import ray.tune
 import torch
 from ray.train import Checkpoint
@@ -31,6 +33,8 @@ from trainers.inference import fps_settings
 from trainers.trial import TrialSpec, run_trial
 
 FAILURE_FILE = "failure.txt"
+# Ray leaves CUDA_VISIBLE_DEVICES alone for a task given no GPU (ray#54868) unless its workers have this set.
+HIDE_UNASSIGNED_GPUS = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 # Failures that a retry would only repeat: the trial ends at once, marked failed, instead of being retried.
 UNRECOVERABLE: tuple[type[BaseException], ...] = (TrialDiverged, torch.OutOfMemoryError)
 
@@ -44,7 +48,7 @@ class TrialPlan:
     data_root: str
     workers: int = 1
     cpus_per_worker: int = 1
-    gpus_per_worker: int = 0
+    gpus_per_worker: float = 0  # below 1 with one worker: trials share a GPU
     storage: str
     name: str
     pretrained: Mapping[str, str] = field(default_factory=dict)
@@ -131,7 +135,8 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
     dataset = open_dataset(Path(plan.data_root), space.data.train, space.data.val, space.data.images)
     spec = TrialSpec(base=plan.base, dataset=dataset, point=plan.point(config), work_dir=work_dir,
                      pretrained=plan.pretrained, overrides=space.overrides, seed=space.search.seed,
-                     dataloader_workers=plan.dataloader_workers, workers=plan.workers)
+                     dataloader_workers=plan.dataloader_workers, workers=plan.workers,
+                     device=assigned_device(plan, cuda_visible=torch.cuda.is_available()))
     resume_from = _restore(get_checkpoint(), work_dir)
 
     def report_epoch(metrics: dict[str, float], checkpoint: Path) -> None:
@@ -152,6 +157,29 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
     finally:
         for stale in work_dir.rglob("*.pth"):  # reported copies live in Ray storage
             stale.unlink()
+
+
+def assigned_device(plan: TrialPlan, *, cuda_visible: bool) -> str:
+    """The device Ray gave this worker: its GPU when the trial asked for GPUs, else the CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the GPUs it assigned (a GPU shared by fractional trials included), so
+    a one-worker trial's GPU is ``cuda:0``; Ray Train shows each worker all GPUs on its node and names its own.
+
+    Raises:
+        RuntimeError: when what this process sees contradicts what Ray assigned: training would silently run
+            on the CPU, or on a GPU another trial holds.
+    """
+    if plan.gpus_per_worker == 0:
+        if cuda_visible:
+            raise RuntimeError(f"this CPU trial sees CUDA devices (CUDA_VISIBLE_DEVICES="
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): Ray hides GPUs from tasks without any "
+                               f"only when its workers run with {HIDE_UNASSIGNED_GPUS}=1; export it before `ray start`")
+    elif not cuda_visible:
+        raise RuntimeError(f"Ray gave this worker {plan.gpus_per_worker:g} GPU, but torch {torch.__version__} "
+                           "cannot use CUDA: install the CUDA build of torch (scripts/install.sh --gpu)")
+    else:
+        return str(ray.train.torch.get_device()) if plan.workers > 1 else "cuda:0"
+    return "cpu"
 
 
 def _record_failure(path: Path, exc: BaseException) -> None:

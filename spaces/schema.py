@@ -111,7 +111,9 @@ class Budget(_Section):
 
     epochs: int = Field(ge=1, description="training epochs of every trial")
     trials: int = Field(ge=1, description="number of trials (Ray Tune num_samples)")
-    gpus_per_trial: int = Field(default=0, ge=0, description="GPUs per trial; 0 trains on CPU workers")
+    gpus_per_trial: int | float = Field(
+        default=0, ge=0, description="GPUs per trial; 0 trains on CPU workers, a fraction shares one GPU"
+    )
     workers_per_trial: int = Field(
         default=1, ge=1, description="training processes per trial; default max(gpus_per_trial, 1)"
     )
@@ -678,6 +680,23 @@ def _check_algorithm(v: dict[str, Any], out: _Problems) -> None:
             )
 
 
+def _check_gpus(v: dict[str, Any], out: _Problems) -> None:
+    gpus, workers = _get(v, "budget", "gpus_per_trial"), _get(v, "budget", "workers_per_trial")
+    if gpus is None or workers is None or gpus == 0:
+        return
+    if gpus < 1 and workers > 1:
+        out.add("budget.gpus_per_trial", gpus,
+                f"a fraction of a GPU is shared by single-worker trials, but workers_per_trial is {workers}: "
+                f"use workers_per_trial: 1, or {workers} GPUs (one per worker)")
+    elif gpus > 1 and gpus != int(gpus):
+        out.add("budget.gpus_per_trial", gpus,
+                "above one GPU a trial takes whole GPUs: use a whole number, or a fraction below 1 to share a GPU")
+    elif gpus >= 1 and gpus % workers:
+        out.add("budget.workers_per_trial", workers,
+                f"{workers} workers cannot share gpus_per_trial {gpus:g} evenly: each worker needs the same whole "
+                f"number of GPUs; use workers_per_trial dividing {gpus:g}, or a multiple of {workers} GPUs")
+
+
 def _check_pretrained(v: dict[str, Any], out: _Problems) -> None:
     for backbone, path in v.get("pretrained", {}).items():
         rule = KNOBS["backbone"].check(backbone)
@@ -712,4 +731,5 @@ _RULES: tuple[Callable[[dict[str, Any], _Problems], None], ...] = (
     _check_algorithm,
     _check_pretrained,
     _check_earlier_searches,
+    _check_gpus,
 )

@@ -503,8 +503,8 @@ def _resources_line(space: Space) -> str:
     budget = space.budget
     gpus, cpus = budget.gpus_per_trial, budget.workers_per_trial * budget.cpus_per_worker
     peak = budget.max_concurrent
-    per_trial = f"{_count(budget.workers_per_trial, 'worker')}, {gpus} GPU, {cpus} CPU per trial"
-    at_peak = f"up to {_count(peak, 'trial')} at once: {gpus * peak} GPU, {cpus * peak} CPU"
+    per_trial = f"{_count(budget.workers_per_trial, 'worker')}, {gpus:g} GPU, {cpus} CPU per trial"
+    at_peak = f"up to {_count(peak, 'trial')} at once: {gpus * peak:g} GPU, {cpus * peak} CPU"
     retries = f"{_count(budget.max_retries, 'retry', 'retries')} of a failed trial"
     return f"{per_trial}; {at_peak}; {retries}"
 

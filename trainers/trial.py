@@ -4,7 +4,6 @@ report every validation epoch, checkpoint every epoch and resume from a checkpoi
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ class TrialSpec:
     seed: int = 0
     dataloader_workers: int = 0
     workers: int = 1  # data-parallel training processes the epoch is split across
+    device: str = "cpu"  # "cuda:N" for the GPU this process was given
 
 
 def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | None = None) -> Config:
@@ -47,7 +47,7 @@ def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | N
     cfg = build_config(spec.base, spec.point, spec.dataset, pretrained=spec.pretrained,
                        overrides=spec.overrides, workers=spec.workers)
     distributed = dist.is_available() and dist.is_initialized()
-    cuda = torch.cuda.is_available()
+    cuda = spec.device.startswith("cuda")
     cfg.work_dir = str(spec.work_dir)
     cfg.experiment_name = experiment_name
     # Ray Train has already built the process group: 'pytorch' makes mmengine use it (and wrap DDP).
@@ -98,7 +98,7 @@ def run_trial(spec: TrialSpec, *, report: Report | None = None, resume_from: Pat
         try:
             cfg = trial_config(spec, experiment_name=name, resume_from=resume_from)
             cfg.dump(str(spec.work_dir / TRIAL_CONFIG))
-            _bind_local_gpu()
+            _bind_gpu(spec.device)
             runner = build_runner(cfg)
             empty_scores = no_detection_scores(spec.dataset.val_area_ranges)
             runner.register_hook(EpochReportHook(collect, empty_scores=empty_scores), priority="LOWEST")
@@ -114,7 +114,7 @@ def _trial_log(path: Path) -> Any:
         yield
 
 
-def _bind_local_gpu() -> None:
-    """mmengine skips ``torch.cuda.set_device`` when the process group already exists, so do it here."""
-    if torch.cuda.is_available() and dist.is_available() and dist.is_initialized():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+def _bind_gpu(device: str) -> None:
+    """mmengine trains on the current CUDA device (and skips ``set_device`` when the process group exists)."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))

@@ -34,7 +34,7 @@ def _val_images(dataset: Dataset, count: int) -> list[Path]:
 @pytest.mark.slow
 def test_predict_writes_a_drawing_and_json_per_image(model_dir: Path, synth_large: Dataset, tmp_path: Path) -> None:
     images = _val_images(synth_large, 2)
-    done = predict(model_dir, images, tmp_path, score_thr=0.05)
+    done = predict(model_dir, images, tmp_path, score_thr=0.05, device="cpu")
     listed = json.loads((tmp_path / PREDICTIONS_FILE).read_text())
 
     assert done.fps > 0 and done.device == "cpu"
@@ -65,4 +65,8 @@ def test_bad_inputs_are_user_errors_before_the_model_loads(synth: Dataset, tmp_p
         predict(tmp_path, [tmp_path / "missing.png"], tmp_path / "out")
     with pytest.raises(BadArgument, match="--score-thr is 1.5"):
         predict(tmp_path, [image], tmp_path / "out", score_thr=1.5)
+    with pytest.raises(BadArgument, match="--device cuda:99, but torch .* sees"):  # no machine has 100 GPUs
+        predict(tmp_path, [image], tmp_path / "out", device="cuda:99")
+    with pytest.raises(BadArgument, match="--device gpu0 is not a torch device"):
+        predict(tmp_path, [image], tmp_path / "out", device="gpu0")
     assert not (tmp_path / "out").exists()

@@ -204,6 +204,19 @@ def test_unreachable_tracking_server_is_refused_at_start(cwd: Path, synth: Datas
     outcome.assert_refused(f"MLflow tracking server {url} is unreachable", "start it", "fix --tracking-uri")
 
 
+@pytest.mark.parametrize(("budget", "words"), [
+    ({"gpus_per_trial": 1}, ("each trial needs 1 GPU, but the Ray cluster has no GPU", "budget.gpus_per_trial")),
+    ({"cpus_per_worker": 3, "workers_per_trial": 2},  # the test's Ray has 4 CPUs on one node
+     ("each trial needs 6 CPU, but the Ray cluster has 4 in all", "budget.cpus_per_worker")),
+    ({"cpus_per_worker": 5}, ("each trial needs 5 CPU, but the Ray cluster has 4 in all",)),
+])
+def test_a_trial_larger_than_the_cluster_is_refused_at_start(budget: dict[str, int], words: tuple[str, ...],
+                                                             cwd: Path, synth: Dataset, ray_local: None,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    space_file = write_space(cwd / "space.yaml", synth, budget={"epochs": 1, "trials": 1, **budget})
+    search_refused(capfd, cwd, space_file).assert_refused(*words)
+
+
 def test_resume_of_an_unknown_search(cwd: Path, capfd: pytest.CaptureFixture[str]) -> None:
     (cwd / STORAGE).mkdir()
     before = tree(cwd)

@@ -444,6 +444,13 @@ def test_cosine_base_keeps_cosine_when_only_epochs_change(faster: Config, synth:
     assert cfg.param_scheduler[1]["type"] == "CosineAnnealingLR" and cfg.param_scheduler[1]["T_max"] == 6
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_warmup_counts_one_workers_iterations(faster: Config, synth: Dataset, workers: int) -> None:
+    cfg = build_config(faster, {"batch_size": 2}, synth, workers=workers)
+    images_per_worker = -(-synth.num_train_images // workers)  # mmengine's sampler pads the last worker's share
+    assert cfg.param_scheduler[0]["end"] == images_per_worker // 2
+
+
 def test_warmup_counts_repeated_passes(wrapped_base: Config, synth: Dataset) -> None:
     cfg = build_config(wrapped_base, {"batch_size": 4}, synth)
     assert cfg.param_scheduler[0]["end"] == synth.num_train_images * 2 // 4  # RepeatDataset times=2

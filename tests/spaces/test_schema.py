@@ -97,6 +97,19 @@ def test_defaults(tmp_path: Path) -> None:
     assert (space.fixed, space.overrides, space.pretrained, space.hypothesis) == ({}, {}, {}, None)
 
 
+def test_a_fraction_of_a_gpu_is_for_single_worker_trials(tmp_path: Path) -> None:
+    data = valid()
+    data["budget"] = {**data["budget"], "gpus_per_trial": 0.25}
+    space = load_space(write(tmp_path, data))
+    assert (space.budget.gpus_per_trial, space.budget.workers_per_trial) == (0.25, 1)
+    assert Space.from_json(space.to_json()).budget.gpus_per_trial == 0.25
+
+    data["budget"]["workers_per_trial"] = 2
+    problem = only_problem(tmp_path, data)
+    assert (problem.field, problem.value) == ("budget.gpus_per_trial", 0.25)
+    assert "single-worker trials, but workers_per_trial is 2" in problem.rule
+
+
 def test_json_round_trip(tmp_path: Path) -> None:
     space = load_space(write(tmp_path, VALID))
     data = json.loads(json.dumps(space.to_json()))
@@ -159,6 +172,8 @@ BAD_FIELDS = [
     ("budget.trials", 0, "budget.trials", "must be >= 1"),
     ("budget.gpus_per_trial", -1, "budget.gpus_per_trial", "must be >= 0: use 0 to train on CPU workers"),
     ("budget.workers_per_trial", 0, "budget.workers_per_trial", "must be >= 1"),
+    ("budget.workers_per_trial", 2, "budget.workers_per_trial", "2 workers cannot share gpus_per_trial 1 evenly"),
+    ("budget.gpus_per_trial", 1.5, "budget.gpus_per_trial", "above one GPU a trial takes whole GPUs"),
     ("budget.cpus_per_worker", 0, "budget.cpus_per_worker", "must be >= 1"),
     ("budget.max_concurrent", 0, "budget.max_concurrent", "must be >= 1"),
     ("budget.max_retries", -1, "budget.max_retries", "must be >= 0"),
