@@ -18,6 +18,7 @@ if [ $# -ne 1 ]; then
 fi
 OUT=$1
 PY=${PYTHON:-python3.11}
+MMCV_VERSION=2.1.0
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # nvcc's major version must match the one torch was built with (torch 2.13 on PyPI: CUDA 13.0).
 CUDA_TOOLKIT="cuda-toolkit[nvcc,cudart,cccl,crt]==13.0.*"
@@ -33,7 +34,7 @@ bpip() { "$bpy" -m pip --disable-pip-version-check -q "$@"; }
 # so the older setuptools is forced in after torch, in this throw-away venv only.
 bpip install "$TORCH_SPEC" numpy ninja psutil wheel
 bpip install "setuptools<70"
-bpip download --no-deps --no-build-isolation mmcv==2.1.0 -d "$tmp/src"
+bpip download --no-deps --no-build-isolation "mmcv==$MMCV_VERSION" -d "$tmp/src"
 
 if [ "$CUDA" = 1 ]; then
   if [ -z "$("$bpy" -c 'import torch; print(torch.version.cuda or "")')" ]; then
@@ -58,4 +59,4 @@ fi
 mkdir -p "$OUT"
 # Verbose: the compile takes from 10 minutes (CPU) to hours (CUDA, all arches) and shows its progress.
 MAX_JOBS=${MAX_JOBS:-2} MMCV_WITH_OPS=1 \
-  "$bpy" -m pip --disable-pip-version-check -v wheel --no-deps --no-build-isolation -w "$OUT" "$tmp"/src/mmcv-2.1.0.tar.gz
+  "$bpy" -m pip --disable-pip-version-check -v wheel --no-deps --no-build-isolation -w "$OUT" "$tmp/src/mmcv-$MMCV_VERSION.tar.gz"

@@ -96,7 +96,7 @@ def _pins(pyproject: dict) -> dict[str, Requirement]:
 
 def test_stages(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:
     global_args, stages = dockerfile
-    assert set(RUNTIME_TARGETS) | {"base", "mmcv-build"} == set(stages)
+    assert set(RUNTIME_TARGETS) | {"base", "mmcv-build", "mmcv-cuda-build"} == set(stages)
     assert list(stages)[-1] == "gpu", "a plain `docker build` must give the GPU image"
     assert stages["base"].base == "${PYTHON_IMAGE}"
     for name in RUNTIME_TARGETS:
@@ -107,6 +107,7 @@ def test_stages(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:
         assert stage.commands("ENTRYPOINT") == [tini]
         assert any("docker/entrypoints/ /opt/dettune/entrypoints/" in c for c in stage.commands("COPY"))
     assert any("--from=mmcv-build" in c for c in stages["cpu"].commands("COPY"))
+    assert any("--from=mmcv-cuda-build" in c for c in stages["gpu"].commands("COPY"))
 
 
 def test_python_matches_requires_python(dockerfile: tuple[dict[str, str], dict[str, Stage]],
@@ -128,18 +129,33 @@ def test_cpu_pins_match_install_script(dockerfile: tuple[dict[str, str], dict[st
         assert stages[stage].args["MMCV_VERSION"] == _mmcv_version()
 
 
-def test_gpu_is_the_proven_mmdet_combination(dockerfile: tuple[dict[str, str], dict[str, Stage]],
-                                             pyproject: dict) -> None:
-    gpu = dockerfile[1]["gpu"]
-    assert gpu.args["TORCH_GPU_VERSION"].startswith("2.1.")
-    assert gpu.args["CUDA_TAG"] == "cu121"
-    assert gpu.args["MMCV_VERSION"] == _mmcv_version()
-    install = " ".join(gpu.commands("RUN"))
-    assert "download.openmmlab.com/mmcv/dist/${CUDA_TAG}/torch${TORCH_GPU_VERSION%.*}" in install
-    assert "--only-binary mmcv" in install, "never fall back to compiling mmcv without CUDA"
+def test_gpu_is_the_cpu_stack_with_mmcv_compiled_for_cuda(dockerfile: tuple[dict[str, str], dict[str, Stage]],
+                                                           pyproject: dict) -> None:
+    """The same torch release as everywhere else (PyPI's default Linux wheel is its CUDA build), mmcv's CUDA ops
+    compiled by scripts/build_mmcv.sh for the GPU generations a build argument lists; no torch 2.1 / numpy<2."""
+    stages = dockerfile[1]
+    torch = _pins(pyproject)["torch"]
+    for stage in ("mmcv-cuda-build", "gpu"):
+        version = stages[stage].args["TORCH_GPU_VERSION"]
+        assert str(torch.specifier) == f"=={version}", f"{stage}: torch {version} but pyproject has {torch}"
+    assert stages["gpu"].args["MMCV_VERSION"] == _mmcv_version()
+    build = stages["mmcv-cuda-build"]
+    arches = build.args["TORCH_CUDA_ARCH_LIST"].strip('"').split(";")
+    assert {"7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"} <= set(arches), "Turing through Blackwell"
+    assert any("scripts/build_mmcv.sh" in c for c in build.commands("COPY"))
+    assert "build_mmcv.sh --cuda /wheels" in " ".join(build.commands("RUN"))
+    assert 'TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}"' in " ".join(build.commands("RUN"))
+    install = " ".join(stages["gpu"].commands("RUN"))
+    assert '"torch==${TORCH_GPU_VERSION}"' in install and "--index-url" not in install
+    assert "numpy<2" not in install and "openmmlab" not in install
     pins = _pins(pyproject)
     assert pins["mmdet"].specifier == SpecifierSet("==3.3.0")
     assert pins["mmengine"].specifier == SpecifierSet("==0.10.7")
+
+
+def test_mmcv_build_script_builds_the_installed_release() -> None:
+    script = (REPO / "scripts" / "build_mmcv.sh").read_text()
+    assert re.search(rf"^MMCV_VERSION={re.escape(_mmcv_version())}$", script, flags=re.MULTILINE)
 
 
 @pytest.mark.parametrize("target", ["gpu", "cpu"])
@@ -219,6 +235,7 @@ def test_hadolint() -> None:
 def test_shellcheck_entrypoints() -> None:
     scripts = sorted(str(p) for p in (DOCKER / "entrypoints").glob("*.sh"))
     scripts += sorted(str(p) for p in (DOCKER / "postgres" / "initdb.d").glob("*.sh"))
+    scripts.append(str(REPO / "scripts" / "build_mmcv.sh"))
     done = subprocess.run([_tool("shellcheck"), "--external-sources", *scripts], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
