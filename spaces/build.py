@@ -497,6 +497,12 @@ def _rescale_tta_group(group: list[Any], target: tuple[int, int], reference: tup
         step["scale"] = _scaled([step["scale"]], factor)[0]
 
 
+def single_scale_training(cfg: Config) -> bool:
+    """Whether training resizes to one scale (no multi-scale augmentation), so input shapes repeat."""
+    resizes = [node for node in _dicts(cfg.train_dataloader) if node.get("type") in _RESIZE_TYPES]
+    return bool(resizes) and all(node["type"] == "Resize" and _is_pair(node.get("scale")) for node in resizes)
+
+
 def _is_pair(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
@@ -517,7 +523,7 @@ def _optimisation(cfg: Config, build: Build) -> None:
     optimizer = point.get("optimizer")
     if optimizer is not None:
         lr = float(point.get("lr", DEFAULT_LR[optimizer]))
-        cfg.optim_wrapper = _optim_wrapper(optimizer, lr, clip_grad=cfg.optim_wrapper.get("clip_grad"))
+        cfg.optim_wrapper = _optim_wrapper(optimizer, lr, base=cfg.optim_wrapper)
     elif "lr" in point:
         cfg.optim_wrapper.optimizer.lr = float(point["lr"])
     schedule = point.get("schedule") or _schedule_of(cfg)
@@ -526,8 +532,8 @@ def _optimisation(cfg: Config, build: Build) -> None:
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=16)
 
 
-def _optim_wrapper(optimizer: str, lr: float, *, clip_grad: Any) -> ConfigDict:
-    """mmdet's settings for ``optimizer`` at ``lr``, keeping the base's gradient clipping."""
+def _optim_wrapper(optimizer: str, lr: float, *, base: Mapping[str, Any]) -> ConfigDict:
+    """mmdet's settings for ``optimizer`` at ``lr``, keeping the base wrapper's gradient clipping and AMP."""
     if optimizer == "sgd":
         wrapper = dict(type="OptimWrapper",
                        optimizer=dict(type="SGD", lr=lr, momentum=0.9, weight_decay=1e-4))
@@ -535,9 +541,30 @@ def _optim_wrapper(optimizer: str, lr: float, *, clip_grad: Any) -> ConfigDict:
         wrapper = dict(type="OptimWrapper",
                        optimizer=dict(type="AdamW", lr=lr, betas=(0.9, 0.999), weight_decay=0.05),
                        paramwise_cfg=copy.deepcopy(_ADAMW_PARAMWISE))
-    if clip_grad:
-        wrapper["clip_grad"] = clip_grad
+    if base.get("clip_grad"):
+        wrapper["clip_grad"] = base["clip_grad"]
+    if base.get("type") == _AMP_WRAPPER:
+        wrapper.update({key: base[key] for key in ("type", *_AMP_SETTINGS) if key in base})
     return ConfigDict(wrapper)
+
+
+_AMP_WRAPPER = "AmpOptimWrapper"
+_AMP_SETTINGS = ("dtype", "loss_scale")
+_AMP_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+@step("amp", knob="amp")
+def _amp(cfg: Config, build: Build) -> None:
+    """fp32 trains without autocast; fp16 and bf16 autocast through mmengine's AmpOptimWrapper (CUDA only)."""
+    wrapper = cfg.optim_wrapper
+    precision = build.point["amp"]
+    if precision == "fp32":
+        wrapper.type = "OptimWrapper"
+        for key in _AMP_SETTINGS:
+            wrapper.pop(key, None)
+    else:
+        wrapper.type = _AMP_WRAPPER
+        wrapper.dtype = _AMP_DTYPES[precision]
 
 
 def _schedule_of(cfg: Config) -> str:

@@ -18,6 +18,7 @@ ROI_HEADS = ("faster", "cascade", "htc")
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 PRESETS = ("full", "tiny")
+PRECISIONS = ("fp32", "fp16", "bf16")
 FREEZE_DEPTHS = (-1, 0, 1, 2, 3, 4)
 
 
@@ -86,5 +87,7 @@ KNOBS: dict[str, Knob] = {
         Knob(name="batch_size", categorical=False, check=_positive(int), doc="images per GPU/worker"),
         Knob(name="preset", categorical=True, check=_one_of(PRESETS),
              doc="full: the base config's widths; tiny: narrow neck and heads for CPU tests and demos"),
+        Knob(name="amp", categorical=True, check=_one_of(PRECISIONS),
+             doc="training precision: fp32, or fp16 / bf16 autocast (mmengine's AmpOptimWrapper, GPUs only)"),
     )
 }

@@ -697,6 +697,20 @@ def _check_gpus(v: dict[str, Any], out: _Problems) -> None:
                 f"number of GPUs; use workers_per_trial dividing {gpus:g}, or a multiple of {workers} GPUs")
 
 
+def _check_amp(v: dict[str, Any], out: _Problems) -> None:
+    if _get(v, "budget", "gpus_per_trial") != 0:
+        return
+    fixed, dist = v.get("fixed", {}).get("amp"), v.get("space", {}).get("amp")
+    rule = "mixed precision (mmengine's AmpOptimWrapper) trains on GPUs only: use fp32, or budget.gpus_per_trial > 0"
+    if fixed in _MIXED:
+        out.add("fixed.amp", fixed, rule)
+    if isinstance(dist, Choice | Grid) and set(dist.values) & set(_MIXED):
+        out.add("space.amp", dist.to_json(), rule)
+
+
+_MIXED = ("fp16", "bf16")
+
+
 def _check_pretrained(v: dict[str, Any], out: _Problems) -> None:
     for backbone, path in v.get("pretrained", {}).items():
         rule = KNOBS["backbone"].check(backbone)
@@ -732,4 +746,5 @@ _RULES: tuple[Callable[[dict[str, Any], _Problems], None], ...] = (
     _check_pretrained,
     _check_earlier_searches,
     _check_gpus,
+    _check_amp,
 )

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from mmengine.config import Config
 
-from spaces.build import build_config
+from spaces.build import build_config, single_scale_training
 from spaces.dataset import Dataset
 from trainers.checkpoint import TRIAL_CONFIG
 from trainers.hook import EpochReportHook, Report
@@ -53,10 +53,14 @@ def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | N
     # Ray Train has already built the process group: 'pytorch' makes mmengine use it (and wrap DDP).
     cfg.launcher = "pytorch" if distributed else "none"
     # No dist_cfg: mmengine only reads it to build a process group, and Ray Train has built it.
-    cfg.env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0))
-    if distributed and not cuda:
-        # mmengine's default wrapper passes device_ids=[LOCAL_RANK], which torch refuses for CPU modules.
-        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False, device_ids=None)
+    # cuDNN's autotuner re-tunes for every new input shape: worth it on a GPU only when training shapes repeat.
+    cfg.env_cfg = dict(cudnn_benchmark=cuda and single_scale_training(cfg),
+                       mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0))
+    if distributed:
+        # mmengine's default wrapper passes device_ids=[LOCAL_RANK]: torch refuses any for CPU modules, and under
+        # Ray Train the local rank need not index the GPU this worker was given.
+        device_ids = [torch.device(spec.device).index] if cuda else None
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False, device_ids=device_ids)
     cfg.randomness = dict(seed=spec.seed)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,
                                         max_keep_ckpts=KEPT_LOCAL_CHECKPOINTS)

@@ -22,7 +22,17 @@ from mmengine.dataset import pseudo_collate
 from mmengine.registry import PARAM_SCHEDULERS
 
 from spaces.backbones import backbone, catalog_name, import_mmpretrain_models
-from spaces.build import STEPS, BuildError, KnobError, build_config, load_base, resolve_base, step, step_milestones
+from spaces.build import (
+    STEPS,
+    BuildError,
+    KnobError,
+    build_config,
+    load_base,
+    resolve_base,
+    single_scale_training,
+    step,
+    step_milestones,
+)
 from spaces.dataset import Dataset
 from spaces.knobs import BACKBONES, KNOBS, ROI_HEADS
 
@@ -382,6 +392,34 @@ def test_optimizer_and_lr(faster: Config, synth: Dataset, point: dict[str, Any],
         assert dict(optimizer) == dict(swin.optimizer, lr=expected["lr"])
     else:
         assert "paramwise_cfg" not in cfg.optim_wrapper
+
+
+# --- amp, cudnn autotuning --------------------------------------------------------------------------
+
+AMP_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_amp-1x_coco.py"  # mmdet's own fp16 config
+
+
+@pytest.mark.parametrize(("base", "point", "wrapper", "dtype"), [
+    (FASTER_BASE, {"amp": "fp16"}, "AmpOptimWrapper", "float16"),
+    (FASTER_BASE, {"amp": "bf16", "optimizer": "adamw"}, "AmpOptimWrapper", "bfloat16"),
+    (FASTER_BASE, {"amp": "fp32"}, "OptimWrapper", None),
+    (AMP_BASE, {"optimizer": "sgd", "lr": 0.01}, "AmpOptimWrapper", None),  # the base's AMP survives the rewrite
+    (AMP_BASE, {"optimizer": "adamw"}, "AmpOptimWrapper", None),
+    (AMP_BASE, {"amp": "fp32", "optimizer": "adamw"}, "OptimWrapper", None),
+    (AMP_BASE, {"amp": "bf16"}, "AmpOptimWrapper", "bfloat16"),
+])
+def test_amp(synth: Dataset, base: str, point: dict[str, Any], wrapper: str, dtype: str | None) -> None:
+    cfg = build_config(base, point, synth)
+    assert cfg.optim_wrapper.type == wrapper
+    assert cfg.optim_wrapper.get("dtype") == dtype
+    assert cfg.optim_wrapper.optimizer.type == {"adamw": "AdamW"}.get(point.get("optimizer", ""), "SGD")
+
+
+@pytest.mark.parametrize(("base", "single"), [
+    (FASTER_BASE, True), ("mmdet::faster_rcnn/faster-rcnn_r50_fpn_ms-3x_coco.py", False),
+])
+def test_single_scale_training(synth: Dataset, base: str, single: bool) -> None:
+    assert single_scale_training(build_config(base, {"scale": [512, 512]}, synth)) is single
 
 
 # --- schedule, epochs -------------------------------------------------------------------------------

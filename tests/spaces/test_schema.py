@@ -110,6 +110,16 @@ def test_a_fraction_of_a_gpu_is_for_single_worker_trials(tmp_path: Path) -> None
     assert "single-worker trials, but workers_per_trial is 2" in problem.rule
 
 
+def test_mixed_precision_needs_gpus(tmp_path: Path) -> None:
+    data = valid()
+    data["budget"] = {**data["budget"], "gpus_per_trial": 0}
+    data["space"] = {**data["space"], "amp": {"choice": ["fp32", "bf16"]}}
+    problem = only_problem(tmp_path, data)
+    assert problem.field == "space.amp" and "trains on GPUs only" in problem.rule
+    data["budget"]["gpus_per_trial"] = 1
+    assert load_space(write(tmp_path, data)).space["amp"] == Choice(values=["fp32", "bf16"])
+
+
 def test_json_round_trip(tmp_path: Path) -> None:
     space = load_space(write(tmp_path, VALID))
     data = json.loads(json.dumps(space.to_json()))
