@@ -174,12 +174,11 @@ def assigned_device(plan: TrialPlan, *, cuda_visible: bool) -> str:
             raise RuntimeError(f"this CPU trial sees CUDA devices (CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): Ray hides GPUs from tasks without any "
                                f"only when its workers run with {HIDE_UNASSIGNED_GPUS}=1; export it before `ray start`")
-    elif not cuda_visible:
+        return "cpu"
+    if not cuda_visible:
         raise RuntimeError(f"Ray gave this worker {plan.gpus_per_worker:g} GPU, but torch {torch.__version__} "
                            "cannot use CUDA: install the CUDA build of torch (scripts/install.sh --gpu)")
-    else:
-        return str(ray.train.torch.get_device()) if plan.workers > 1 else "cuda:0"
-    return "cpu"
+    return str(ray.train.torch.get_device()) if plan.workers > 1 else "cuda:0"
 
 
 def _record_failure(path: Path, exc: BaseException) -> None:
