@@ -3,6 +3,8 @@
 # take it from $DETTUNE_WHEELHOUSE when given, else build it once from source and cache the wheel
 # under ${XDG_CACHE_HOME:-~/.cache}/dettune/wheels/torch-<version> so the next install reuses it.
 # Every failure ends with one line on stderr naming the step and what to do, and a non-zero exit.
+# --gpu (or DETTUNE_GPU=1): torch's CUDA build (PyPI's default on Linux) and mmcv with its CUDA ops, compiled by
+# scripts/build_mmcv.sh --cuda for the GPU generations in TORCH_CUDA_ARCH_LIST; DETTUNE_WHEELHOUSE is not used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -14,6 +16,14 @@ MMCV_VERSION=${MMCV#mmcv==}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/dettune/wheels/torch-$TORCH_VERSION
 BUILD_DIR=""
 WHEEL=""
+export DETTUNE_GPU=${DETTUNE_GPU:-0}
+if [ "${1:-}" = "--gpu" ]; then DETTUNE_GPU=1; fi
+if [ "$DETTUNE_GPU" = 1 ]; then
+  # The wheel holds device code for the listed GPU generations only, so its cache is keyed by them too.
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-7.5;8.0;8.6;8.9;9.0;10.0;12.0}
+  CACHE=$CACHE-cuda-${TORCH_CUDA_ARCH_LIST//;/-}
+  DETTUNE_WHEELHOUSE=""
+fi
 trap '[ -z "$BUILD_DIR" ] || rm -rf "$BUILD_DIR"' EXIT
 
 say() { echo "install: $*" >&2; }
@@ -56,7 +66,10 @@ import torch  # noqa: F401  first: the ops link against its libraries
 package = importlib.util.find_spec("mmcv").submodule_search_locations[0]
 (library,) = glob.glob(os.path.join(package, "_ext*.so"))
 spec = importlib.util.spec_from_file_location("mmcv._ext", library)
-spec.loader.exec_module(importlib.util.module_from_spec(spec))
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+# A GPU install needs the CUDA ops: a CPU-only mmcv loads fine but has none.
+raise SystemExit(os.environ["DETTUNE_GPU"] == "1" and ext.get_compiling_cuda_version() == "not available")
 PY
 }
 
@@ -74,6 +87,9 @@ find_mmcv_wheel() {
 install_torch() {
   # torch first, alone: on these machines `torch==2.13.0` resolves to a local CPU wheel.
   pip_step "installing torch $TORCH_VERSION" "$VENV" install "torch==$TORCH_VERSION" numpy wheel
+  [ "$DETTUNE_GPU" = 0 ] || "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' ||
+    fail "installing torch $TORCH_VERSION for CUDA" "pip installed the CPU-only build; the CUDA build is PyPI's \
+default on Linux: check pip's find-links and index (\`pip config list\`)"
 }
 
 # mmcv's setup.py needs pkg_resources (setuptools<70) while torch 2.13 requires setuptools>=77,
@@ -82,6 +98,23 @@ install_torch() {
 build_mmcv_wheel() {
   BUILD_DIR=$(mktemp -d)
   local venv=$BUILD_DIR/venv whl
+  mkdir -p "$BUILD_DIR/wheels"
+  if [ "$DETTUNE_GPU" = 1 ]; then
+    say "no mmcv $MMCV_VERSION CUDA wheel in $CACHE; building it for $TORCH_CUDA_ARCH_LIST (see README, GPU machines)"
+    bash scripts/build_mmcv.sh --cuda "$BUILD_DIR/wheels" ||
+      fail "building mmcv with CUDA" "the error is above; scripts/build_mmcv.sh --cuda needs a C++ compiler"
+  else
+    build_cpu_wheel "$venv"
+  fi
+  for whl in "$BUILD_DIR"/wheels/mmcv-*.whl; do
+    WHEEL=$CACHE/$(basename "$whl")
+    { mkdir -p "$CACHE" && cp "$whl" "$WHEEL.part" && mv "$WHEEL.part" "$WHEEL"; } ||
+      fail "caching the mmcv wheel" "could not write $CACHE; free space there or set XDG_CACHE_HOME elsewhere"
+  done
+}
+
+build_cpu_wheel() {
+  local venv=$1
   say "no mmcv $MMCV_VERSION wheel in DETTUNE_WHEELHOUSE or $CACHE; building from source (~11 min on 2 cores)"
   "$PY" -m venv "$venv" || fail "building mmcv" "'$PY -m venv' did not work; on Debian/Ubuntu install python3.11-venv"
   pip_step "building mmcv (installing its build tools)" "$venv" install "torch==$TORCH_VERSION" numpy ninja psutil wheel
@@ -92,11 +125,6 @@ build_mmcv_wheel() {
     pip_in "$venv" wheel --no-deps --no-build-isolation -w "$BUILD_DIR/wheels" \
     "$BUILD_DIR/src/mmcv-$MMCV_VERSION.tar.gz" ||
     fail "building mmcv" "the compiler's error is above; mmcv $MMCV_VERSION needs a C++17 compiler and torch's headers"
-  for whl in "$BUILD_DIR"/wheels/mmcv-*.whl; do
-    WHEEL=$CACHE/$(basename "$whl")
-    { mkdir -p "$CACHE" && cp "$whl" "$WHEEL.part" && mv "$WHEEL.part" "$WHEEL"; } ||
-      fail "caching the mmcv wheel" "could not write $CACHE; free space there or set XDG_CACHE_HOME elsewhere"
-  done
 }
 
 install_mmcv() {
