@@ -224,7 +224,7 @@ def export_best(search: SearchHandle, out: Path, *, metric: str | None = None,
         run = search.run_of(candidate.trial_id)
         traded = _traded(search, values, candidates, candidate, metric, bounds)
         _write_json(out / METRICS_FILE, {**_metrics(search, candidate, run, metric), **traded})
-        _write_json(out / PARAMS_FILE, _params(search.space, candidate))
+        _write_json(out / PARAMS_FILE, trial_params(search.space, candidate))
         version = register(search, run, out, candidate.epoch)
         return Export(out=out, exp_num=run.data.tags.get(TAG_EXP_NUM, run.info.run_id), candidate=candidate,
                       metric=metric, version=version)
@@ -272,9 +272,9 @@ def _traded(search: SearchHandle, values: Mapping[str, Mapping[str, float]], can
                                                     "best_without_limits": summary(unconstrained)}}
 
 
-def _params(space: Space, candidate: Candidate) -> dict[str, Any]:
-    """The trial's knob values: the space's fixed knobs and its sampled ones, decoded (as the trial got them)."""
-    return {**space.point_defaults(), **space.decode_optuna(dict(candidate.result.get("config", {})))}
+def trial_params(space: Space, candidate: Candidate) -> dict[str, Any]:
+    """The trial's knob values, as the trial got them."""
+    return space.point(candidate.result.get("config", {}))
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from search.tracking import (
     find_runs,
     local_tracking_uri,
     outcome_text,
+    use_credentials,
     without_credentials,
 )
 from spaces.errors import NotFound
@@ -56,13 +57,13 @@ def add_tracking_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def open_tracking(uri: str | None) -> MlflowClient:
-    """A client for ``uri`` (default: the search's local SQLite store).
+    """A client for ``uri`` (default: the search's local SQLite store); credentials in it go to MLflow's variables.
 
     Raises:
         NotFound: The SQLite file does not exist (MLflow would create an empty store there).
         TrackingUnreachable: A tracking server that does not answer.
     """
-    uri = uri or local_tracking_uri(DEFAULT_STORAGE)
+    uri = use_credentials(uri) if uri else local_tracking_uri(DEFAULT_STORAGE)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise NotFound(f"no MLflow store at {uri}: run this where `dettune search` ran (it writes "
                        f"{DEFAULT_STORAGE}/mlflow.db), or pass the search's --tracking-uri")

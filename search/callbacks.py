@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
-from search.tracking import Tracker, outcome_text
+from search.tracking import Tracker, TrackingSettings, outcome_text
 from trainers.metrics import EPOCH
 
 FailureOf = Callable[[str], "str | None"]
@@ -53,25 +54,41 @@ class MlflowCallback(Callback):
 
     Writes go through a FIFO buffer: while the tracking server is unreachable, training goes on and the
     writes wait; they are delivered in order once it answers again. If it stays down longer than
-    ``down_timeout_s``, :class:`TrackingDown` stops the search (Ray keeps every result and checkpoint, and
-    ``dettune resume`` later delivers what is missing).
+    the settings' ``down_timeout_s``, :class:`TrackingDown` stops the search (Ray keeps every result and
+    checkpoint, and ``dettune resume`` later delivers what is missing).
+
+    Tune pickles callbacks with its experiment state; this one pickles the path of the search's saved
+    :class:`~search.tracking.TrackingSettings` instead of its tracker, and a restored copy rebuilds the tracker from
+    that file, which the resuming driver has just written: a new ``--tracking-uri`` or ``--tracking-timeout``
+    reaches it, and no tracking URI is pickled.
     """
 
-    def __init__(self, tracker: Tracker, *, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 max_epochs: int, failure_of: FailureOf, down_timeout_s: float, retry_every_s: float = 5.0) -> None:
+    def __init__(self, tracker: Tracker, *, settings_file: Path,
+                 params_of: Callable[[Mapping[str, Any]], dict[str, Any]], max_epochs: int, failure_of: FailureOf,
+                 retry_every_s: float = 5.0) -> None:
+        self._settings_file = settings_file
         self._tracker = tracker
+        self._down_timeout_s = TrackingSettings.load(settings_file).down_timeout_s
         self._params_of = params_of
         self._max_epochs = max_epochs
         self._failure_of = failure_of
-        self._down_timeout_s = down_timeout_s
         self._retry_every_s = retry_every_s
         self._pending: deque[Callable[[], Any]] = deque()
         self._down_since: float | None = None
         self._last_try = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        """Tune pickles callbacks with its state; the buffer is rebuilt from Ray's results on resume."""
-        return {**self.__dict__, "_pending": deque(), "_down_since": None}
+        """The buffer is left out: a resumed driver rebuilds it from Ray's results (``reconcile``)."""
+        state = {**self.__dict__, "_pending": deque(), "_down_since": None}
+        del state["_tracker"], state["_down_timeout_s"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        settings = TrackingSettings.load(self._settings_file)
+        experiment_dir = self._settings_file.parent
+        self._tracker = settings.tracker(experiment_dir.parent, experiment_dir.name)
+        self._down_timeout_s = settings.down_timeout_s
 
     def _send(self, *operations: Callable[[], Any]) -> None:
         self._pending.extend(operations)

@@ -58,7 +58,7 @@ def _print_outcome(outcome: SearchOutcome) -> None:
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"MLflow:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
     else:
-        print(f"MLflow:      {without_credentials(outcome.tracking_uri)}")
+        print(f"MLflow:      {outcome.tracking_uri}")  # credentials were never part of it
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -96,7 +96,8 @@ def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri)))
+    _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri,
+                                             args.tracking_timeout)))
     return 0
 
 
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("name", help="the search's name")
     resume.add_argument("--storage", default="runs", help="Ray storage path the search used (default: runs)")
     resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
+    resume.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
+                        help="stop when MLflow stays unreachable this long (default: what the search used)")
     resume.set_defaults(handler=_cmd_resume)
 
     for module in (validate_cmd, report, export, predict, leaderboard):

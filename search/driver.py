@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,10 @@ from search.tracking import (
     TAG_STOPPED_AT,
     TAG_STORAGE,
     Tracker,
+    TrackingSettings,
     check_reachable,
-    local_tracking_uri,
     outcome_text,
+    use_credentials,
 )
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
@@ -47,11 +49,17 @@ from trainers.metrics import EPOCH
 KEPT_REPORTED_CHECKPOINTS = 2
 """Ray storage keeps each trial's best reported checkpoints, by the space's metric; export picks among them."""
 SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
-SAVED_OPTIONS = "search.json"
+SAVED_SPACE_FILE = "space.yaml"  # the space file as the user wrote it, logged on the parent run
+SAVED_OPTIONS = "search.json"  # the search's TrackingSettings, without credentials
+RAY_CONNECT_TIMEOUT_S = 10.0
 
 
 class SearchExists(UserError, ValueError):
     """The search name is taken; the message says how to resume or overwrite it."""
+
+
+class RayUnreachable(UserError, ConnectionError):
+    """The Ray cluster at the given address does not answer; the message names it and the fix."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +70,7 @@ class SearchOptions:
     name: str | None = None
     address: str | None = None
     tracking_uri: str | None = None
+    """May hold ``user:password@``: it is moved to MLflow's credential variables, never written."""
     storage: Path = Path("runs")
     trials: int | None = None
     epochs: int | None = None
@@ -158,12 +167,19 @@ def make_scheduler(space: Space) -> TrialScheduler:
 
 
 def connect_ray(address: str | None) -> None:
-    """Joins the given cluster, the cluster of the Ray job we run in, or starts Ray in this process."""
+    """Joins the given cluster, the cluster of the Ray job we run in, or starts Ray in this process.
+
+    Raises:
+        RayUnreachable: an address (``--address`` or ``RAY_ADDRESS``) whose cluster does not answer within
+            :data:`RAY_CONNECT_TIMEOUT_S`: ``ray.init`` would wait for it for many minutes without a word.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault(HIDE_UNASSIGNED_GPUS, "1")  # a local Ray's workers inherit it: CPU trials see no GPU
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or "auto", log_to_driver=False)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_ray_answers(address)
+        ray.init(address=address, log_to_driver=False)
     else:  # "local": a private instance, never the cluster that `ray start` last recorded on this machine
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
@@ -185,16 +201,39 @@ def quiet_tune_console() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not its logger's level: Optuna resets that on first use
 
 
-def resume_options(name: str, storage: Path, tracking_uri: str | None = None) -> SearchOptions:
-    """The options that continue search ``name``: its saved effective space and tracking URI."""
+def _check_ray_answers(address: str) -> None:
+    """Connects to the GCS (or Ray client server) port the address names, or the one ``auto`` resolves to."""
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        resolved = get_ray_address_from_environment(address, None) if address == "auto" else address
+    except ConnectionError:
+        resolved = None
+    host, _, port = (resolved or "").split("://")[-1].rpartition(":")
+    fix = ("start it (`ray start --head`), fix --address / RAY_ADDRESS, or leave both unset to run Ray in this "
+           "process")
+    if not (host and port.isdigit()):
+        raise RayUnreachable(f"no Ray cluster found for address {address!r}: {fix}")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        shown = address if resolved == address else f"{address!r} ({resolved}, as Ray last recorded it)"
+        raise RayUnreachable(f"the Ray cluster at {shown} does not answer ({error}): {fix}") from None
+
+
+def resume_options(name: str, storage: Path, tracking_uri: str | None = None,
+                   tracking_timeout_s: float | None = None) -> SearchOptions:
+    """The options that continue search ``name``: its saved effective space and tracking settings, where the
+    command line does not change them."""
     experiment_dir = storage.resolve() / name
     saved = experiment_dir / SAVED_OPTIONS
     if not saved.is_file():
         raise NotFound(f"no search named {name} in {storage}: check the name and --storage "
-                           f"(searches there: {', '.join(_searches(storage)) or 'none'})")
-    recorded = json.loads(saved.read_text())
+                       f"(searches there: {', '.join(_searches(storage)) or 'none'})")
+    recorded = TrackingSettings.load(saved)
     return SearchOptions(space_file=experiment_dir / SAVED_SPACE, name=name, storage=storage,
-                         tracking_uri=tracking_uri or recorded.get("tracking_uri"), resume=True)
+                         tracking_uri=tracking_uri or recorded.uri,
+                         tracking_timeout_s=tracking_timeout_s or recorded.down_timeout_s, resume=True)
 
 
 def _searches(storage: Path) -> list[str]:
@@ -204,12 +243,15 @@ def _searches(storage: Path) -> list[str]:
 def run_search(options: SearchOptions) -> SearchOutcome:
     """Runs (or resumes) a search to its end and returns where its results are."""
     storage = options.storage.resolve()
-    tracking_uri = options.tracking_uri or local_tracking_uri(storage)
+    settings = TrackingSettings(uri=use_credentials(options.tracking_uri) if options.tracking_uri else None,
+                                down_timeout_s=options.tracking_timeout_s)
+    tracking_uri = settings.effective_uri(storage)
     check_reachable(tracking_uri)
     staged = staging.stage_from_store(load_for_search(options), tracking_uri)
     space = staged.space  # inherited knobs are fixed in it, and saved so: a resume keeps them
     check_space(space, str(options.space_file))  # all of the input is checked before anything is written
     experiment_dir = storage / space.name
+    connect_ray(options.address)
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
     # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
@@ -217,29 +259,32 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if space.objectives:  # costs come with some epochs only: the searcher folds them over each trial's results
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    connect_ray(options.address)
     quiet_tune_console()
     check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
-    _save(experiment_dir, space, options.tracking_uri)
-    tracker = Tracker(tracking_uri, space.name, fresh=options.overwrite,
-                      artifact_root=None if options.tracking_uri else storage / "mlartifacts")
+    _save(experiment_dir, space, options.space_file, settings)
+    tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
     tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), TAG_STORAGE: str(experiment_dir)},
-                            space_yaml=options.space_file.read_text(),
+                            space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
                             space_json=json.dumps(space.to_json(), indent=2))
     restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-    tuner = _tuner(staged, plan, tracker, storage, resume=restorable, down_timeout_s=options.tracking_timeout_s)
+    tuner = _tuner(staged, plan, tracker, storage, resume=restorable)
     results = tuner.fit()
     reconcile(results, space, plan, tracker)
     best_id = _record_best(results, space, plan, tracker)
     tracker.finish_search()
-    return SearchOutcome(name=space.name, tracking_uri=tracking_uri, experiment_dir=experiment_dir,
+    return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
                          best_trial_id=best_id, table=results_table(tracker, space))
 
 
-def _save(experiment_dir: Path, space: Space, tracking_uri: str | None) -> None:
+def _save(experiment_dir: Path, space: Space, space_file: Path, settings: TrackingSettings) -> None:
+    """Writes what a resume needs: the effective space, the space file as written (kept from the first run), and
+    the tracking settings."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
+    original = experiment_dir / SAVED_SPACE_FILE
+    if not original.is_file():  # a resume starts from space.json; the file the user wrote stays as it was
+        original.write_text(space_file.read_text())
     (experiment_dir / SAVED_SPACE).write_text(json.dumps(space.to_json(), indent=2))
-    (experiment_dir / SAVED_OPTIONS).write_text(json.dumps({"tracking_uri": tracking_uri}))
+    settings.save(experiment_dir / SAVED_OPTIONS)
 
 
 def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -251,16 +296,15 @@ def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(experiment_dir)
 
 
-def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool,
-           down_timeout_s: float) -> tune.Tuner:
+def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool) -> tune.Tuner:
     space = staged.space
     trainable = tune.with_resources(tune.with_parameters(tune_trial, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
     searcher, param_space, samples = make_searcher(space, staged)
     epochs = space.budget.epochs
-    callbacks = [MlflowCallback(tracker, params_of=plan.run_params, max_epochs=epochs, failure_of=plan.failure_of,
-                                down_timeout_s=down_timeout_s),
+    callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
+                                max_epochs=epochs, failure_of=plan.failure_of),
                  ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=plan.point,
                                  failure_of=plan.failure_of)]
     return tune.Tuner(

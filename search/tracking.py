@@ -3,20 +3,27 @@
 The trial -> run mapping is durable: every run carries tags (``dettune.search``, ``dettune.trial_id``), and a
 run is looked up by them before one is created. After ``dettune resume`` or a retried trial the same run
 continues. Which epochs a run already holds is read back from MLflow, so a point is never written twice.
+
+Two drivers may write the same search to one store: the experiment's unique name decides which one creates the
+parent run, and each trial number (``<search>-<n>``) is claimed as a parent param, which MLflow never changes.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -34,6 +41,10 @@ TAG_FRONT = "dettune.pareto_front"  # on the parent: the front's Exp nums
 TAG_STORAGE = "dettune.storage"  # the search's Ray experiment directory (trial checkpoints live there)
 TAG_INHERITED = "dettune.inherited"  # one line per knob taken from an earlier search's best trial
 TAG_WARM_START = "dettune.warm_start"  # which earlier trials the searcher was told before it started
+TAG_BEST_TRIAL = "dettune.best_trial"
+TAG_BEST_EPOCH = "dettune.best_epoch"
+EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp num <search>-<n>
+TAG_BEST_KNOB = "dettune.best."  # + knob name: the best trial's value (a tag, since params can't change)
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
 
 
@@ -53,6 +64,48 @@ def without_credentials(uri: str) -> str:
     if not (parts.username or parts.password):
         return uri
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+
+
+def use_credentials(uri: str) -> str:
+    """Moves a ``user:password@`` in ``uri`` to MLflow's credential variables; returns the URI without it.
+
+    Only this process and its children see the variables, so no file, pickled state or message carries the
+    credentials.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return without_credentials(uri)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingSettings:
+    """Where a search's MLflow writes go and how long an outage may last, saved beside its Ray results.
+
+    A resumed search reads them back, with any of them changed on its command line; the driver's callbacks
+    rebuild their :class:`Tracker` from them, so a new ``--tracking-uri`` reaches them too.
+    """
+
+    uri: str | None = None
+    """Without credentials; None is the SQLite store beside the Ray storage."""
+    down_timeout_s: float = 600.0
+
+    def effective_uri(self, storage: Path) -> str:
+        return self.uri or local_tracking_uri(storage)
+
+    def tracker(self, storage: Path, search: str, *, fresh: bool = False) -> Tracker:
+        """The search's tracker; the local default keeps artifacts under ``storage/mlartifacts``."""
+        return Tracker(self.effective_uri(storage), search, fresh=fresh,
+                       artifact_root=None if self.uri else storage / "mlartifacts")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> TrackingSettings:
+        return cls(**json.loads(path.read_text()))
 
 
 def param_text(value: Any) -> str:
@@ -107,8 +160,9 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     except urllib.error.HTTPError:
         return
     except OSError as exc:
-        raise TrackingUnreachable(f"MLflow tracking server {tracking_uri} is unreachable ({exc}): start it, "
-                                  "or fix --tracking-uri (omit it to use a local SQLite store)") from None
+        raise TrackingUnreachable(f"MLflow tracking server {without_credentials(tracking_uri)} is unreachable "
+                                  f"({exc}): start it, or fix --tracking-uri (omit it to use a local SQLite "
+                                  "store)") from None
 
 
 @dataclass
@@ -123,26 +177,27 @@ class Tracker:
     def __init__(self, tracking_uri: str, search: str, *, artifact_root: Path | None = None,
                  fresh: bool = False) -> None:
         self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = tracking_uri
+        self.tracking_uri = without_credentials(tracking_uri)
         self.search = search
-        self._artifact_root = artifact_root
-        experiment = self.client.get_experiment_by_name(search)
-        if experiment is None:
-            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-            self.experiment_id = self.client.create_experiment(search, artifact_location=location)
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id, created = self._experiment(artifact_root)
         self._runs: dict[str, _RunState] = {}
         if fresh:
             self._discard_runs()
-        self.parent_run_id = self._find_or_create_parent()
+        self.parent_run_id = self._find_or_create_parent(creator=created or fresh)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Tune pickles callbacks with its experiment state: keep the address, not the connection."""
-        return {"tracking_uri": self.tracking_uri, "search": self.search, "artifact_root": self._artifact_root}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracking_uri"], state["search"], artifact_root=state["artifact_root"])  # type: ignore[misc]
+    def _experiment(self, artifact_root: Path | None) -> tuple[str, bool]:
+        """The search's experiment id, and whether this tracker created it (the name is unique in a store)."""
+        experiment = self.client.get_experiment_by_name(self.search)
+        if experiment is not None:
+            return experiment.experiment_id, False
+        location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+        try:
+            return self.client.create_experiment(self.search, artifact_location=location), True
+        except MlflowException as error:  # another driver created it since we looked
+            experiment = self.client.get_experiment_by_name(self.search)
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or experiment is None:
+                raise
+        return experiment.experiment_id, False
 
     # --- lookup ---------------------------------------------------------------------------------------
 
@@ -155,8 +210,15 @@ class Tracker:
         for run in find_runs(self.client, self.experiment_id, {TAG_SEARCH: self.search}, max_results=50000):
             self.client.delete_run(run.info.run_id)
 
-    def _find_or_create_parent(self) -> str:
-        found = self._find(**{TAG_ROLE: "parent"})
+    def _find_or_create_parent(self, *, creator: bool, wait_s: float = 30.0) -> str:
+        """The parent run; the driver that created the experiment creates it, another one waits for it.
+
+        A parent still missing after ``wait_s`` (its creator died in between, or the runs were deleted) is
+        created here.
+        """
+        deadline = time.monotonic() + (0.0 if creator else wait_s)
+        while (found := self._find(**{TAG_ROLE: "parent"})) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
         if found is not None:
             return str(found.info.run_id)
         run = self.client.create_run(self.experiment_id, run_name=self.search,
@@ -176,15 +238,22 @@ class Tracker:
         self.client.log_text(self.parent_run_id, space_json, "space.json")
 
     def record_best(self, params: Mapping[str, Any], metrics: Mapping[str, float], *, epoch: int,
-                    trial_id: str) -> None:
-        """Gives the parent run the best trial's params and metrics (params once: MLflow can't change them)."""
-        existing = self.client.get_run(self.parent_run_id).data.params
-        new_params = [Param(k, param_text(v)) for k, v in params.items() if k not in existing]
+                    trial_id: str) -> bool:
+        """Gives the parent run the best trial's knob values (tags ``dettune.best.<knob>``) and metrics at its epoch.
+
+        Knob values are tags because MLflow params can't change when a resumed search finds a better trial. The
+        same best recorded again (a resume) writes nothing, so no point is doubled. Returns whether it wrote.
+        """
+        tags = self.client.get_run(self.parent_run_id).data.tags
+        if (tags.get(TAG_BEST_TRIAL), tags.get(TAG_BEST_EPOCH)) == (trial_id, str(epoch)):
+            return False
         stamp = _now_ms()
+        knobs = [RunTag(TAG_BEST_KNOB + k, param_text(v)) for k, v in params.items()]
         self.client.log_batch(
             self.parent_run_id,
             metrics=[Metric(k, float(v), stamp, epoch) for k, v in metrics.items() if is_log_column(k)],
-            params=new_params, tags=[RunTag("dettune.best_trial", trial_id)])
+            tags=[*knobs, RunTag(TAG_BEST_TRIAL, trial_id), RunTag(TAG_BEST_EPOCH, str(epoch))])
+        return True
 
     def mark_pareto(self, front: Sequence[str]) -> None:
         """Tags every trial run on or off the Pareto front (trial ids), and the parent with the front's Exp nums."""
@@ -207,17 +276,41 @@ class Tracker:
             return self._runs[trial_id].run_id
         found = self._find(**{TAG_TRIAL: trial_id})
         if found is None:
-            exp_num = f"{self.search}-{len(self.trial_runs()) + 1}"
-            run = self.client.create_run(self.experiment_id, run_name=exp_num, tags={
-                TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_EXP_NUM: exp_num,
-                MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: exp_num, TAG_STATUS: "running"})
-            run_id = str(run.info.run_id)
+            run_id = str(self.client.create_run(self.experiment_id, tags={
+                TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial_id,
+                MLFLOW_PARENT_RUN_ID: self.parent_run_id, TAG_STATUS: "running"}).info.run_id)
+            self._number(run_id)
             self.client.log_batch(run_id, params=[Param(k, param_text(v)) for k, v in params.items()])
             self._runs[trial_id] = _RunState(run_id, set())
         else:
             run_id = str(found.info.run_id)
+            if TAG_EXP_NUM not in found.data.tags:  # the server went away right after creating it
+                self._number(run_id)
             self._runs[trial_id] = _RunState(run_id, self._logged_epochs(run_id, found.data.metrics))
         return run_id
+
+    def _number(self, run_id: str) -> str:
+        """Names a new trial run ``<search>-<n>`` with the lowest n no other run has claimed.
+
+        The claim is the parent's param ``exp_num.<n>`` = the run's id: MLflow refuses to change a param, so of
+        two drivers claiming one n at the same moment exactly one succeeds and the other tries the next.
+        """
+        claims = {k: v for k, v in self.client.get_run(self.parent_run_id).data.params.items()
+                  if k.startswith(EXP_NUM_CLAIM)}
+        mine = [int(k.removeprefix(EXP_NUM_CLAIM)) for k, v in claims.items() if v == run_id]
+        numbered = [r for r in self.trial_runs() if TAG_EXP_NUM in r.data.tags]  # a store older than claims
+        n = mine[0] - 1 if mine else max(len(claims), len(numbered))
+        while True:
+            n += 1
+            try:
+                self.client.log_param(self.parent_run_id, f"{EXP_NUM_CLAIM}{n}", run_id)
+            except MlflowException as error:
+                if error.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
+                    raise
+                continue
+            exp_num = f"{self.search}-{n}"
+            self.client.log_batch(run_id, tags=[RunTag(TAG_EXP_NUM, exp_num), RunTag(MLFLOW_RUN_NAME, exp_num)])
+            return exp_num
 
     def _logged_epochs(self, run_id: str, latest: Mapping[str, float]) -> set[int]:
         return {int(m.step) for key in latest for m in self.client.get_metric_history(run_id, key)}

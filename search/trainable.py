@@ -60,10 +60,7 @@ class TrialPlan:
 
     def point(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The full knob values of a trial: the space's fixed knobs plus the sampled ones, decoded."""
-        space = self.parsed_space
-        # Only Optuna needs its encoded choices (e.g. "[800, 800]") turned back; Tune's own samplers give real values.
-        values = space.decode_optuna(dict(sampled)) if space.search.uses_optuna else dict(sampled)
-        return {**space.point_defaults(), **values}
+        return self.parsed_space.point(sampled)
 
     def run_params(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """What a trial's MLflow run records as params: its knobs and how its FPS is measured."""

@@ -35,7 +35,7 @@ import copy
 import difflib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
 
@@ -256,6 +256,15 @@ class Space(_Section):
     def optuna_space(self) -> dict[str, Any]:
         """Returns the searched knobs as Optuna distributions; decode samples with :meth:`decode_optuna`."""
         return {name: dist.to_optuna() for name, dist in self.space.items()}
+
+    def point(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's full knob values: the fixed knobs plus the sampled ones, as the searcher gave them.
+
+        Only Optuna (``tpe``, ``nsga2``) encodes choices (``"[800, 800]"``); Tune's grid and random samplers give
+        the values themselves, which must not be decoded.
+        """
+        values = self.decode_optuna(dict(sampled)) if self.search.uses_optuna else dict(sampled)
+        return {**self.point_defaults(), **values}
 
     def decode_optuna(self, params: dict[str, Any]) -> dict[str, Any]:
         """Returns Optuna-sampled ``params`` with encoded choices turned back into their real values."""

@@ -16,11 +16,13 @@ from test_report import FinishedSearch, finished_search
 
 from results.export import (
     EXPORTED_FILES,
+    Candidate,
     NothingToExport,
     checkpoint_candidates,
     export_best,
     metric_mode,
     ranked_candidates,
+    trial_params,
 )
 from results.store import open_search, open_tracking
 from spaces.dataset import Dataset
@@ -153,3 +155,12 @@ def test_metric_mode_follows_the_space_then_the_metrics_kind() -> None:
     assert metric_mode(space, "val/bbox_mAP") == space.mode == "max"
     assert metric_mode(space, "train/loss") == "min"
     assert metric_mode(space, "val/bbox_mAP_s") == "max"
+
+def test_params_of_a_grid_over_lists_are_the_values_the_trial_trained(tmp_path: Path) -> None:
+    space = load_space(Path(__file__).parents[2] / "spaces" / "scale-vs-small.yaml")
+    # Tune's grid hands the trial the list itself (Optuna would have sent the text "[768, 768]").
+    candidate = Candidate(trial_id="a", epoch=1, result={"config": {"scale": [768, 768]}}, directory=tmp_path)
+
+    assert trial_params(space, candidate) == {"backbone": "r50", "roi_head": "cascade", "optimizer": "sgd",
+                                              "lr": 0.0025, "schedule": "step", "batch_size": 2, "epochs": 12,
+                                              "scale": [768, 768]}

@@ -57,7 +57,7 @@ def test_tpe_search_with_asha(tmp_path: Path, synth_large: Dataset, ray_local: N
         assert int(run.data.tags[TAG_STOPPED_AT]) < 4
 
     assert outcome.best_trial_id and parents[0].data.tags["dettune.best_trial"] == outcome.best_trial_id
-    assert "val/bbox_mAP_50" in parents[0].data.metrics and "lr" in parents[0].data.params
+    assert "val/bbox_mAP_50" in parents[0].data.metrics and "dettune.best.lr" in parents[0].data.tags
     assert sorted(c.data.tags[TAG_EXP_NUM] for c in children) == sorted(f"tpe-asha-{i}" for i in range(1, 7))
 
     for child in children:

@@ -15,6 +15,8 @@ from services import free_port, mlflow_server
 
 from spaces.dataset import Dataset
 
+SECRET = "s3cret-word"
+
 
 def _driver(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, text=True,
@@ -78,8 +80,21 @@ def test_long_outage_stops_the_search_for_resume(tmp_path: Path, synth: Dataset)
     assert driver.returncode == 3, "".join(seen) + output
     assert "dettune resume long-outage" in output and "Traceback" not in output
 
-    with mlflow_server(tmp_path, port) as url:
-        resumed = _driver("resume", "long-outage", cwd=tmp_path)
+    # The old server stays down: a resume on a new one (with credentials in its URI, and a new timeout) must
+    # reach the restored callbacks too, or they would buffer for the old server and stop the search again.
+    (tmp_path / "new").mkdir()
+    with mlflow_server(tmp_path / "new") as url:
+        with_credentials = url.replace("http://", f"http://ann:{SECRET}@")
+        resumed = _driver("resume", "long-outage", "--tracking-uri", with_credentials, "--tracking-timeout", "60",
+                          cwd=tmp_path)
         output, _ = resumed.communicate(timeout=900)
         assert resumed.returncode == 0, output[-3000:]
         _assert_all_points_once(url, "long-outage", epochs=3, trials=2)
+        client = MlflowClient(url)
+        (parent,) = client.search_runs([client.get_experiment_by_name("long-outage").experiment_id],
+                                       "tags.`dettune.role` = 'parent'")
+        assert client.download_artifacts(parent.info.run_id, "space.yaml", str(tmp_path / "new")) and (
+            (tmp_path / "new" / "space.yaml").read_text() == space_file.read_text()), "space.yaml is not the file"
+    assert SECRET not in output
+    leaks = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaks == [], "credentials written to files"

@@ -1,0 +1,76 @@
+"""Connecting to Ray when ``ray start`` left a stale record behind (its processes killed, not stopped).
+
+Each test writes Ray's own record of the last cluster, ``ray_current_cluster``, into a temp folder of its own
+(``RAY_TMPDIR``), naming a port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import write_space
+from services import free_port
+
+from search.cli import main
+from spaces.dataset import Dataset
+from spaces.errors import USAGE_ERROR
+
+RAY_STARTUP_S = 300
+
+
+@pytest.fixture
+def stale_record(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A RAY_TMPDIR whose ``ray/ray_current_cluster`` names a dead cluster; yields that address."""
+    # Short: Ray's socket paths under it must stay within the 107 bytes a Unix socket name may have.
+    temp = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
+    address = f"127.0.0.1:{free_port()}"
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text(address)
+    monkeypatch.setenv("RAY_TMPDIR", str(temp))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield address
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_an_address_whose_cluster_is_gone_exits_2_at_once(how: str, stale_record: str, tmp_path: Path,
+                                                          synth: Dataset, no_local_ray: None,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    # The recorded address itself: "auto" would also join any other live cluster on this machine.
+    monkeypatch.chdir(tmp_path)
+    space_file = write_space(tmp_path / "space.yaml", synth)
+    before = sorted(tmp_path.rglob("*"))
+    if how == "environment":
+        monkeypatch.setenv("RAY_ADDRESS", stale_record)
+    started = time.monotonic()
+
+    code = main(["search", str(space_file), *(["--address", stale_record] if how == "flag" else [])])
+
+    took = time.monotonic() - started
+    err = capfd.readouterr().err
+    assert code == USAGE_ERROR, err
+    assert f"the Ray cluster at {stale_record} does not answer" in err and "ray start --head" in err
+    assert "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before, "a refused search wrote files"
+    assert took < 120, f"refusing took {took:.0f} s"  # validation included; ray.init alone hung for minutes
+
+
+@pytest.mark.slow
+def test_without_an_address_a_private_ray_starts(stale_record: str) -> None:
+    probe = ("import ray; from search.driver import connect_ray; connect_ray(None); "
+             "print('gcs', ray.get_runtime_context().gcs_address)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=RAY_STARTUP_S,
+                          env=os.environ.copy(), cwd=Path(__file__).parents[2])
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    gcs = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("gcs "))
+    assert gcs != stale_record

@@ -1,0 +1,121 @@
+"""The MLflow bookkeeping on a real SQLite store, without Ray: the best trial on the parent, filter strings, and
+two drivers creating the same search at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.tracking import (
+    TAG_EXP_NUM,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_TRIAL,
+    Tracker,
+    TrackingSettings,
+    local_tracking_uri,
+    run_filter,
+    use_credentials,
+)
+from spaces.errors import BadArgument
+
+TRIALS_PER_DRIVER = 4
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_the_same_best_recorded_again_writes_no_point_twice(tmp_path: Path) -> None:
+    tracker = Tracker(local_tracking_uri(tmp_path), "best")
+    for _ in range(2):  # the end of a search, then the end of its resume
+        tracker.record_best({"lr": 0.01, "scale": [800, 800]}, {"val/bbox_mAP": 0.3, "epoch": 2}, epoch=2,
+                            trial_id="a")
+
+    parent = tracker.client.get_run(tracker.parent_run_id)
+    assert _history(tracker.client, tracker.parent_run_id, "val/bbox_mAP") == [(2, 0.3)]
+    assert parent.data.tags["dettune.best.scale"] == "800x800" and parent.data.tags["dettune.best.lr"] == "0.01"
+
+
+def test_a_new_best_replaces_the_knob_values_of_the_old_one(tmp_path: Path) -> None:
+    tracker = Tracker(local_tracking_uri(tmp_path), "best")
+    tracker.record_best({"lr": 0.01, "scale": [800, 800]}, {"val/bbox_mAP": 0.3}, epoch=2, trial_id="a")
+    tracker.record_best({"lr": 0.02, "scale": [512, 512]}, {"val/bbox_mAP": 0.4}, epoch=3, trial_id="b")
+
+    tags = tracker.client.get_run(tracker.parent_run_id).data.tags
+    assert (tags["dettune.best.lr"], tags["dettune.best.scale"], tags["dettune.best_trial"]) == ("0.02", "512x512", "b")
+    assert _history(tracker.client, tracker.parent_run_id, "val/bbox_mAP") == [(2, 0.3), (3, 0.4)]
+    assert tracker.client.get_run(tracker.parent_run_id).data.metrics["val/bbox_mAP"] == 0.4
+
+
+def test_a_filter_value_with_a_quote_is_refused() -> None:
+    assert run_filter({TAG_SEARCH: "demo", TAG_ROLE: "trial"}) == (
+        "tags.`dettune.search` = 'demo' and tags.`dettune.role` = 'trial'")
+    for value in ("it's", 'say "x"', "a`b"):
+        with pytest.raises(BadArgument, match="holds a quote"):
+            run_filter({TAG_SEARCH: value})
+
+
+def test_credentials_move_to_mlflows_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+
+    assert use_credentials("http://ann:p%40ss@127.0.0.1:5000/mlflow") == "http://127.0.0.1:5000/mlflow"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("ann", "p@ss")
+
+
+def test_tracking_settings_round_trip(tmp_path: Path) -> None:
+    settings = TrackingSettings(uri="http://127.0.0.1:5000", down_timeout_s=42.0)
+    settings.save(tmp_path / "search.json")
+
+    assert TrackingSettings.load(tmp_path / "search.json") == settings
+    assert TrackingSettings().effective_uri(tmp_path) == local_tracking_uri(tmp_path)
+
+
+def _driver(tracking_uri: str, index: int, start: Any, errors: Any) -> None:
+    """One driver process: creates the search (if nobody has yet) and starts its trials."""
+    try:
+        start.wait(timeout=120)
+        tracker = Tracker(tracking_uri, "twice")
+        for trial in range(TRIALS_PER_DRIVER):
+            tracker.start_trial(f"driver{index}-{trial}", {"lr": 0.01})
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
+
+
+def test_two_drivers_creating_one_search_share_its_parent_and_never_share_a_number(tmp_path: Path) -> None:
+    tracking_uri = local_tracking_uri(tmp_path)
+    MlflowClient(tracking_uri).search_experiments()  # the store exists (MLflow makes its tables); the search not
+    context = multiprocessing.get_context("spawn")
+    start, errors = context.Barrier(2), context.Queue()
+    drivers = [context.Process(target=_driver, args=(tracking_uri, index, start, errors)) for index in range(2)]
+    for driver in drivers:
+        driver.start()
+    for driver in drivers:
+        driver.join(timeout=300)
+        if driver.is_alive():
+            driver.kill()
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == [] and [d.exitcode for d in drivers] == [0, 0], "\n".join(failures)
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("twice")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags[TAG_ROLE] == "parent"]
+    trials = [r for r in runs if r.data.tags[TAG_ROLE] == "trial"]
+    assert len(parents) == 1
+    assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
+    assert sorted(t.data.tags[TAG_TRIAL] for t in trials) == sorted(
+        f"driver{d}-{t}" for d in range(2) for t in range(TRIALS_PER_DRIVER))
+    numbers = sorted(int(t.data.tags[TAG_EXP_NUM].removeprefix("twice-")) for t in trials)
+    assert numbers == list(range(1, 2 * TRIALS_PER_DRIVER + 1))
+    assert all(t.info.run_name == t.data.tags[TAG_EXP_NUM] for t in trials)
