@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test test-fast lint install bench clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -22,6 +22,10 @@ test: lint
 	@start=$$(date +%s); \
 	$(PY) -m pytest -q; status=$$?; \
 	echo "test suite: $$(( $$(date +%s) - start )) s"; exit $$status
+
+# The inner loop: everything but the tests marked slow (long training runs); CI runs `make test`, all of them.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

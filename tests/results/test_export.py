@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from test_report import FinishedSearch, finished_search
+from test_report import FinishedSearch, finished_search, raw_best, trial_runs
 
 from results.export import (
     EXPORTED_FILES,
@@ -47,19 +47,18 @@ def exported(finished: FinishedSearch, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.mark.slow
 def test_export_writes_the_best_trials_files(finished: FinishedSearch, exported: Path) -> None:
-    search = open_search(open_tracking(finished.tracking_uri), finished.name)
-    trials = {t.exp_num: t for t in search.trials()}
+    runs = trial_runs(finished.tracking_uri)
+    best = {num: raw_best(finished.tracking_uri, run.info.run_id) for num, run in runs.items()}
+    top = max(b[1] for b in best.values() if b is not None)
     info = json.loads((exported / "metrics.json").read_text())
     params = json.loads((exported / "params.json").read_text())
-    best = trials[info["exp_num"]]
+    winner = info["exp_num"]
 
     assert sorted(p.name for p in exported.iterdir()) == sorted(EXPORTED_FILES)
-    assert info["metrics"]["val/bbox_mAP"] == max(t.score("val/bbox_mAP", "max") or 0.0 for t in trials.values())
-    assert info["metrics"]["val/bbox_mAP"] == best.score("val/bbox_mAP", "max")
-    assert info["epoch"] == best.best_epoch("val/bbox_mAP", "max")
-    assert (info["exp_num"], info["mlflow_run_id"]) == (best.exp_num, best.run_id)
+    assert best[winner] == (info["epoch"], top), "not the best epoch of the best trial"
+    assert info["mlflow_run_id"] == runs[winner].info.run_id and info["metrics"]["val/bbox_mAP"] == top
     assert info["selected_by"] == {"metric": "val/bbox_mAP", "mode": "max"}
-    assert params["lr"] == float(best.params["lr"]) and params["scale"] == [160, 160]
+    assert params["lr"] == float(runs[winner].data.params["lr"]) and params["scale"] == [160, 160]
     assert "inference/fps" in info["metrics"]
 
 
@@ -155,6 +154,7 @@ def test_metric_mode_follows_the_space_then_the_metrics_kind() -> None:
     assert metric_mode(space, "val/bbox_mAP") == space.mode == "max"
     assert metric_mode(space, "train/loss") == "min"
     assert metric_mode(space, "val/bbox_mAP_s") == "max"
+
 
 def test_params_of_a_grid_over_lists_are_the_values_the_trial_trained(tmp_path: Path) -> None:
     space = load_space(Path(__file__).parents[2] / "spaces" / "scale-vs-small.yaml")

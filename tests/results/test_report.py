@@ -13,12 +13,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
-from results.report import add_parser, draw_plots, format_value, ranked, write_report
+from results.report import add_parser, draw_plots, write_report
 from results.store import open_search, open_tracking
 from search.driver import SearchOptions, run_search
 from search.tracking import Tracker
@@ -88,6 +89,27 @@ def report(finished: FinishedSearch, tmp_path_factory: pytest.TempPathFactory) -
     return write_report(search, tmp_path_factory.mktemp("report"))
 
 
+def trial_runs(tracking_uri: str) -> dict[str, Any]:
+    """Exp num -> MLflow run, read straight from MLflow."""
+    client = MlflowClient(tracking_uri)
+    return {r.data.tags["dettune.exp_num"]: r for r in client.search_runs(
+        [client.get_experiment_by_name(NAME).experiment_id], "tags.`dettune.role` = 'trial'")}
+
+
+def raw_best(tracking_uri: str, run_id: str, key: str = "val/bbox_mAP") -> tuple[int, float] | None:
+    """(epoch, value) of the run's highest ``key`` from MLflow's raw history, the earliest epoch among equals."""
+    best: tuple[int, float] | None = None
+    for point in sorted(MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step):
+        if best is None or point.value > best[1]:
+            best = (point.step, point.value)
+    return best
+
+
+def raw_value(tracking_uri: str, run_id: str, key: str, epoch: int) -> float:
+    (value,) = [m.value for m in MlflowClient(tracking_uri).get_metric_history(run_id, key) if m.step == epoch]
+    return value
+
+
 def _table(markdown: str) -> list[list[str]]:
     """The trial table's header and rows as cells."""
     lines = markdown.splitlines()
@@ -122,14 +144,17 @@ def test_table_has_the_logs_columns_and_one_row_per_trial(finished: FinishedSear
 
 @pytest.mark.slow
 def test_scores_come_from_each_trials_best_epoch(finished: FinishedSearch, report: Path) -> None:
-    search = open_search(open_tracking(finished.tracking_uri), finished.name)
-    trials = {t.exp_num: t for t in search.trials()}
+    runs = trial_runs(finished.tracking_uri)
     for row in _table(report.read_text())[1:]:
-        trial = trials[row[0]]
-        best = trial.at(trial.best_epoch("val/bbox_mAP", "max"))
-        assert row[MAP] == format_value("val/bbox_mAP", best.get("val/bbox_mAP"))
-        assert row[MAP] == "-" or row[MAP] == f"{100 * best['val/bbox_mAP']:.1f}"
-        assert row[LOG_COLUMNS.index("train/loss")] == format_value("train/loss", best.get("train/loss"))
+        run_id = runs[row[0]].info.run_id
+        best = raw_best(finished.tracking_uri, run_id)
+        if best is None:  # the failed trial
+            assert row[MAP] == row[LOG_COLUMNS.index("train/loss")] == "-"
+            continue
+        epoch, value = best
+        assert row[MAP] == f"{100 * value:.1f}"  # the log's percent, one decimal
+        loss = raw_value(finished.tracking_uri, run_id, "train/loss", epoch)
+        assert row[LOG_COLUMNS.index("train/loss")] == f"{loss:.3f}"
 
 
 @pytest.mark.slow
@@ -164,11 +189,10 @@ def test_fps_is_logged_after_the_first_and_the_last_epoch_and_model_costs_once(f
 @pytest.mark.slow
 def test_writeup_has_the_spaces_hypothesis_method_and_knob_effects(finished: FinishedSearch, report: Path) -> None:
     text = report.read_text()
-    search = open_search(open_tracking(finished.tracking_uri), finished.name)
-    scores = {t.params["lr"]: [] for t in search.trials()}
-    for trial in search.trials():
-        if (score := trial.score("val/bbox_mAP", "max")) is not None:
-            scores[trial.params["lr"]].append(100 * score)
+    scores: dict[str, list[float]] = {}
+    for run in trial_runs(finished.tracking_uri).values():
+        if (best := raw_best(finished.tracking_uri, run.info.run_id)) is not None:
+            scores.setdefault(run.data.params["lr"], []).append(100 * best[1])
 
     assert f"- 실험 가설 (hypothesis) : {HYPOTHESIS}" in text
     assert f"- 실험 방법 (method) : {METHOD}" in text
@@ -203,8 +227,13 @@ def test_csv_has_the_same_rows_and_how_each_trial_ended(finished: FinishedSearch
     path = write_report(search, tmp_path, fmt="csv")
     header, *rows = list(csv.reader(path.open()))
 
+    runs = trial_runs(finished.tracking_uri)
+    oldest_first = sorted(runs, key=lambda num: runs[num].info.start_time)
+    best = {num: raw_best(finished.tracking_uri, runs[num].info.run_id) for num in oldest_first}
+    scored = sorted((num for num in best if best[num] is not None), key=lambda num: -best[num][1])  # type: ignore[index]
+
     assert path.name == "report.csv" and header == [*LOG_COLUMNS, "Status"]
-    assert [row[0] for row in rows] == [t.exp_num for t in ranked(search.trials(), search.space)]
+    assert [row[0] for row in rows] == [*scored, *(num for num in best if best[num] is None)]
     statuses = {row[0]: row[-1] for row in rows}
     assert statuses[f"{NAME}-3"] == "stopped by ASHA at epoch 1"
     assert statuses[f"{NAME}-4"] == f"failed: {FAILURE}"

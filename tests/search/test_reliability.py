@@ -66,15 +66,33 @@ def _kill_when(predicate: Any, victims: Any, timeout: float = 600) -> threading.
 
 
 def _trial_processes() -> list[int]:
-    """PIDs of the Ray actor processes that run Tune trials in this session."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if b"ImplicitFunc" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
-            continue
-    return pids
+    """PIDs of the Ray actor processes that run Tune trials of the Ray this test process started.
+
+    Their raylet is a child of this process, so they are its descendants; other Ray sessions on the machine (other
+    test runs, other users) are not, and are left alone.
+    """
+    return [pid for pid in _descendants(os.getpid()) if b"ImplicitFunc" in _read(f"/proc/{pid}/cmdline")]
+
+
+def _descendants(root: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _read(str(stat)).rsplit(b")", 1)[-1].split()  # after "(comm)", which may hold spaces
+        if fields:
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
 
 
 def _mid_epoch(storage: Path, epoch: int) -> bool:
