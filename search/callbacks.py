@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 
 from search.tracking import Tracker, TrackingSettings, outcome_text
 from trainers.metrics import EPOCH
@@ -157,12 +157,14 @@ class MlflowCallback(Callback):
 
 class ConsoleCallback(Callback):
     """Prints one line per trial event (started, epoch result, stopped by ASHA, completed, failed) and,
-    every ``table_every_s`` seconds while trials run, a status table. It holds no stream: Tune pickles
-    callbacks with the experiment state, so stdout is looked up at each print."""
+    every ``table_every_s`` seconds while trials run, a status table. A failure's line names the file with
+    its traceback, which is never printed itself. It holds no stream: Tune pickles callbacks with the
+    experiment state, so stdout is looked up at each print."""
 
     def __init__(self, *, metric: str, max_epochs: int, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 failure_of: FailureOf, table_every_s: float = 60.0) -> None:
+                 failure_of: FailureOf, log_of: Callable[[str], Path], table_every_s: float = 60.0) -> None:
         self._failure_of = failure_of
+        self._log_of = log_of
         self._metric = metric
         self._max_epochs = max_epochs
         self._params_of = params_of
@@ -198,10 +200,49 @@ class ConsoleCallback(Callback):
         failure = self._failure_of(trial.trial_id)
         status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
         text = outcome_text(status, stopped_at=stopped_at, failure=failure)
-        self._say(trial, f"{text} (not retried)" if status == "failed" else text)
+        if status == "failed":
+            text = f"{text} (not retried); traceback in {self._log_of(trial.trial_id)}"
+        self._say(trial, text)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._say(trial, f"failed: {failure_reason(trial)}")
+        retries = trial.run_metadata.num_failures - 1
+        tried = f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries > 0 else ""
+        self._say(trial, f"failed{tried}: {failure_reason(trial)}; traceback in {trial.error_file}")
+
+
+SETUP_FAILURES_TO_STOP = 3
+
+
+def repeated_setup_failure(failures: Mapping[str, str], *, any_reported: bool, limit: int) -> str | None:
+    """The reason shared by ``limit`` trials that failed at setup while no trial had reported, else None.
+
+    Setup failures (config, file, import, shape) repeat for every point of the space, so once the first
+    trials all failed the same way the rest of the budget would only repeat it.
+    """
+    reasons = set(failures.values())
+    if any_reported or len(failures) < limit or len(reasons) != 1:
+        return None
+    return reasons.pop()
+
+
+class RepeatedSetupFailureStopper(Stopper):
+    """Stops the whole search once :func:`repeated_setup_failure` finds one reason for its first trials."""
+
+    def __init__(self, setup_failures: Callable[[], Mapping[str, str]], *, limit: int) -> None:
+        self._setup_failures = setup_failures
+        self._limit = limit
+        self._any_reported = False
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        # Tune also hands over a last result, without metrics, when a trial function returns.
+        self._any_reported = self._any_reported or EPOCH in result
+        return False
+
+    def stop_all(self) -> bool:
+        if self._any_reported:  # a trial that trained once proves the space can train: never stop early
+            return False
+        found = repeated_setup_failure(self._setup_failures(), any_reported=False, limit=self._limit)
+        return found is not None
 
 
 def _short(value: Any) -> str:

@@ -21,6 +21,7 @@ from search.staging import check_chain
 from search.tracking import local_tracking_uri, without_credentials
 from spaces.errors import USAGE_ERROR, BadArgument, UserError
 
+NO_TRIAL_FINISHED = 1
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
@@ -51,7 +52,8 @@ def _search_options(args: argparse.Namespace, **changes: object) -> SearchOption
     return SearchOptions(**fields)  # type: ignore[arg-type]
 
 
-def _print_outcome(outcome: SearchOutcome) -> None:
+def _print_outcome(outcome: SearchOutcome) -> int:
+    """Prints the results table and where the results are; returns the exit status (1: no trial finished)."""
     print(f"\nsearch {outcome.name}: best trial {outcome.best_trial_id or '-'}\n")
     print(outcome.table)
     print(f"\nRay results: {outcome.experiment_dir}")
@@ -59,27 +61,35 @@ def _print_outcome(outcome: SearchOutcome) -> None:
         print(f"MLflow:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
     else:
         print(f"MLflow:      {outcome.tracking_uri}")  # credentials were never part of it
+    if outcome.stopped_because:
+        print(f"dettune: search stopped: {outcome.stopped_because}; fix it (`dettune validate SPACE.yaml` checks "
+              "a space) and start the search again with --overwrite", file=sys.stderr)
+    if outcome.finished:
+        return 0
+    print(f"dettune: no trial of {outcome.name} finished: each failed trial's line above names its reason and "
+          "the file with its traceback", file=sys.stderr)
+    return NO_TRIAL_FINISHED
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     files: list[str] = args.space
     if len(files) == 1:
-        _print_outcome(run_search(_search_options(args, space_file=Path(files[0]))))
-        return 0
+        return _print_outcome(run_search(_search_options(args, space_file=Path(files[0]))))
     if args.name:
         raise BadArgument("--name renames one search, but a chain runs several: drop --name (each search takes its "
                         "space's name)")
     check_chain([(file, load_for_search(_search_options(args, space_file=Path(file)))) for file in files],
                 args.tracking_uri or local_tracking_uri(Path(args.storage).resolve()))
+    status = 0
     for index, file in enumerate(files):
         again = _continue_command(files[index:], args)
         print(f"chain {index + 1}/{len(files)}: {file}  (if it stops, continue with: {again})", flush=True)
         try:
-            _print_outcome(run_search(_search_options(args, space_file=Path(file))))
+            status = max(status, _print_outcome(run_search(_search_options(args, space_file=Path(file)))))
         except (UserError, TrackingDown):
             print(f"dettune: the chain stopped at {file}; continue it with: {again}", file=sys.stderr)
             raise
-    return 0
+    return status
 
 
 def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
@@ -96,9 +106,8 @@ def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri,
-                                             args.tracking_timeout)))
-    return 0
+    return _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri,
+                                                    args.tracking_timeout)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -108,8 +117,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         write_dataset(DEMO_DATA, images=DEMO_IMAGES, size=160, seed=0)
         print(f"wrote the demo dataset to {DEMO_DATA}")
     args.space = [str(DEMO_SPACE)]
-    _print_outcome(run_search(_search_options(args, overwrite=True)))
-    return 0
+    return _print_outcome(run_search(_search_options(args, overwrite=True)))
 
 
 def _add_search_flags(parser: argparse.ArgumentParser) -> None:

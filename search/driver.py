@@ -14,6 +14,8 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from search import staging
-from search.callbacks import ConsoleCallback, MlflowCallback, failure_reason_of
+from search.callbacks import (
+    SETUP_FAILURES_TO_STOP,
+    ConsoleCallback,
+    MlflowCallback,
+    RepeatedSetupFailureStopper,
+    failure_reason_of,
+    repeated_setup_failure,
+)
 from search.resources import check_cluster
 from search.tracking import (
     TAG_EXP_NUM,
@@ -48,6 +57,7 @@ from trainers.metrics import EPOCH
 
 KEPT_REPORTED_CHECKPOINTS = 2
 """Ray storage keeps each trial's best reported checkpoints, by the space's metric; export picks among them."""
+PRINT_TRIAL_ERRORS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
 SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
 SAVED_SPACE_FILE = "space.yaml"  # the space file as the user wrote it, logged on the parent run
 SAVED_OPTIONS = "search.json"  # the search's TrackingSettings, without credentials
@@ -83,11 +93,20 @@ class SearchOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class SearchOutcome:
+    """Where a search's results are, and how it went.
+
+    Attributes:
+        finished: Trials that trained at least one epoch and ended normally (completed, or stopped by ASHA).
+        stopped_because: Why the search stopped before its budget was spent, or None.
+    """
+
     name: str
     tracking_uri: str
     experiment_dir: Path
     best_trial_id: str | None
     table: str
+    finished: int
+    stopped_because: str | None = None
 
 
 def load_for_search(options: SearchOptions) -> Space:
@@ -268,12 +287,61 @@ def run_search(options: SearchOptions) -> SearchOutcome:
                             space_json=json.dumps(space.to_json(), indent=2))
     restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
     tuner = _tuner(staged, plan, tracker, storage, resume=restorable)
-    results = tuner.fit()
+    with _quiet_trial_errors():
+        results = tuner.fit()
     reconcile(results, space, plan, tracker)
     best_id = _record_best(results, space, plan, tracker)
     tracker.finish_search()
     return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
-                         best_trial_id=best_id, table=results_table(tracker, space))
+                         best_trial_id=best_id, table=results_table(tracker, space),
+                         finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
+
+
+class _DropIncompleteTrials(logging.Filter):
+    """Tune's closing "Trials did not complete: [...]": the search prints its own line per failed trial."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trials did not complete")
+
+
+@contextmanager
+def _quiet_trial_errors() -> Iterator[None]:
+    """Keeps Ray's raw trial tracebacks off the console; each failure's line names its traceback file."""
+    tune_logger = logging.getLogger("ray.tune.tune")
+    drop = _DropIncompleteTrials()
+    tune_logger.addFilter(drop)
+    # Read by Tune's controller when it starts: with 0 it no longer logs every trial error with its traceback.
+    previous = os.environ.get(PRINT_TRIAL_ERRORS)
+    os.environ[PRINT_TRIAL_ERRORS] = "0"
+    try:
+        yield
+    finally:
+        tune_logger.removeFilter(drop)
+        if previous is None:
+            del os.environ[PRINT_TRIAL_ERRORS]
+        else:
+            os.environ[PRINT_TRIAL_ERRORS] = previous
+
+
+def setup_stop_limit(space: Space) -> int:
+    """How many trials must fail at setup the same way before the search stops (fewer if it has fewer)."""
+    total = space.grid_size() if space.search.algorithm == "grid" else space.budget.trials
+    return min(SETUP_FAILURES_TO_STOP, total or SETUP_FAILURES_TO_STOP)
+
+
+def _stopped_because(results: Any, space: Space, plan: TrialPlan) -> str | None:
+    reported = any(_epochs_of(result) is not None for result in results)
+    reason = repeated_setup_failure(plan.setup_failures(), any_reported=reported, limit=setup_stop_limit(space))
+    if reason is None:
+        return None
+    return (f"the first {setup_stop_limit(space)} trials all failed at setup with the same error, which every "
+            f"other trial would repeat: {reason}")
+
+
+def finished_trials(tracker: Tracker) -> int:
+    """Trials that trained and ended normally: completed, or stopped by ASHA after at least one epoch."""
+    statuses = [(run.data.tags.get(TAG_STATUS), run.data.tags.get(TAG_STOPPED_AT)) for run in tracker.trial_runs()]
+    return sum(1 for status, at in statuses if status == "completed" or (status == "stopped" and at not in (None, "0")))
 
 
 def _save(experiment_dir: Path, space: Space, space_file: Path, settings: TrackingSettings) -> None:
@@ -306,13 +374,14 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
                                 max_epochs=epochs, failure_of=plan.failure_of),
                  ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=plan.point,
-                                 failure_of=plan.failure_of)]
+                                 failure_of=plan.failure_of, log_of=plan.trial_log)]
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space), num_samples=samples),
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(storage), callbacks=callbacks, verbose=0,
+            stop=RepeatedSetupFailureStopper(plan.setup_failures, limit=setup_stop_limit(space)),
             failure_config=tune.FailureConfig(max_failures=space.budget.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_REPORTED_CHECKPOINTS,
                                                     checkpoint_score_attribute=space.metric,
@@ -350,7 +419,7 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
     fills whatever a killed driver or an unreachable tracking server left out.
     """
     for result in results:
-        if not _has_history(result):
+        if _epochs_of(result) is None:  # no epoch reported: the live callbacks recorded how it ended
             continue
         history = result.metrics_dataframe
         trial_id = _trial_id(result)
@@ -365,6 +434,15 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
             tracker.end_trial(trial_id, status="stopped", stopped_at=epochs, only_if_open=True)
         else:
             tracker.end_trial(trial_id, status="completed", only_if_open=True)
+
+
+def _epochs_of(result: Any) -> Any:
+    """The trial's reported epochs (a DataFrame), or None if it reported none."""
+    history = result.metrics_dataframe
+    if history is None or EPOCH not in history:
+        return None
+    history = history[history[EPOCH].notna()]
+    return None if history.empty else history
 
 
 def _is_nan(value: Any) -> bool:

@@ -115,6 +115,8 @@ def param_text(value: Any) -> str:
 
 def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None) -> str:
     """How a trial ended, as the console, the end-of-search table and the report say it."""
+    if status == "stopped" and stopped_at == 0:  # the search stopped before this trial trained an epoch
+        return "stopped before its first epoch"
     if status == "stopped":
         return f"stopped by ASHA at epoch {stopped_at if stopped_at is not None else '?'}"
     if status == "failed":

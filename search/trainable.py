@@ -30,11 +30,13 @@ from spaces.schema import Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.hook import TrialDiverged
 from trainers.inference import fps_settings
-from trainers.trial import TrialSpec, run_trial
+from trainers.trial import TRIAL_LOG, TrialSetupFailed, TrialSpec, run_trial
 
 FAILURE_FILE = "failure.txt"
 # Ray leaves CUDA_VISIBLE_DEVICES alone for a task given no GPU (ray#54868) unless its workers have this set.
 HIDE_UNASSIGNED_GPUS = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+SETUP_FAILURE_FILE = "setup-failure.txt"
+SETUP_FAILED = "setup failed: "
 # Failures that a retry would only repeat: the trial ends at once, marked failed, instead of being retried.
 UNRECOVERABLE: tuple[type[BaseException], ...] = (TrialDiverged, torch.OutOfMemoryError)
 
@@ -74,9 +76,26 @@ class TrialPlan:
         """Holds the reason a trial failed for good (diverged, out of memory); the driver reads it."""
         return Path(self.storage) / self.name / "trials" / trial_id / FAILURE_FILE
 
+    def setup_failure_file(self, trial_id: str) -> Path:
+        """Holds the reason a trial failed before its first training iteration (config, file, import, shape)."""
+        return Path(self.storage) / self.name / "trials" / trial_id / SETUP_FAILURE_FILE
+
+    def setup_failure_of(self, trial_id: str) -> str | None:
+        return _read(self.setup_failure_file(trial_id))
+
+    def setup_failures(self) -> dict[str, str]:
+        """Trial id -> reason, for every trial of this search that failed at setup so far."""
+        trials = Path(self.storage) / self.name / "trials"
+        return {path.parent.name: path.read_text().strip() for path in trials.glob(f"*/{SETUP_FAILURE_FILE}")}
+
     def failure_of(self, trial_id: str) -> str | None:
-        path = self.failure_file(trial_id)
-        return path.read_text().strip() if path.is_file() else None
+        """Why the trial ended itself as failed (never retried), or None."""
+        setup = self.setup_failure_of(trial_id)
+        return SETUP_FAILED + setup if setup is not None else _read(self.failure_file(trial_id))
+
+    def trial_log(self, trial_id: str) -> Path:
+        """Rank 0's log: the Runner's output and the traceback of whatever ended the trial."""
+        return self.work_dir(trial_id, 0) / TRIAL_LOG
 
     @property
     def dataloader_workers(self) -> int:
@@ -151,6 +170,9 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
             # The other ranks may wait in a collective for this one (an OOM is not agreed like a NaN loss):
             # failing the worker makes Ray Train stop the whole group within seconds.
             raise
+    except TrialSetupFailed as exc:  # a retry would fail the same way: end the trial now, as failed
+        if rank == 0:
+            plan.setup_failure_file(trial_id).write_text(str(exc))
     finally:
         for stale in work_dir.rglob("*.pth"):  # reported copies live in Ray storage
             stale.unlink()
@@ -182,6 +204,10 @@ def _record_failure(path: Path, exc: BaseException) -> None:
     """Keeps the first reason: with several workers, the rank that failed first knows why."""
     with contextlib.suppress(FileExistsError), path.open("x") as file:
         file.write(f"{type(exc).__name__}: {exc}")
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
 
 
 def _restore(checkpoint: Checkpoint | None, work_dir: Path) -> Path | None:

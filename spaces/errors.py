@@ -76,3 +76,10 @@ class NotFound(UserError, LookupError):
 
 class BadArgument(UserError, ValueError):
     """A command-line value breaks its rule (a range, a character it may not hold)."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """``"FileNotFoundError: <first line of its message>"``, at most ``limit`` characters: a reason for a table."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -4,6 +4,8 @@ report every validation epoch, checkpoint every epoch and resume from a checkpoi
 from __future__ import annotations
 
 import contextlib
+import pickle
+import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,17 +15,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.hooks import Hook
 
 from spaces.build import build_config, single_scale_training
 from spaces.dataset import Dataset
+from spaces.errors import UserError, one_line
 from trainers.checkpoint import TRIAL_CONFIG
-from trainers.hook import EpochReportHook, Report
+from trainers.hook import EpochReportHook, Report, TrialDiverged
 from trainers.metrics import no_detection_scores
 from trainers.runner import build_runner, release_globals
 
 TRIAL_LOG = "trial.log"
 KEPT_LOCAL_CHECKPOINTS = 2
 """mmengine keeps this many epoch checkpoints in the work dir (the reported ones are copied to Ray storage)."""
+# Raised before the first training step, these come from the config, a file, an import or a tensor shape, so
+# a retry would raise them again. Lost connections and other OSErrors are left for Ray to retry, distributed
+# errors too; a diverged loss and running out of memory have their own reasons.
+_SETUP_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, FileNotFoundError, ImportError, KeyError, TypeError, ValueError, AttributeError, IndexError,
+    AssertionError, NotImplementedError, RuntimeError, pickle.UnpicklingError)
+_OTHER_ERRORS: tuple[type[BaseException], ...] = (dist.DistError, TrialDiverged, torch.OutOfMemoryError)
+
+
+class TrialSetupFailed(RuntimeError):
+    """The trial failed before its first training iteration completed, for a reason a retry cannot change.
+
+    The message is one line (exception type and first line of its message); ``trial.log`` holds the traceback.
+    """
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +116,7 @@ def run_trial(spec: TrialSpec, *, report: Report | None = None, resume_from: Pat
             report(row, checkpoint)
 
     name = f"dettune-{uuid.uuid4().hex[:12]}"
+    first_step = _FirstIteration()
     with _trial_log(spec.work_dir / TRIAL_LOG):
         try:
             cfg = trial_config(spec, experiment_name=name, resume_from=resume_from)
@@ -105,11 +124,31 @@ def run_trial(spec: TrialSpec, *, report: Report | None = None, resume_from: Pat
             _bind_gpu(spec.device)
             runner = build_runner(cfg)
             empty_scores = no_detection_scores(spec.dataset.val_area_ranges)
+            runner.register_hook(first_step, priority="VERY_HIGH")
             runner.register_hook(EpochReportHook(collect, empty_scores=empty_scores), priority="LOWEST")
             runner.train()
+        except Exception as error:
+            traceback.print_exc()  # into trial.log: the console only names the file
+            if resume_from is None and not first_step.done and is_setup_error(error):
+                raise TrialSetupFailed(one_line(error)) from error
+            raise
         finally:
             release_globals(name)
     return rows
+
+
+class _FirstIteration(Hook):
+    """Notes that a training iteration completed: a failure after that is not a setup failure."""
+
+    done = False
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        self.done = True
+
+
+def is_setup_error(error: BaseException) -> bool:
+    """Whether ``error``, raised before training started, would be raised again by a retry."""
+    return isinstance(error, _SETUP_ERRORS) and not isinstance(error, _OTHER_ERRORS)
 
 
 @contextlib.contextmanager
