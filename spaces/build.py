@@ -28,7 +28,7 @@ import copy
 import difflib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,7 +39,18 @@ from mmengine.config import Config, ConfigDict
 from spaces.backbones import backbone, catalog_name, family_of, import_mmpretrain_models
 from spaces.dataset import Dataset
 from spaces.errors import UserError
+from spaces.families import (
+    SIZE_KEYS,
+    is_detr_family,
+    merged_paramwise,
+    narrow_group_norms,
+    out_strides,
+    scale_epoch_hooks,
+    scale_sizes,
+    stage_indices,
+)
 from spaces.knobs import KNOBS
+from spaces.tree import as_list, dicts
 
 MMDET_PREFIX = "mmdet::"
 
@@ -259,12 +270,12 @@ def _masks(cfg: Config, build: Build) -> None:
         BuildError: when the model has a mask head and the dataset has no masks.
     """
     dataset = build.dataset
-    needs = any("mask_head" in node for node in _dicts(cfg.model.get("roi_head")))
+    needs = any("mask_head" in node for node in dicts(cfg.model.get("roi_head")))
     if needs and not dataset.has_masks:
         raise BuildError(f"the base model {cfg.model.type} has a mask head, but {dataset.train_json} has "
                          "annotations without 'segmentation': set roi_head to faster or cascade, "
                          "or add polygon masks")
-    for node in _dicts(cfg._cfg_dict):
+    for node in dicts(cfg._cfg_dict):
         if node.get("type") == "LoadAnnotations":
             node["with_mask"] = needs
     if "data_preprocessor" in cfg.model:
@@ -279,13 +290,31 @@ def _backbone(cfg: Config, build: Build) -> None:
 
     The new backbone starts from scratch; the ``pretrained`` step gives it local weights.
     """
-    chosen = backbone(build.point["backbone"], tiny=build.tiny)
+    name = build.point["backbone"]
+    chosen = backbone(name, tiny=build.tiny)
+    indices = _indices_like_base(cfg.model.backbone, name)
     # Assignment replaces the whole dict: nothing of the base's backbone (depth, style, ...) survives.
     cfg.model.backbone = ConfigDict(copy.deepcopy(chosen.cfg))
-    cfg.model.neck.in_channels = list(chosen.out_channels)
+    cfg.model.backbone.out_indices = tuple(indices)
+    cfg.model.neck.in_channels = [chosen.out_channels[index] for index in indices]
     if chosen.family == "convnext":
         _add_custom_import(cfg, "mmpretrain.models")
         import_mmpretrain_models()
+
+
+def _indices_like_base(base_backbone: Any, name: str) -> list[int]:
+    """The new backbone's out indices: the strides the base's backbone fed its neck (all four if unknown).
+
+    DETR's ChannelMapper takes stride 32 alone, Deformable DETR's, DINO's and RTMDet's necks strides 8-32.
+    """
+    strides = out_strides(base_backbone)
+    if strides is None:
+        return [0, 1, 2, 3]
+    indices = stage_indices(strides)
+    if indices is None:
+        raise BuildError(f"backbone {name}: the base's neck takes features at strides {strides}, but {name}'s "
+                         "stages give strides 4, 8, 16 and 32: keep the base's backbone or choose another base")
+    return indices
 
 
 def _add_custom_import(cfg: Config, module: str) -> None:
@@ -340,7 +369,7 @@ def _mmpretrain(cfg: Config, build: Build) -> None:
 def _drop_remote_weights(cfg: Config) -> list[str]:
     """Removes every remote checkpoint reference from the model and ``load_from``; returns them."""
     dropped: list[str] = []
-    for node in _dicts(cfg.model):
+    for node in dicts(cfg.model):
         init = node.get("init_cfg")
         inits = init if isinstance(init, list) else [init]
         remote = [i for i in inits if isinstance(i, Mapping) and _is_remote(i.get("checkpoint"))]
@@ -363,6 +392,7 @@ def _is_remote(value: Any) -> bool:
 
 # --- tiny preset ------------------------------------------------------------------------------------
 
+_TINY_GN_GROUPS = 8
 _TINY_WIDTHS = {"out_channels": 32, "in_channels": 32, "feat_channels": 32, "conv_out_channels": 32,
                 "fc_out_channels": 64}
 
@@ -372,13 +402,19 @@ def _preset(cfg: Config, build: Build) -> None:
     """``tiny`` narrows neck and heads and trims proposal counts: a CPU-sized detector of the same structure."""
     if not build.tiny:
         return
+    if is_detr_family(cfg.model):
+        raise BuildError(f"preset 'tiny' narrows the necks and heads of R-CNN and one-stage detectors; "
+                         f"{cfg.model.type}'s transformer keeps its width: drop the preset and use a small "
+                         "backbone (r18) and scale for quick runs")
     cfg.model.neck.out_channels = _TINY_WIDTHS["out_channels"]
     for part in ("rpn_head", "roi_head", "bbox_head"):
-        for node in _dicts(cfg.model.get(part)):
+        for node in dicts(cfg.model.get(part)):
             for key, width in _TINY_WIDTHS.items():
                 if isinstance(node.get(key), int):
                     node[key] = width
-    for node in _dicts(cfg.model.get("train_cfg")) + _dicts(cfg.model.get("test_cfg")):
+    for head in as_list(cfg.model.get("bbox_head")):
+        narrow_group_norms(head, _TINY_GN_GROUPS)
+    for node in dicts(cfg.model.get("train_cfg")) + dicts(cfg.model.get("test_cfg")):
         if "nms_pre" in node:
             node["nms_pre"] = min(node["nms_pre"], 256)
         if "max_per_img" in node and "nms" in node:
@@ -402,10 +438,10 @@ def _dataset(cfg: Config, build: Build) -> None:
         inner.update(data_root=str(dataset.root), ann_file=ann, data_prefix=dict(img=dataset.images + "/"),
                      metainfo=dict(classes=list(dataset.classes)))
     for key in ("val_evaluator", "test_evaluator"):
-        for evaluator in _as_list(cfg.get(key)):
+        for evaluator in as_list(cfg.get(key)):
             evaluator.ann_file = str(dataset.val_json)
     for part in ("roi_head", "bbox_head"):
-        for node in _dicts(cfg.model.get(part)):
+        for node in dicts(cfg.model.get(part)):
             if "num_classes" in node:
                 node["num_classes"] = len(dataset.classes)
 
@@ -429,17 +465,28 @@ def _scale(cfg: Config, build: Build) -> None:
     A single-scale Resize gets the scale exactly; a multi-scale list keeps its spread, scaled so that its
     largest entry becomes the scale. Test-time augmentation keeps its scales relative to the test scale:
     the one equal to the test pipeline's becomes the scale. A Resize by ``scale_factor`` alone is left as is.
+    Sizes relative to the test scale (mosaic and mix-up canvases, a random resize around twice it, crops and
+    pads, in RTMDet's second-stage pipeline too) keep their ratio to it.
     """
-    scale = build.point["scale"]
+    rescale(cfg, build.point["scale"])
+
+
+def rescale(cfg: Config, scale: Sequence[int]) -> None:
+    """What the scale knob does, for callers outside a build (validate's smoke run at a small scale)."""
     target = (int(scale[0]), int(scale[1]))
-    reference = _test_scale(cfg)
+    reference = test_scale(cfg)
     tta_groups = _tta_resize_groups(cfg)
     for group in tta_groups:
         _rescale_tta_group(group, target, reference)
-    in_tta = {id(node) for group in tta_groups for node in group}
-    for node in _dicts(cfg._cfg_dict):
-        if node.get("type") in _RESIZE_TYPES and id(node) not in in_tta:
+    skipped = {id(node) for group in tta_groups for node in group}
+    if reference is not None:  # these scale by target / reference below, with the other relative sizes
+        skipped |= {id(node) for node in dicts(cfg._cfg_dict)
+                    if node.get("type") in SIZE_KEYS and _is_pair(node.get(SIZE_KEYS[node["type"]]))}
+    for node in dicts(cfg._cfg_dict):
+        if node.get("type") in _RESIZE_TYPES and id(node) not in skipped:
             _rescale(node, target)
+    if reference is not None:
+        scale_sizes(cfg._cfg_dict, (target[0] / reference[0], target[1] / reference[1]))
 
 
 def _rescale(node: Any, target: tuple[int, int]) -> None:
@@ -460,7 +507,7 @@ def _scaled(scales: Any, factor: tuple[float, float]) -> list[tuple[int, int]]:
     return [(round(s[0] * factor[0]), round(s[1] * factor[1])) for s in scales]
 
 
-def _test_scale(cfg: Config) -> tuple[int, int] | None:
+def test_scale(cfg: Config) -> tuple[int, int] | None:
     """The single scale the test (else val) pipeline resizes to, before any change."""
     for key in ("test_dataloader", "val_dataloader"):
         loader = cfg.get(key)
@@ -475,11 +522,11 @@ def _test_scale(cfg: Config) -> tuple[int, int] | None:
 def _tta_resize_groups(cfg: Config) -> list[list[Any]]:
     """The Resize steps of each TestTimeAug slot (its alternatives), wherever a TestTimeAug occurs."""
     groups = []
-    for node in _dicts(cfg._cfg_dict):
+    for node in dicts(cfg._cfg_dict):
         if node.get("type") != "TestTimeAug":
             continue
         for slot in node.get("transforms", []):
-            resizes = [t for t in _as_list(slot) if isinstance(t, Mapping) and t.get("type") in _RESIZE_TYPES]
+            resizes = [t for t in as_list(slot) if isinstance(t, Mapping) and t.get("type") in _RESIZE_TYPES]
             if resizes:
                 groups.append(resizes)
     return groups
@@ -499,7 +546,7 @@ def _rescale_tta_group(group: list[Any], target: tuple[int, int], reference: tup
 
 def single_scale_training(cfg: Config) -> bool:
     """Whether training resizes to one scale (no multi-scale augmentation), so input shapes repeat."""
-    resizes = [node for node in _dicts(cfg.train_dataloader) if node.get("type") in _RESIZE_TYPES]
+    resizes = [node for node in dicts(cfg.train_dataloader) if node.get("type") in _RESIZE_TYPES]
     return bool(resizes) and all(node["type"] == "Resize" and _is_pair(node.get("scale")) for node in resizes)
 
 
@@ -527,20 +574,24 @@ def _optimisation(cfg: Config, build: Build) -> None:
     elif "lr" in point:
         cfg.optim_wrapper.optimizer.lr = float(point["lr"])
     schedule = point.get("schedule") or _schedule_of(cfg)
+    scale_epoch_hooks(cfg._cfg_dict, int(cfg.train_cfg.max_epochs), epochs)
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=1)
     cfg.param_scheduler = lr_schedule(schedule, epochs, warmup_iters=min(_MAX_WARMUP_ITERS, iters_per_epoch))
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=16)
 
 
 def _optim_wrapper(optimizer: str, lr: float, *, base: Mapping[str, Any]) -> ConfigDict:
-    """mmdet's settings for ``optimizer`` at ``lr``, keeping the base wrapper's gradient clipping and AMP."""
+    """mmdet's settings for ``optimizer`` at ``lr``, keeping the base wrapper's gradient clipping, AMP and
+    parameter-wise settings (DETRs train the backbone at a tenth of the lr and clip gradients)."""
     if optimizer == "sgd":
         wrapper = dict(type="OptimWrapper",
                        optimizer=dict(type="SGD", lr=lr, momentum=0.9, weight_decay=1e-4))
     else:
         wrapper = dict(type="OptimWrapper",
-                       optimizer=dict(type="AdamW", lr=lr, betas=(0.9, 0.999), weight_decay=0.05),
-                       paramwise_cfg=copy.deepcopy(_ADAMW_PARAMWISE))
+                       optimizer=dict(type="AdamW", lr=lr, betas=(0.9, 0.999), weight_decay=0.05))
+    merged = merged_paramwise(base.get("paramwise_cfg"), _ADAMW_PARAMWISE if optimizer == "adamw" else None)
+    if merged:
+        wrapper["paramwise_cfg"] = merged
     if base.get("clip_grad"):
         wrapper["clip_grad"] = base["clip_grad"]
     if base.get("type") == _AMP_WRAPPER:
@@ -569,7 +620,7 @@ def _amp(cfg: Config, build: Build) -> None:
 
 def _schedule_of(cfg: Config) -> str:
     """The base config's schedule kind, kept when the point does not choose one."""
-    kinds = [str(s.get("type", "")) for s in _as_list(cfg.get("param_scheduler"))]
+    kinds = [str(s.get("type", "")) for s in as_list(cfg.get("param_scheduler"))]
     return "cosine" if any("Cosine" in k for k in kinds) else "step"
 
 
@@ -680,28 +731,3 @@ def _child_key(node: Any, part: str, where: str) -> tuple[Any, str | None]:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return None, f"'{part}' does not exist under {where}{hint}; overrides may only change existing keys"
     return None, f"{where} is a {type(node).__name__}, it has no key '{part}'"
-
-
-# --- helpers ----------------------------------------------------------------------------------------
-
-def _dicts(node: Any) -> list[Any]:
-    """Every mapping nested anywhere in ``node`` (lists included), outermost first."""
-    return list(_iter_dicts(node))
-
-
-def _iter_dicts(node: Any) -> Iterator[Any]:
-    if isinstance(node, Mapping):
-        yield node
-        children: Any = node.values()
-    elif isinstance(node, (list, tuple)):
-        children = node
-    else:
-        return
-    for child in children:
-        yield from _iter_dicts(child)
-
-
-def _as_list(node: Any) -> list[Any]:
-    if node is None:
-        return []
-    return list(node) if isinstance(node, (list, tuple)) else [node]

@@ -10,7 +10,10 @@
 5. every combination of the searched choice/grid values (numeric ranges at their low end) becomes a config,
    and every distinct model among them is constructed on the ``meta`` device: no memory, no weights, a
    fraction of a second even for Swin-B. Combinations that only change the optimiser, schedule or data
-   pipeline give the same model and are constructed once.
+   pipeline give the same model and are constructed once;
+6. a config that needs data the dataset cannot have (semantic maps) is refused with the fix;
+7. every distinct (model, pipeline) combination trains once (:mod:`spaces.smoke`): both datasets built, samples
+   through both pipelines, one forward + loss and one prediction on the CPU, at a small image scale.
 
 All problems end up in one :class:`~spaces.errors.SpaceError`; a space without problems gives a
 :class:`Validation`, which :func:`summary` prints on one screen.
@@ -18,6 +21,7 @@ All problems end up in one :class:`~spaces.errors.SpaceError`; a space without p
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import warnings
@@ -40,6 +44,8 @@ from spaces.dataset import Dataset, DatasetError, open_dataset
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
 from spaces.errors import Problem, SpaceError
 from spaces.schema import DataSpec, Limit, Space, load_space
+from spaces.smoke import SmokeError, SmokeTrainer
+from spaces.tree import dicts
 
 AREA_METRICS = {
     "val/bbox_mAP_s": ("s", "small", "area < 32²"),
@@ -62,6 +68,8 @@ class Validation:
         dataset: The opened dataset.
         combinations: Knob combinations turned into configs.
         models: Distinct models constructed from them.
+        trained: Distinct (model, pipeline) combinations that ran one forward + loss.
+        train_seconds: What those runs cost.
         notes: Things worth knowing that don't stop a search, e.g. backbones training from scratch.
     """
 
@@ -70,6 +78,8 @@ class Validation:
     dataset: Dataset
     combinations: int
     models: int
+    trained: int = 0
+    train_seconds: float = 0.0
     notes: tuple[str, ...] = ()
 
 
@@ -114,13 +124,22 @@ def check_space(space: Space, file: str = "<space>") -> Validation:
     if dataset is not None:
         _check_area_metric(space, dataset, out)
         _check_masks(space, dataset, base, out)
-    combinations = models = 0
+    counts = _Counts()
     if base is not None:
-        combinations, models = _check_models(space, base, dataset or _stand_in(space.data), pretrained, out)
+        _check_models(space, base, dataset, pretrained, out, counts)
     if out.items or dataset is None:
         raise SpaceError(out.items)
-    return Validation(file=file, space=space, dataset=dataset, combinations=combinations, models=models,
+    return Validation(file=file, space=space, dataset=dataset, combinations=counts.combinations,
+                      models=counts.models, trained=counts.trained, train_seconds=counts.train_seconds,
                       notes=tuple(_notes(space)))
+
+
+@dataclass
+class _Counts:
+    combinations: int = 0
+    models: int = 0
+    trained: int = 0
+    train_seconds: float = 0.0
 
 
 class _Problems:
@@ -269,24 +288,29 @@ def _axis(dist: Distribution) -> list[Any]:
     return list(dist.values) if isinstance(dist, Choice | Grid) else [dist.low]
 
 
-def _check_models(
-    space: Space, base: Config, dataset: Dataset, pretrained: dict[str, str], out: _Problems
-) -> tuple[int, int]:
-    """Builds every combination's config and constructs each distinct model; returns both counts."""
+def _check_models(space: Space, base: Config, dataset: Dataset | None, pretrained: dict[str, str],
+                  out: _Problems, counts: _Counts) -> None:
+    """Builds every combination's config, constructs each distinct model and trains each distinct (model,
+    pipeline) once; without a usable dataset (its problem is reported already) it only builds."""
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
     combos = combinations(space)
-    models: set[str] = set()
+    models: dict[str, bool] = {}  # model key -> constructed without a problem
+    smoke = SmokeTrainer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "training from scratch" and friends, once per combination
         for combo in combos:
-            cfg = _config_of(space, base, combo, dataset, pretrained, out)
-            key = None if cfg is None else _model_key(cfg)
-            if cfg is not None and key is not None and key not in models:
-                models.add(key)
-                _construct(space, cfg, combo, out)
-    return len(combos), len(models)
+            cfg = _config_of(space, base, combo, dataset or _stand_in(space.data), pretrained, out)
+            if cfg is None:
+                continue
+            key = _model_key(cfg)
+            if key not in models:
+                models[key] = _construct(space, cfg, combo, out)
+            if dataset is not None and models[key] and _has_data_it_needs(space, cfg, combo, out):
+                _smoke_train(smoke, space, cfg, combo, out)
+    counts.combinations, counts.models = len(combos), len(models)
+    counts.trained, counts.train_seconds = smoke.runs, smoke.seconds
 
 
 def _config_of(
@@ -331,8 +355,12 @@ def _model_key(cfg: Config) -> str:
     return json.dumps([cfg.model.to_dict(), cfg.get("custom_imports")], sort_keys=True, default=repr)
 
 
-def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> None:
-    """Constructs the model on the meta device; a failure becomes a problem of the knob most likely at fault."""
+def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> bool:
+    """Constructs the model on the meta device; a failure becomes a problem of the knob most likely at fault.
+
+    Returns:
+        Whether the model was constructed.
+    """
     point = {**space.point_defaults(), **combo}
     imports = cfg.get("custom_imports")
     if imports:
@@ -342,7 +370,7 @@ def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems)
             field, value = _knob_field(space, "backbone" if "backbone" in point else None, point)
             out.add(field, value, f"the model needs custom_imports {list(imports['imports'])}, which can't be "
                     f"imported ({_root_cause(error)}): install what is missing")
-            return
+            return False
     try:
         _build_on_meta(cfg)
     except Exception as error:  # a config that mmdet can't turn into a model
@@ -350,6 +378,69 @@ def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems)
         field, value = _knob_field(space, knob, point)
         rule = f"mmdet can't build this model ({type(error).__name__}: {error})"
         out.add(field, value, rule + _context(space, combo, knob))
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: the data a config needs, and one forward + loss per distinct (model, pipeline).
+
+_SEMANTIC_FREE_HTC = "mmdet::htc/htc-without-semantic_r50_fpn_1x_coco.py"
+
+
+def _semantic_needs(cfg: Config) -> list[str]:
+    """The config keys that need semantic segmentation maps (COCO-stuff style PNGs beside the images)."""
+    needs = []
+    if (cfg.model.get("roi_head") or {}).get("semantic_head") is not None:
+        needs.append("model.roi_head.semantic_head")
+    if any(node.get("type") == "LoadAnnotations" and node.get("with_seg") for node in dicts(cfg._cfg_dict)):
+        needs.append("LoadAnnotations with_seg=True")
+    if any(isinstance(node.get("data_prefix"), dict) and node.data_prefix.get("seg")
+           for node in dicts(cfg._cfg_dict)):
+        needs.append("data_prefix.seg")
+    return needs
+
+
+def _has_data_it_needs(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> bool:
+    """Refuses a config that reads semantic maps: a dettune dataset (COCO boxes and polygons) has none.
+
+    Refused rather than edited: dropping the semantic branch trains another model than the base names (HTC's
+    semantic branch is part of its published result), and mmdet ships the semantic-free variant to name.
+    """
+    needs = _semantic_needs(cfg)
+    if not needs:
+        return True
+    head = "; or search roi_head: htc on a Faster/Cascade R-CNN base" if "roi_head" not in combo else ""
+    out.add("base", space.base, f"the config needs semantic segmentation maps ({', '.join(needs)}), which a "
+            f"COCO detection dataset does not have, so every trial would fail reading them: use base "
+            f"{_SEMANTIC_FREE_HTC} (HTC without the semantic branch){head}")
+    return False
+
+
+_SMOKE_FIXES = {
+    "train dataset": "the base config's train dataset settings don't fit this data: check data.* and the "
+                     "base's train_dataloader.dataset",
+    "val dataset": "the base config's val dataset settings don't fit this data: check data.* and the base's "
+                   "val_dataloader.dataset",
+    "train pipeline": "a step of the base's train pipeline needs a file or annotation this dataset lacks: remove "
+                      "or replace that step in the base config, or choose a base made for box/polygon data",
+    "val pipeline": "a step of the base's val pipeline needs a file or annotation this dataset lacks: remove or "
+                    "replace that step in the base config",
+    "model": "the model cannot be built on the CPU with these knobs: change the knob values named here",
+    "forward + loss": "the model and its inputs don't fit (channels, shapes or keys): change the knob values "
+                      "named here, or the base config's model",
+    "prediction": "the model's test settings don't fit its heads: check the base config's model.test_cfg",
+}
+
+
+def _smoke_train(smoke: SmokeTrainer, space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> None:
+    """One smoke training of ``cfg``; a failure becomes a problem naming the stage, the key and the fix."""
+    try:
+        smoke.run(cfg)
+    except SmokeError as error:
+        where = ", ".join(f"{name}={_show(value)}" for name, value in combo.items())
+        out.add("base", space.base, f"one training step fails at the {error}"
+                f"{f' (with {where})' if where else ''}: {_SMOKE_FIXES[error.stage]}")
 
 
 def _root_cause(error: BaseException) -> str:
@@ -383,7 +474,7 @@ def _build_on_meta(cfg: Config) -> None:
     from mmdet.registry import MODELS
 
     with DefaultScope.overwrite_default_scope("mmdet"), _meta_device():
-        MODELS.build(cfg.model)
+        MODELS.build(copy.deepcopy(cfg.model))  # some detectors (DETR) write into the dict they are built from
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,6 +514,9 @@ def summary(validation: Validation) -> str:
         ("resources", _resources_line(space)),
         ("models", f"{_count(validation.models, 'model variant')} built on the meta device from "
                    f"{_count(validation.combinations, 'knob combination')}"),
+        ("training", f"{_count(validation.trained, '(model, pipeline) combination')} trained one step on the "
+                     f"CPU (samples through both pipelines, forward + loss, one prediction) in "
+                     f"{validation.train_seconds:.1f} s"),
         *_labelled("note", list(validation.notes)),
     ]
     lines = [f"{validation.file}: valid space {space.name!r}"]

@@ -23,7 +23,8 @@ def tiny_point(**changes: Any) -> dict[str, Any]:
     return point
 
 
-def _dataset(tmp_path_factory: pytest.TempPathFactory, images: int) -> Dataset:
+def make_dataset(tmp_path_factory: pytest.TempPathFactory, images: int) -> Dataset:
+    """A synthetic dataset of ``images`` 160 px images (a quarter of them for validation), with masks."""
     root = tmp_path_factory.mktemp(f"synth{images}")
     write_dataset(root, images=images, size=160, seed=0)
     return open_dataset(root, "train.json", "val.json")
@@ -32,13 +33,13 @@ def _dataset(tmp_path_factory: pytest.TempPathFactory, images: int) -> Dataset:
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     """48 images, 36 for training: enough for a couple of quick epochs."""
-    return _dataset(tmp_path_factory, 48)
+    return make_dataset(tmp_path_factory, 48)
 
 
 @pytest.fixture(scope="session")
 def synth_large(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     """96 images: enough for mAP to rise clearly within a few epochs."""
-    return _dataset(tmp_path_factory, 96)
+    return make_dataset(tmp_path_factory, 96)
 
 
 @pytest.fixture

@@ -1,0 +1,82 @@
+"""The model zoo: mmdet 3.x's own configs as ``base``, with the backbone and scale knobs (and the tiny preset
+where it applies). ``validate`` passes or refuses with the intended message; a config it passes trains one
+iteration and validates once."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import make_dataset
+
+from spaces.dataset import Dataset
+from spaces.errors import SpaceError
+from spaces.validate import check_file
+from trainers.trial import TrialSpec, run_trial
+
+SCALE = [128, 128]
+DETR_FAMILY = {"backbone": "r18", "scale": SCALE}  # the tiny preset narrows R-CNN and one-stage heads only
+ONE_STAGE_OR_RCNN = {**DETR_FAMILY, "preset": "tiny"}
+
+# name: (mmdet config, fixed knobs, the refusal validate must give, or None where it trains)
+ZOO: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "faster-rcnn": ("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", ONE_STAGE_OR_RCNN, None),
+    "cascade-rcnn": ("cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py", ONE_STAGE_OR_RCNN, None),
+    "htc": ("htc/htc_r50_fpn_1x_coco.py", ONE_STAGE_OR_RCNN, "use base mmdet::htc/htc-without-semantic"),
+    "mask-rcnn": ("mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py", ONE_STAGE_OR_RCNN, None),
+    "retinanet": ("retinanet/retinanet_r50_fpn_1x_coco.py", ONE_STAGE_OR_RCNN, None),
+    "fcos": ("fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py", ONE_STAGE_OR_RCNN, None),
+    "rtmdet-tiny": ("rtmdet/rtmdet_tiny_8xb32-300e_coco.py", ONE_STAGE_OR_RCNN, None),
+    "detr": ("detr/detr_r50_8xb2-150e_coco.py", DETR_FAMILY, None),
+    "deformable-detr": ("deformable_detr/deformable-detr_r50_16xb2-50e_coco.py", DETR_FAMILY, None),
+    "dino-4scale": ("dino/dino-4scale_r50_8xb2-12e_coco.py", DETR_FAMILY, None),
+    "swin-t-mask-rcnn": ("swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py", {**ONE_STAGE_OR_RCNN, "backbone": "swin-t"},
+                         None),
+}
+VAL_IMAGES = 2
+
+
+@pytest.fixture(scope="module")
+def zoo_data(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """6 images: 4 to train on (one iteration of batch 4), a handful to validate on."""
+    dataset = make_dataset(tmp_path_factory, 6)
+    assert dataset.num_train_images == 4
+    return dataset
+
+
+def _space(path: Path, dataset: Dataset, base: str, fixed: dict[str, Any]) -> Path:
+    doc = {"name": "zoo", "base": f"mmdet::{base}",
+           "data": {"root": str(dataset.root), "train": dataset.train, "val": dataset.val},
+           "metric": "val/bbox_mAP", "budget": {"epochs": 1, "trials": 1}, "scheduler": {"type": "none"},
+           "space": {"lr": {"loguniform": [1.0e-4, 1.0e-3]}},
+           "fixed": {**fixed, "batch_size": dataset.num_train_images, "optimizer": "adamw"}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_zoo_config_validates_and_trains_or_is_refused(name: str, zoo_data: Dataset, tmp_path: Path) -> None:
+    base, fixed, refusal = ZOO[name]
+    space_file = _space(tmp_path / "space.yaml", zoo_data, base, fixed)
+    started = time.perf_counter()
+    if refusal is not None:
+        with pytest.raises(SpaceError) as refused:
+            check_file(space_file)
+        assert refusal in str(refused.value)
+        return
+    validation = check_file(space_file)
+    assert validation.trained == 1
+    validated = time.perf_counter()
+
+    point = {**validation.space.point_defaults(), "lr": 1.0e-4}
+    rows = run_trial(TrialSpec(base=f"mmdet::{base}", dataset=zoo_data, point=point, work_dir=tmp_path / "trial"))
+
+    assert [row["epoch"] for row in rows] == [1.0], "one epoch of one iteration, validated once"
+    assert math.isfinite(rows[0]["train/loss"]) and 0.0 <= rows[0]["val/bbox_mAP"] <= 1.0
+    log = (tmp_path / "trial" / "trial.log").read_text()
+    assert "Epoch(train)" not in log or "[1/1]" in log, "more than one training iteration ran"
+    print(f"{name}: validate {validated - started:.1f} s, train + validate {time.perf_counter() - validated:.1f} s")
