@@ -295,7 +295,8 @@ def _backbone(cfg: Config, build: Build) -> None:
     indices = _indices_like_base(cfg.model.backbone, name)
     # Assignment replaces the whole dict: nothing of the base's backbone (depth, style, ...) survives.
     cfg.model.backbone = ConfigDict(copy.deepcopy(chosen.cfg))
-    cfg.model.backbone.out_indices = tuple(indices)
+    if list(indices) != list(chosen.cfg["out_indices"]):
+        cfg.model.backbone.out_indices = tuple(indices)
     cfg.model.neck.in_channels = [chosen.out_channels[index] for index in indices]
     if chosen.family == "convnext":
         _add_custom_import(cfg, "mmpretrain.models")
