@@ -32,7 +32,7 @@ SIZE_KEYS = {
 
 def out_strides(backbone: Mapping[str, Any]) -> list[int] | None:
     """The strides of the levels a base backbone hands its neck, or None if it doesn't say which."""
-    indices = backbone.get("out_indices")
+    indices = backbone.get("out_indices", class_default(str(backbone.get("type")), "out_indices"))
     if indices is None:
         return None
     first = 1 if str(backbone.get("type")) in _STEM_IS_INDEX_0 else 2
@@ -87,22 +87,23 @@ def narrow_group_norms(head: Any, groups: int) -> None:
     FCOS and ATSS heads normalise with 32 groups by default: at a tiny preset's 32 channels each group holds
     one channel, and on a 1x1 top level at batch 1 a single value, which GroupNorm refuses.
     """
-    norm = head.get("norm_cfg")
-    if norm is None:
-        norm = _default_norm(str(head.get("type")))
+    norm = head.get("norm_cfg", class_default(str(head.get("type")), "norm_cfg"))
     if isinstance(norm, Mapping) and norm.get("type") == "GN":
         head["norm_cfg"] = {**norm, "num_groups": min(int(norm.get("num_groups", groups)), groups)}
 
 
-def _default_norm(head_type: str) -> Any:
-    """The ``norm_cfg`` default of the registered mmdet class ``head_type``, or None."""
+def class_default(type_name: str, argument: str) -> Any:
+    """The default of ``argument`` in the registered mmdet class ``type_name``'s constructor, or None.
+
+    A base config leaves out what the class defaults (RTMDet's CSPNeXt its ``out_indices``, FCOS its norm).
+    """
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
-    cls = MODELS.get(head_type)
-    parameter = inspect.signature(cls.__init__).parameters.get("norm_cfg") if cls is not None else None
-    return None if parameter is None else parameter.default
+    cls = MODELS.get(type_name)
+    parameter = inspect.signature(cls.__init__).parameters.get(argument) if cls is not None else None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def is_detr_family(model: Mapping[str, Any]) -> bool:

@@ -84,8 +84,8 @@ class SmokeTrainer:
 
         with DefaultScope.overwrite_default_scope("mmdet"), _quiet():
             train = [self._sample(cfg, "train_dataloader", index) for index in range(TRAIN_BATCH)]
-            for pipeline in _switched_pipelines(cfg):  # RTMDet's second stage trains on these samples
-                train = [self._sample(cfg, "train_dataloader", index, pipeline) for index in range(TRAIN_BATCH)]
+            for pipeline in _switched_pipelines(cfg):  # RTMDet's second stage: its samples must load too
+                self._sample(cfg, "train_dataloader", 0, pipeline)
             val = [self._sample(cfg, "val_dataloader", 0)]
             with _stage("model", "model"):
                 model = MODELS.build(copy.deepcopy(cfg.model))
