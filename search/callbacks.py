@@ -76,6 +76,7 @@ class MlflowCallback(Callback):
         self._pending: deque[Callable[[], Any]] = deque()
         self._down_since: float | None = None
         self._last_try = 0.0
+        self._open: set[str] = set()  # started, end not yet recorded
 
     def __getstate__(self) -> dict[str, Any]:
         """The buffer is left out: a resumed driver rebuilds it from Ray's results (``reconcile``)."""
@@ -124,6 +125,7 @@ class MlflowCallback(Callback):
         return lambda: self._tracker.start_trial(trial.trial_id, params)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._open.add(trial.trial_id)
         self._send(self._start(trial))
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
@@ -132,18 +134,24 @@ class MlflowCallback(Callback):
         self._send(self._start(trial), lambda: self._tracker.log_epoch(trial.trial_id, row))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._open.discard(trial.trial_id)
         failure = self._failure_of(trial.trial_id)
         status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
         self._send(self._start(trial), lambda: self._tracker.end_trial(
             trial.trial_id, status=status, stopped_at=stopped_at, failure=failure))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._open.discard(trial.trial_id)
         reason = failure_reason(trial)
         self._send(self._start(trial),
                    lambda: self._tracker.end_trial(trial.trial_id, status="failed", failure=reason))
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        """Waits for the buffered writes to land, as long as the outage is within the allowed time."""
+        """Records how the trials still open ended, then waits for the buffered writes to land, as long as
+        the outage is within the allowed time."""
+        for trial in trials:  # Tune reports no end for a trial the search stopped (e.g. after setup failures)
+            if trial.trial_id in self._open:
+                self.on_trial_complete(0, trials, trial)
         self._flush()
         while self._pending:
             down_for = time.monotonic() - (self._down_since or time.monotonic())
@@ -165,6 +173,7 @@ class ConsoleCallback(Callback):
                  failure_of: FailureOf, log_of: Callable[[str], Path], table_every_s: float = 60.0) -> None:
         self._failure_of = failure_of
         self._log_of = log_of
+        self._open: set[str] = set()  # started, end not yet printed
         self._metric = metric
         self._max_epochs = max_epochs
         self._params_of = params_of
@@ -187,6 +196,7 @@ class ConsoleCallback(Callback):
         print(f"[{time.strftime('%H:%M:%S')}] trial {trial.trial_id}: {text}", flush=True)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._open.add(trial.trial_id)
         knobs = " ".join(f"{k}={_short(v)}" for k, v in self._params_of(trial.config).items())
         self._say(trial, f"started {knobs}")
 
@@ -197,6 +207,7 @@ class ConsoleCallback(Callback):
         self._say(trial, f"epoch {int(result[EPOCH])}/{self._max_epochs} {self._metric}={shown}")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._open.discard(trial.trial_id)
         failure = self._failure_of(trial.trial_id)
         status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
         text = outcome_text(status, stopped_at=stopped_at, failure=failure)
@@ -205,9 +216,15 @@ class ConsoleCallback(Callback):
         self._say(trial, text)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._open.discard(trial.trial_id)
         retries = trial.run_metadata.num_failures - 1
         tried = f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries > 0 else ""
         self._say(trial, f"failed{tried}: {failure_reason(trial)}; traceback in {trial.error_file}")
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        for trial in trials:  # Tune reports no end for a trial the search stopped (e.g. after setup failures)
+            if trial.trial_id in self._open:
+                self.on_trial_complete(0, trials, trial)
 
 
 SETUP_FAILURES_TO_STOP = 3
