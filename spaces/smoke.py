@@ -4,8 +4,8 @@ Building a model is not enough: a pipeline may read files the dataset does not h
 its annotations lack, or hand the model shapes it does not expect. :class:`SmokeTrainer` builds a config's
 train and val datasets, pulls samples through both pipelines and runs one forward + loss on a batch of two
 train images and one prediction on a val image, on the CPU, with randomly initialised weights (no
-checkpoint is read). Images are resized to at most :data:`SMOKE_SIDE` pixels first, so a large model costs
-seconds: the point is files, keys and shapes, not speed.
+checkpoint is read). Images are resized to at most :data:`SMOKE_SIDE` pixels first (DETRs:
+:data:`SMOKE_SIDE_DETR`), so a large model costs seconds: the point is files, keys and shapes, not speed.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ from mmengine.dataset import Compose, pseudo_collate
 from mmengine.registry import DefaultScope
 
 from spaces.errors import one_line
+from spaces.families import is_detr_family
 from spaces.tree import dicts
 
 SMOKE_SIDE = 256
 """The longest image side of the smoke run; larger test scales are scaled down to it."""
+SMOKE_SIDE_DETR = 512
+"""The same for DETR-style detectors: DINO selects its 900 queries among the encoder's tokens, and a random
+crop of a 256 px image leaves fewer than that, a failure the real scale never has."""
 TRAIN_BATCH = 2
 
 
@@ -142,8 +146,9 @@ def _shrunk(cfg: Config) -> Config:
 
     cfg = copy.deepcopy(cfg)
     scale = test_scale(cfg)
-    if scale is not None and max(scale) > SMOKE_SIDE:
-        factor = SMOKE_SIDE / max(scale)
+    side = SMOKE_SIDE_DETR if is_detr_family(cfg.model) else SMOKE_SIDE
+    if scale is not None and max(scale) > side:
+        factor = side / max(scale)
         rescale(cfg, (max(32, round(scale[0] * factor)), max(32, round(scale[1] * factor))))
     return cfg
 
