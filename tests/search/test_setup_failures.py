@@ -56,8 +56,8 @@ def test_setup_failures_are_not_retried_and_stop_a_search_that_then_exits_1(
     reason = failed[0].data.tags[TAG_FAILURE]
     assert reason.startswith("setup failed: ") and "\n" not in reason
     # One line per failed trial with its reason and the file holding its traceback; no raw traceback.
-    lines = [line for line in console.out.splitlines() if "failed: setup failed: " in line]
+    lines = [line for line in console.out.splitlines() if "(not retried); traceback in " in line]
     assert len(lines) == len(logs)
-    assert all("(not retried); traceback in " in line and any(str(log) in line for log in logs) for line in lines)
+    assert all("failed: setup failed: " in line and any(str(log) in line for log in logs) for line in lines)
     assert "Traceback" not in console.out + console.err
     assert "\x1b[" not in console.out + console.err, "colour codes reached the console"
