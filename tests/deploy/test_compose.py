@@ -340,9 +340,10 @@ def test_readme_cluster_section_matches_the_files(compose: dict[str, Any], env_e
     known = set(compose["services"]) | set(compose["volumes"])
     for name in re.findall(r"`((?:ray|mlflow|minio|postgres)[a-z-]*)`", section):
         assert name in known or name in ("ray", "mlflow"), f"README names {name}, which compose.yaml lacks"
-    settings = set(env_example) | {"RAY_AUTH_MODE"}
+    build_args = set(re.findall(r"^ARG ([A-Z][A-Z0-9_]+)", (REPO / "docker" / "Dockerfile").read_text(), re.MULTILINE))
+    settings = set(env_example) | build_args | {"RAY_AUTH_MODE"}
     for setting in re.findall(r"`([A-Z][A-Z0-9_]{3,})(?:=[^`]*)?`", section):
-        assert setting in settings, f"README names setting {setting}, which docker/.env.example lacks"
+        assert setting in settings, f"README names setting {setting}, which .env.example and the ARGs lack"
     commands = re.findall(r"python -m search (search .+?)(?:\n\S|\n\n|```)", section.replace("\\\n", " "),
                           flags=re.DOTALL)
     assert commands, "the README shows how to submit a search"
