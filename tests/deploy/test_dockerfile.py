@@ -118,14 +118,20 @@ def test_python_matches_requires_python(dockerfile: tuple[dict[str, str], dict[s
     assert match.group(1) in SpecifierSet(pyproject["project"]["requires-python"])
 
 
+def _assert_torch_as_installed(stages: dict[str, Stage], names: tuple[str, ...], arg: str, pyproject: dict) -> None:
+    """Each named stage's torch build argument equals install.sh's torch and lies within pyproject's floor."""
+    torch = _pins(pyproject)["torch"]
+    for stage in names:
+        version = stages[stage].args[arg]
+        assert version == _install_script_value("TORCH_VERSION"), f"{stage}: torch {version} differs from install.sh"
+        assert version in torch.specifier, f"{stage}: torch {version} but pyproject needs {torch}"
+
+
 def test_cpu_pins_match_install_script(dockerfile: tuple[dict[str, str], dict[str, Stage]], pyproject: dict) -> None:
     """The CPU image installs the torch and mmcv that scripts/install.sh does, within pyproject's torch floor."""
     stages = dockerfile[1]
-    torch = _pins(pyproject)["torch"]
+    _assert_torch_as_installed(stages, ("mmcv-build", "cpu"), "TORCH_CPU_VERSION", pyproject)
     for stage in ("mmcv-build", "cpu"):
-        version = stages[stage].args["TORCH_CPU_VERSION"]
-        assert version == _install_script_value("TORCH_VERSION"), f"{stage}: torch {version} differs from install.sh"
-        assert version in torch.specifier, f"{stage}: torch {version} but pyproject needs {torch}"
         assert stages[stage].args["MMCV_VERSION"] == _mmcv_version()
 
 
@@ -134,11 +140,7 @@ def test_gpu_is_the_cpu_stack_with_mmcv_compiled_for_cuda(dockerfile: tuple[dict
     """The same torch release as everywhere else (PyPI's default Linux wheel is its CUDA build), mmcv's CUDA ops
     compiled by scripts/build_mmcv.sh for the GPU generations a build argument lists; no torch 2.1 / numpy<2."""
     stages = dockerfile[1]
-    torch = _pins(pyproject)["torch"]
-    for stage in ("mmcv-cuda-build", "gpu"):
-        version = stages[stage].args["TORCH_GPU_VERSION"]
-        assert version == _install_script_value("TORCH_VERSION"), f"{stage}: torch {version} differs from install.sh"
-        assert version in torch.specifier, f"{stage}: torch {version} but pyproject needs {torch}"
+    _assert_torch_as_installed(stages, ("mmcv-cuda-build", "gpu"), "TORCH_GPU_VERSION", pyproject)
     assert stages["gpu"].args["MMCV_VERSION"] == _mmcv_version()
     build = stages["mmcv-cuda-build"]
     arches = build.args["TORCH_CUDA_ARCH_LIST"].strip('"').split(";")
