@@ -3,8 +3,8 @@
 Building a model is not enough: a pipeline may read files the dataset does not have (semantic maps), keys
 its annotations lack, or hand the model shapes it does not expect. :class:`SmokeTrainer` builds a config's
 train and val datasets, pulls samples through both pipelines and runs one forward + loss on a batch of two
-train images and one prediction on a val image, on the CPU, with randomly initialised weights (no
-checkpoint is read). Images are resized to at most :data:`SMOKE_SIDE` pixels first (DETRs:
+train images and one prediction on a val image, on the CPU, with weights initialised as a trial's Runner
+does (``init_weights``, but no checkpoint is read) and a fixed seed, so the same space gets the same verdict. Images are resized to at most :data:`SMOKE_SIDE` pixels first (DETRs:
 :data:`SMOKE_SIDE_DETR`), so a large model costs seconds: the point is files, keys and shapes, not speed.
 """
 
@@ -14,13 +14,17 @@ import contextlib
 import copy
 import io
 import json
+import logging
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.dataset import Compose, pseudo_collate
+from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
 
 from spaces.errors import one_line
@@ -33,6 +37,7 @@ SMOKE_SIDE_DETR = 512
 """The same for DETR-style detectors: DINO selects its 900 queries among the encoder's tokens, and a random
 crop of a 256 px image leaves fewer than that, a failure the real scale never has."""
 TRAIN_BATCH = 2
+SMOKE_SEED = 0
 
 
 class SmokeError(Exception):
@@ -86,13 +91,16 @@ class SmokeTrainer:
     def _run(self, cfg: Config) -> None:
         from mmdet.registry import MODELS
 
-        with DefaultScope.overwrite_default_scope("mmdet"), _quiet():
+        with DefaultScope.overwrite_default_scope("mmdet"), _quiet(), _seeded(SMOKE_SEED):
             train = [self._sample(cfg, "train_dataloader", index) for index in range(TRAIN_BATCH)]
             for pipeline in _switched_pipelines(cfg):  # RTMDet's second stage: its samples must load too
                 self._sample(cfg, "train_dataloader", 0, pipeline)
             val = [self._sample(cfg, "val_dataloader", 0)]
             with _stage("model", "model"):
-                model = MODELS.build(copy.deepcopy(cfg.model))
+                model = MODELS.build(_without_checkpoints(cfg.model))
+                # Some parameters are allocated uninitialised (Deformable DETR's level_embed) and only
+                # init_weights makes them finite, as the Runner does before a trial's first step.
+                model.init_weights()
             with _stage("forward + loss", "model"):
                 model.train()
                 data = model.data_preprocessor(pseudo_collate(train), True)
@@ -153,6 +161,22 @@ def _shrunk(cfg: Config) -> Config:
     return cfg
 
 
+def _without_checkpoints(model: Any) -> Any:
+    """A copy of a model config whose ``Pretrained`` inits are dropped: the smoke run reads no weights."""
+    model = copy.deepcopy(model)
+    for node in dicts(model):
+        init = node.get("init_cfg")
+        if isinstance(init, list):
+            node["init_cfg"] = [i for i in init if not _is_pretrained(i)]
+        elif _is_pretrained(init):
+            node["init_cfg"] = None
+    return model
+
+
+def _is_pretrained(init: Any) -> bool:
+    return isinstance(init, Mapping) and init.get("type") == "Pretrained"
+
+
 def _innermost(node: Any) -> Any:
     while "dataset" in node:
         node = node.dataset
@@ -170,7 +194,29 @@ def _stage(name: str, key: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seeds torch, numpy and random (the pipelines' random crops and flips) and restores their states after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """mmdet prints dataset and model notes; validate prints one summary."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+    """mmdet prints dataset and model notes, and init_weights logs every parameter through mmengine's
+    logger, whose handlers hold the real stdout; validate prints one summary."""
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)

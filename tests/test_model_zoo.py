@@ -21,10 +21,9 @@ from trainers.trial import TrialSpec, run_trial
 SCALE = [128, 128]
 DETR_FAMILY = {"backbone": "r18", "scale": SCALE}  # the tiny preset narrows R-CNN and one-stage heads only
 ONE_STAGE_OR_RCNN = {**DETR_FAMILY, "preset": "tiny"}
-# At 128 px validate refuses these two, rightly: Deformable DETR's matching costs turn NaN, and DINO selects its
-# 900 queries among the encoder's tokens, which strides 8-64 of a 128 px image, or of a random crop of a 256 px
-# one, do not reach ("selected index k out of range").
-MULTI_SCALE_DETR = {**DETR_FAMILY, "scale": [256, 256]}
+# At 128 or 256 px validate refuses DINO, rightly: it selects its 900 queries among the encoder's tokens, which
+# strides 8-64 of a 128 px image, or of a random crop of a 256 px one, do not reach ("selected index k out of range").
+DINO = {**DETR_FAMILY, "scale": [512, 512]}
 
 # name: (mmdet config, fixed knobs, the refusal validate must give, or None where it trains)
 ZOO: dict[str, tuple[str, dict[str, Any], str | None]] = {
@@ -36,8 +35,8 @@ ZOO: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "fcos": ("fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py", ONE_STAGE_OR_RCNN, None),
     "rtmdet-tiny": ("rtmdet/rtmdet_tiny_8xb32-300e_coco.py", ONE_STAGE_OR_RCNN, None),
     "detr": ("detr/detr_r50_8xb2-150e_coco.py", DETR_FAMILY, None),
-    "deformable-detr": ("deformable_detr/deformable-detr_r50_16xb2-50e_coco.py", MULTI_SCALE_DETR, None),
-    "dino-4scale": ("dino/dino-4scale_r50_8xb2-12e_coco.py", {**DETR_FAMILY, "scale": [512, 512]}, None),
+    "deformable-detr": ("deformable_detr/deformable-detr_r50_16xb2-50e_coco.py", DETR_FAMILY, None),
+    "dino-4scale": ("dino/dino-4scale_r50_8xb2-12e_coco.py", DINO, None),
     "swin-t-mask-rcnn": ("swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py", {**ONE_STAGE_OR_RCNN, "backbone": "swin-t"},
                          None),
 }

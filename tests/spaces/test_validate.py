@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from search.validate_cmd import add_parser
@@ -84,6 +87,23 @@ def test_valid_space_passes_and_counts_each_distinct_model_once(data_root: Path,
     assert validation.combinations == 4
     assert validation.models == 2  # the schedule doesn't change the model
     assert validation.dataset.classes[0] == "General trash"
+
+
+def test_the_training_step_is_seeded_quiet_and_leaves_the_callers_random_state(
+        data_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    space_file = write_space(tmp_path, space_data(data_root))
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+
+    assert check_file(space_file).trained == 2  # two roi heads: two (model, pipeline) combinations
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    printed = capfd.readouterr()
+    assert "init_weights" not in printed.out + printed.err  # mmengine logs each parameter's init otherwise
 
 
 def test_missing_base_config(data_root: Path, tmp_path: Path) -> None:
