@@ -378,7 +378,10 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space), num_samples=samples),
+        # A finished trial's process runs the next one: imports, Ray worker and caches stay warm (run_trial
+        # releases mmengine's per-trial globals, so nothing of one trial reaches the next).
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(space), num_samples=samples,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(storage), callbacks=callbacks, verbose=0,
             stop=RepeatedSetupFailureStopper(plan.setup_failures, limit=setup_stop_limit(space)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from search.driver import SearchOptions, SearchOutcome, make_searcher, run_searc
 from search.tracking import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL, is_log_column
 from spaces.dataset import Dataset
 from spaces.schema import SearchSpec, load_space
+from trainers.hook import FIRST_ITER_MARK
+from trainers.trial import TRIAL_LOG
 
 VAL = [f"val/bbox_mAP{s}" for s in ("", "_50", "_75", "_s", "_m", "_l")]
 COMMON = ["train/loss", "train/loss_rpn_cls", "train/loss_rpn_bbox", "train/lr"]
@@ -95,12 +98,29 @@ def _assert_ray_and_mlflow_agree(outcome: SearchOutcome, children: list[Any]) ->
             assert math.isclose(value, mlflow_last[key], rel_tol=1e-9), key
 
 
-def test_grid_search_tries_every_point(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
-    _, _, runs = _search(tmp_path, synth, name="grid", budget={"epochs": 1, "trials": 1, "max_concurrent": 2},
-                         search={"algorithm": "grid", "seed": 0},
-                         space={"lr": {"grid": [0.01, 0.02]}, "schedule": {"choice": ["step", "cosine"]}})
-    points = sorted((c.data.params["lr"], c.data.params["schedule"]) for c in _children(runs))
+def test_grid_search_tries_every_point_in_reused_trial_processes(
+        tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    outcome, _, runs = _search(tmp_path, synth, name="grid", budget={"epochs": 1, "trials": 1, "max_concurrent": 2},
+                               search={"algorithm": "grid", "seed": 0},
+                               space={"lr": {"grid": [0.01, 0.02]}, "schedule": {"choice": ["step", "cosine"]}})
+    children = _children(runs)
+    points = sorted((c.data.params["lr"], c.data.params["schedule"]) for c in children)
     assert points == [("0.01", "cosine"), ("0.01", "step"), ("0.02", "cosine"), ("0.02", "step")]
+
+    # Four trials, two at a time: they ran in at most two warm processes, each trial on its own config.
+    pids = {json.loads(line)["pid"] for line in _result_lines(outcome.experiment_dir)}
+    assert len(pids) <= 2
+    for schedule in ("step", "cosine"):  # same schedule and warm-up: the epoch's mean lr scales with lr
+        ratios = [c.data.metrics["train/lr"] / float(c.data.params["lr"])
+                  for c in children if c.data.params["schedule"] == schedule]
+        assert math.isclose(*ratios, rel_tol=1e-6), (schedule, ratios)
+    for child in children:
+        log = outcome.experiment_dir / "trials" / child.data.tags[TAG_TRIAL] / "rank0" / TRIAL_LOG
+        assert log.read_text().count(FIRST_ITER_MARK) == 1, "a trial's log holds its own Runner's lines only"
+
+
+def _result_lines(experiment_dir: Path) -> list[str]:
+    return [line for path in experiment_dir.glob("*/result.json") for line in path.read_text().splitlines() if line]
 
 
 def test_random_search_samples_within_the_range(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
