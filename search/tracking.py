@@ -27,6 +27,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREA
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from search.local_store import ensure_store
 from spaces.errors import BadArgument, UserError
 
 TAG_SEARCH = "dettune.search"
@@ -46,6 +47,7 @@ TAG_BEST_EPOCH = "dettune.best_epoch"
 EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp num <search>-<n>
 TAG_BEST_KNOB = "dettune.best."  # + knob name: the best trial's value (a tag, since params can't change)
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
+LOCAL_STORE = "mlflow.db"  # the embedded default store, in the storage folder
 
 
 def is_log_column(key: str) -> bool:
@@ -55,7 +57,7 @@ def is_log_column(key: str) -> bool:
 
 def local_tracking_uri(storage: Path) -> str:
     """The embedded default: a SQLite store next to the search's Ray storage."""
-    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(storage / LOCAL_STORE).resolve()}"
 
 
 def without_credentials(uri: str) -> str:
@@ -97,6 +99,8 @@ class TrackingSettings:
 
     def tracker(self, storage: Path, search: str, *, fresh: bool = False) -> Tracker:
         """The search's tracker; the local default keeps artifacts under ``storage/mlartifacts``."""
+        if self.uri is None:
+            ensure_store(storage / LOCAL_STORE)
         return Tracker(self.effective_uri(storage), search, fresh=fresh,
                        artifact_root=None if self.uri else storage / "mlartifacts")
 
