@@ -2,14 +2,17 @@
 # The cluster images built and run for real, with podman: docker/smoke.sh [OPTIONS] (also `make image-test`).
 #
 #  1. builds the `cpu` and `mlflow` images from docker/Dockerfile;
-#  2. in the cpu image: `dettune validate spaces/demo.yaml` and a one-epoch, two-trial demo search (no network);
+#  2. in the cpu image: `dettune validate spaces/demo.yaml` and a two-trial, two-epoch demo search (no network);
 #  3. brings docker/compose.yaml up with podman-compose under a project name of its own (ray-head, one
 #     ray-worker-cpu, mlflow with basic auth over postgres), published ports on 127.0.0.1 only;
-#  4. checks that the job API refuses a request without the Ray token, then submits the demo search
-#     (`ray job submit` with the token, from a client container on the host's network);
-#  5. reads the runs back through MLflow's REST API with the password, checks they are refused without it and that
-#     they sit in PostgreSQL;
-#  6. `compose down` (the volumes stay), `up` again: the same runs are read back.
+#  4. checks that the job API refuses a request without the Ray token, then submits the demo search (two trials of
+#     two epochs: ASHA needs an epoch after its first rung) with `ray job submit` and the token, from a client
+#     container on the host's network;
+#  5. reads the runs back through MLflow's REST API with the password, checks they are refused without it (and with
+#     a wrong one) and that they sit in PostgreSQL;
+#  6. submits a second search and stops its job (`ray job stop`) once a trial has finished an epoch;
+#  7. `compose down` (the named volumes stay) and `up` again: the first search's runs read back unchanged;
+#  8. `dettune resume` of the stopped search, as a job on the restarted cluster: its runs all finish.
 # It prints how long each step took, and on exit removes the containers, networks and volumes of its own compose
 # project and the one-off containers it named; nothing else. Images stay cached for the next run.
 # CI does not run it (a first build takes minutes to tens of minutes); it needs podman, podman-compose, curl, python3.
@@ -40,6 +43,7 @@ LOCAL_POSTGRES_IMAGE=localhost/dettune-smoke-postgres:15
 IMAGE=localhost/dettune-smoke
 VERSION=0.1.0
 SEARCH=smoke-demo
+RESUMED=smoke-resume
 
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
@@ -98,7 +102,8 @@ mkdir -p "$logs"
 logs=$(cd "$logs" && pwd)
 project=dettune-smoke-$(basename "$work" | cut -d. -f2 | tr '[:upper:]' '[:lower:]')
 # the one-off containers this run may start (run_named), by their names of this run only
-named_containers=("$project-synth" "$project-local-search" "$project-client")
+named_containers=("$project-synth" "$project-local-search")
+for n in client client-2 client-3 client-4; do named_containers+=("$project-$n"); done
 compose_up=0
 timings=()
 
@@ -288,9 +293,22 @@ wait_healthy() {
   done
 }
 
-compose_up_cluster() {
-  compose up -d --no-build
+# up_and_healthy LOG: compose up (podman-compose's own output, much of it podman 4.x complaining that it has no
+# systemd for health-check timers, goes to LOG), then every service healthy and both Ray nodes in the cluster
+up_and_healthy() {
+  compose up -d --no-build >"$1" 2>&1 || { cat "$1"; return 1; }
   wait_healthy postgres mlflow ray-head ray-worker-cpu
+  local deadline=$(($(date +%s) + 120))
+  until podman exec "$(container_of ray-head)" ray status >"$work/ray-status.txt" 2>&1 \
+      && [ "$(grep -c ' node_' "$work/ray-status.txt")" = 2 ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { cat "$work/ray-status.txt"; echo "the worker did not join"; return 1; }
+    sleep 5
+  done
+  sed -n '/Active:/,/Pending:/p' "$work/ray-status.txt" | grep -v Pending
+}
+
+compose_up_cluster() {
+  up_and_healthy "$logs/podman-compose-up.log"
   # every published port is on the loopback address
   local ports
   ports=$(podman ps --filter "label=io.podman.compose.project=$project" --format '{{.Names}} {{.Ports}}')
@@ -317,24 +335,70 @@ job_api_needs_token() {
   [ "$code" = 200 ]
 }
 
-submit_search() {
-  run_named client --network host -e RAY_AUTH_MODE=token -e RAY_AUTH_TOKEN="$ray_token" \
+# ray_job NAME SUBCOMMAND ARGS...: `ray job SUBCOMMAND --address ... ARGS` from a client container (named NAME) on
+# the host's network, with the token and the checkout
+ray_job() {
+  local name=$1 subcommand=$2
+  shift 2
+  run_named "$name" --network host -e RAY_AUTH_MODE=token -e RAY_AUTH_TOKEN="$ray_token" \
     -v "$REPO:/src:ro" -w /src "$IMAGE:$VERSION-cpu" \
-    ray job submit --address "http://127.0.0.1:$ray_port" --working-dir . -- \
+    ray job "$subcommand" --address "http://127.0.0.1:$ray_port" "$@"
+}
+
+submit_search() {
+  ray_job client submit --working-dir . -- \
     python -m search search spaces/demo.yaml --name "$SEARCH" --trials 2 --epochs 2 \
     --data-root /data/datasets/synth --storage /data/runs --tracking-uri http://mlflow:5000
 }
 
-# mlflow_runs FILE: the search's runs, read through MLflow's REST API with the password, as "run_id name status" lines
+job_api() {  # job_api METHOD PATH: the job REST API with the token
+  curl -sS --fail -X "$1" -H "Authorization: Bearer $ray_token" "http://127.0.0.1:$ray_port/api/jobs/$2"
+}
+
+# A second search, stopped (`ray job stop`) once a trial has finished its first of 3 epochs: resumed after down/up.
+start_and_stop_search() {
+  ray_job client-2 submit --no-wait --submission-id "$project-resume" --working-dir . -- \
+    python -m search search spaces/demo.yaml --name "$RESUMED" --trials 2 --epochs 3 \
+    --data-root /data/datasets/synth --storage /data/runs --tracking-uri http://mlflow:5000 >"$logs/ray-job-2.log" 2>&1 \
+    || { cat "$logs/ray-job-2.log"; return 1; }
+  echo "submitted $project-resume"
+  local deadline=$(($(date +%s) + 600))
+  until job_api GET "$project-resume/logs" | grep -q 'epoch 1/3'; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "no epoch finished in 600 s"; job_api GET "$project-resume/logs"; return 1; }
+    sleep 3
+  done
+  ray_job client-3 stop "$project-resume" >>"$logs/ray-job-2.log" 2>&1 || { cat "$logs/ray-job-2.log"; return 1; }
+  echo "ray job stop $project-resume; the search's events until then:"
+  job_api GET "$project-resume/logs" | python3 -c 'import json, sys; print(json.load(sys.stdin)["logs"])' \
+    | grep -E '^\[[0-9:]+\] trial' || true
+  job_api GET "$project-resume" | python3 -c 'import json, sys; print("job status:", json.load(sys.stdin)["status"])' \
+    | tee "$work/stopped.txt"
+  grep -q STOPPED "$work/stopped.txt"
+}
+
+resume_search() {
+  ray_job client-4 submit --working-dir . -- \
+    python -m search resume "$RESUMED" --storage /data/runs --tracking-uri http://mlflow:5000 >"$logs/ray-job-3.log" 2>&1 \
+    || { cat "$logs/ray-job-3.log"; return 1; }
+  echo "ray job submit ... python -m search resume $RESUMED: the job's events and table"
+  grep -E "^\[[0-9:]+\] trial|^trial |^$RESUMED-[0-9]|Job '.*' (succeeded|failed)" "$logs/ray-job-3.log" || true
+  mlflow_runs "$RESUMED" "$work/resumed.txt"
+  # the parent and both trials finished, each trial completed or stopped by ASHA, none twice
+  [ "$(grep -c . "$work/resumed.txt")" = 3 ] || { echo "expected 3 runs (parent + 2 trials)"; return 1; }
+  [ "$(grep -c ' FINISHED ' "$work/resumed.txt")" = 3 ] || { echo "a run is not FINISHED"; return 1; }
+  [ "$(grep -cE ' FINISHED (completed|stopped) ' "$work/resumed.txt")" = 2 ]
+}
+
+# mlflow_runs SEARCH FILE: the search's runs, read through MLflow's REST API with the password, as "run_id name status" lines
 mlflow_runs() {
-  local api=http://127.0.0.1:$mlflow_port/api/2.0/mlflow code
-  code=$(http_status "$api/experiments/get-by-name?experiment_name=$SEARCH")
+  local search=$1 file=$2 api=http://127.0.0.1:$mlflow_port/api/2.0/mlflow code
+  code=$(http_status "$api/experiments/get-by-name?experiment_name=$search")
   echo "REST API without the password: HTTP $code"
   [ "$code" = 401 ] || return 1
-  code=$(http_status "$api/experiments/get-by-name?experiment_name=$SEARCH" -u "admin:wrong-$mlflow_password")
+  code=$(http_status "$api/experiments/get-by-name?experiment_name=$search" -u "admin:wrong-$mlflow_password")
   echo "REST API with a wrong password: HTTP $code"
   [ "$code" = 401 ] || return 1
-  MLFLOW_API=$api MLFLOW_USER=admin MLFLOW_PASSWORD=$mlflow_password SEARCH=$SEARCH python3 - >"$1" <<'PY'
+  MLFLOW_API=$api MLFLOW_USER=admin MLFLOW_PASSWORD=$mlflow_password SEARCH=$search python3 - >"$file" <<'PY'
 import base64, json, os, urllib.request
 
 api, search = os.environ["MLFLOW_API"], os.environ["SEARCH"]
@@ -356,12 +420,12 @@ for run in sorted(runs, key=lambda r: r["info"]["run_name"]):
     print(info["run_id"], info["run_name"], info["status"], tags.get("dettune.status", "-"),
           "val/bbox_mAP=%s" % metrics.get("val/bbox_mAP", "-"))
 PY
-  echo "read back with the password:"
-  cat "$1"
+  echo "$search, read back with the password:"
+  cat "$file"
 }
 
 check_runs() {
-  mlflow_runs "$work/runs-1.txt"
+  mlflow_runs "$SEARCH" "$work/runs-1.txt"
   # the parent run and one run per trial
   [ "$(grep -c . "$work/runs-1.txt")" = 3 ] || { echo "expected 3 runs (parent + 2 trials)"; return 1; }
   grep -q "^[0-9a-f]* $SEARCH-1 FINISHED" "$work/runs-1.txt" && grep -q "^[0-9a-f]* $SEARCH-2 FINISHED" "$work/runs-1.txt"
@@ -373,10 +437,10 @@ check_runs() {
 }
 
 down_up_keeps_runs() {
-  compose down
-  compose up -d --no-build
-  wait_healthy postgres mlflow ray-head ray-worker-cpu
-  mlflow_runs "$work/runs-2.txt"
+  compose down >"$logs/podman-compose-down.log" 2>&1 || { cat "$logs/podman-compose-down.log"; return 1; }
+  echo "compose down: $(podman ps -a --filter "label=io.podman.compose.project=$project" -q | wc -l) containers left"
+  up_and_healthy "$logs/podman-compose-up-again.log"
+  mlflow_runs "$SEARCH" "$work/runs-2.txt"
   diff "$work/runs-1.txt" "$work/runs-2.txt" && echo "the same runs after down/up"
 }
 
@@ -400,5 +464,7 @@ step --show compose-up compose_up_cluster
 step --show job-api-needs-token job_api_needs_token
 step ray-job-submit submit_search
 step --show mlflow-read-back check_runs
+step --show search-stopped-midway start_and_stop_search
 step --show down-up-keeps-runs down_up_keeps_runs
+step --show resume-after-restart resume_search
 say "all steps passed"
