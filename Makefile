@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint install bench clean
+.PHONY: demo test test-fast lint install bench image-test clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -29,6 +29,11 @@ test-fast: lint
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
+
+# The cluster images built and run for real with podman (docker/smoke.sh; CI does not run it). Options go in
+# SMOKE_ARGS, e.g. SMOKE_ARGS="--local-bases --runc" on a machine without a container registry.
+image-test:
+	bash docker/smoke.sh $(SMOKE_ARGS)
 
 clean:
 	rm -rf runs data/synth .pytest_cache .mypy_cache

@@ -1,7 +1,7 @@
 """Print dettune's runtime requirements from pyproject.toml, one per line, for the image builds.
 
-The images install torch (and mmcv, which must match torch's C++ ABI) themselves: the GPU image takes torch 2.1.x
-for CUDA 12.1 and OpenMMLab's prebuilt mmcv, the CPU image torch's CPU build and an mmcv built against it. So the
+The images install torch (and mmcv, which must match torch's C++ ABI) themselves: the GPU image PyPI's torch 2.13.0
+(the CUDA 13.0 build) and an mmcv compiled for it, the CPU image torch's CPU build and an mmcv built against it. So the
 build installs everything else from here, and then dettune itself with ``--no-deps``: one list of pins, in
 pyproject.toml, for the venv and the images alike.
 

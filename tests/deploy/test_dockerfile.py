@@ -230,15 +230,35 @@ def _tool(name: str) -> str:
 
 
 def test_hadolint() -> None:
-    done = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
-                          timeout=120)
+    files = [str(DOCKERFILE), str(DOCKER / "smoke" / "postgres.Containerfile")]
+    done = subprocess.run([_tool("hadolint"), "--no-color", *files], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_shellcheck_entrypoints() -> None:
     scripts = sorted(str(p) for p in (DOCKER / "entrypoints").glob("*.sh"))
     scripts += sorted(str(p) for p in (DOCKER / "postgres" / "initdb.d").glob("*.sh"))
+    scripts += [str(DOCKER / "smoke.sh"), *sorted(str(p) for p in (DOCKER / "smoke").glob("*.sh"))]
     scripts.append(str(REPO / "scripts" / "build_mmcv.sh"))
     done = subprocess.run([_tool("shellcheck"), "--external-sources", *scripts], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mmcv_wheelhouse_and_torch_index_only_stand_in() -> None:
+    """The build arguments docker/smoke.sh uses default to what a user gets: PyTorch's CPU index, mmcv compiled."""
+    stages = parse_dockerfile(DOCKERFILE.read_text())[1]
+    for stage in ("mmcv-build", "cpu"):
+        assert stages[stage].args["TORCH_CPU_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+        runs = " ".join(stages[stage].commands("RUN"))
+        assert '--index-url "${TORCH_CPU_INDEX_URL}" "torch==${TORCH_CPU_VERSION}"' in runs
+    build = stages["mmcv-build"]
+    assert build.args["MMCV_WHEELHOUSE"] == ""
+    run = " ".join(build.commands("RUN"))
+    assert 'if [ -n "${MMCV_WHEELHOUSE}" ]' in run and "pip wheel --no-deps --no-build-isolation -w /wheels" in run
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--python-image"], ["--mmcv-wheelhouse", ""]])
+def test_smoke_script_refuses_bad_arguments(args: list[str]) -> None:
+    done = subprocess.run(["bash", str(DOCKER / "smoke.sh"), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith("smoke.sh: ") and len(done.stderr.splitlines()) == 1
