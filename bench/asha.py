@@ -1,0 +1,140 @@
+"""ASHA's bargain: how much of the exhaustive best a search keeps, for what share of the epochs.
+
+One fixed grid of 12 configurations of the demo model on synthetic data (RoI head x lr x schedule, 6 epochs)
+is trained (1) exhaustively, (2) with ASHA at the given settings, and (3) by TPE+ASHA with as many trials as
+the grid. For each: the best val/bbox_mAP any trial reached, the epochs trained in total and the wall time,
+with their ratios to exhaustive. Then successive halving is replayed on the exhaustive run's per-epoch
+histories for other settings and rung signals (a replay, not a run: it shows which settings keep the
+winner, cheaply), to choose the defaults that the runs then confirm.
+
+    .venv/bin/python bench/asha.py [--asha 1:2 1:3 2:3] [--images 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from search.driver import SearchOptions, run_search
+from search.tracking import TAG_ROLE
+from spaces.synth import write_dataset
+
+EPOCHS = 6
+GRID = {"roi_head": {"choice": ["faster", "cascade"]}, "lr": {"grid": [0.005, 0.01, 0.02]},
+        "schedule": {"choice": ["step", "cosine"]}}
+FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4}
+METRIC = "val/bbox_mAP"
+REPLAY_SIGNALS = ("val/bbox_mAP", "val/bbox_mAP_50", "-train/loss")
+"""Rung signals replayed: the metric itself, its looser IoU-0.5 form, and the training loss (lower is better)."""
+
+
+@dataclass
+class Outcome:
+    label: str
+    best: float
+    epochs: int
+    wall: float
+
+
+def _space(data: Path, name: str, search: dict[str, Any], scheduler: dict[str, Any], trials: int) -> dict[str, Any]:
+    space = {"name": name, "base": "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
+             "data": {"root": str(data), "train": "train.json", "val": "val.json"}, "metric": METRIC,
+             "budget": {"epochs": EPOCHS, "trials": trials, "max_concurrent": 2, "cpus_per_worker": 1},
+             "search": search, "scheduler": scheduler, "space": GRID, "fixed": FIXED}
+    if search["algorithm"] == "tpe":  # TPE samples; the grid's lr list becomes its range
+        space["space"] = {**GRID, "lr": {"loguniform": [0.005, 0.02]}}
+    return space
+
+
+def histories(tracking_uri: str, name: str) -> list[dict[str, list[float]]]:
+    """Each trial's per-epoch values of the replayed signals, epoch 1 first."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, name
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")
+    out = []
+    for run in runs:
+        trial = {}
+        for key in {signal.lstrip("-") for signal in REPLAY_SIGNALS}:
+            points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            trial[key] = [m.value for m in points]
+        out.append(trial)
+    return out
+
+
+def run(data: Path, storage: Path, label: str, search: dict[str, Any], scheduler: dict[str, Any],
+        trials: int) -> tuple[Outcome, list[dict[str, list[float]]]]:
+    name = label.replace(" ", "-").replace(":", "-").replace("+", "-")
+    space_file = storage / f"{name}.yaml"
+    space_file.write_text(yaml.safe_dump(_space(data, name, search, scheduler, trials)))
+    began = time.time()
+    outcome = run_search(SearchOptions(space_file=space_file, storage=storage))
+    wall = time.time() - began
+    trained = histories(outcome.tracking_uri, name)
+    best = max(max(trial[METRIC], default=0.0) for trial in trained)
+    return Outcome(label, best, sum(len(trial[METRIC]) for trial in trained), wall), trained
+
+
+def replay(trained: list[dict[str, list[float]]], grace: int, factor: int, signal: str) -> tuple[float, int]:
+    """Synchronous successive halving over full histories: at each rung (grace x factor^k epochs) the best
+    1/factor of the trials by ``signal`` go on. Returns the best METRIC reached and the epochs trained."""
+    key, sign = signal.lstrip("-"), (-1.0 if signal.startswith("-") else 1.0)
+    alive = list(range(len(trained)))
+    stopped_at = {i: EPOCHS for i in alive}
+    rung = grace
+    while rung < EPOCHS and len(alive) > 1:
+        ranked = sorted(alive, key=lambda i: sign * trained[i][key][rung - 1], reverse=True)
+        keep = max(1, len(ranked) // factor)
+        for i in ranked[keep:]:
+            stopped_at[i] = rung
+        alive = ranked[:keep]
+        rung *= factor
+    best = max(max(trained[i][METRIC][:stopped_at[i]]) for i in stopped_at)
+    return best, sum(stopped_at.values())
+
+
+def _row(outcome: Outcome, reference: Outcome) -> str:
+    return (f"  {outcome.label:<26} best {outcome.best:.3f} ({(outcome.best - reference.best) * 100:+.1f} AP)  "
+            f"epochs {outcome.epochs:3d} ({outcome.epochs / reference.epochs:.2f}x)  "
+            f"wall {outcome.wall:6.0f} s ({outcome.wall / reference.wall:.2f}x)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--asha", nargs="+", default=["1:2", "1:3", "2:3"], help="grace:reduction_factor runs")
+    parser.add_argument("--images", type=int, default=96)
+    args = parser.parse_args(argv)
+    settings = [tuple(int(part) for part in setting.split(":")) for setting in args.asha]
+    grid = {"algorithm": "grid", "seed": 0}
+    with tempfile.TemporaryDirectory(prefix="dettune-asha-") as tmp:
+        data, storage = Path(tmp) / "data", Path(tmp) / "runs"
+        write_dataset(data, images=args.images, size=160, seed=0)
+        storage.mkdir()
+        exhaustive, trained = run(data, storage, "exhaustive", grid, {"type": "none"}, 1)
+        outcomes = [run(data, storage, f"ASHA {g}:{f}", grid,
+                        {"type": "asha", "grace_epochs": g, "reduction_factor": f}, 1)[0] for g, f in settings]
+        g, f = settings[-1]
+        outcomes.append(run(data, storage, f"TPE+ASHA {g}:{f}", {"algorithm": "tpe", "seed": 0},
+                            {"type": "asha", "grace_epochs": g, "reduction_factor": f}, len(trained))[0])
+    print(f"12 configurations x {EPOCHS} epochs, tiny R-CNN, {args.images} synthetic images, 2 trials at once")
+    print(_row(exhaustive, exhaustive))
+    for outcome in outcomes:
+        print(_row(outcome, exhaustive))
+    print("replayed on the exhaustive histories (synchronous halving; grace:factor, rung signal):")
+    for signal in REPLAY_SIGNALS:
+        for grace, factor in [(1, 2), (1, 3), (2, 2), (2, 3), (3, 3)]:
+            best, epochs = replay(trained, grace, factor, signal)
+            print(f"  {grace}:{factor} on {signal:<18} best {best:.3f} ({(best - exhaustive.best) * 100:+.1f} AP)  "
+                  f"epochs {epochs:3d} ({epochs / exhaustive.epochs:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
