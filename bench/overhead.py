@@ -8,7 +8,7 @@ trials, and what each epoch after the first costs beyond the same epoch trained 
 
     .venv/bin/python bench/overhead.py [--trials 3] [--epochs 2] [--images 48]
 
-``--images 360`` makes each trial about a minute long on a 2-core machine (the issue's second row).
+``--images 720`` makes each trial about a minute long on a 2-core machine.
 """
 
 from __future__ import annotations
