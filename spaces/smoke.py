@@ -4,8 +4,9 @@ Building a model is not enough: a pipeline may read files the dataset does not h
 its annotations lack, or hand the model shapes it does not expect. :class:`SmokeTrainer` builds a config's
 train and val datasets, pulls samples through both pipelines and runs one forward + loss on a batch of two
 train images and one prediction on a val image, on the CPU, with weights initialised as a trial's Runner
-does (``init_weights``, but no checkpoint is read) and a fixed seed, so the same space gets the same verdict. Images are resized to at most :data:`SMOKE_SIDE` pixels first (DETRs:
-:data:`SMOKE_SIDE_DETR`), so a large model costs seconds: the point is files, keys and shapes, not speed.
+does (``init_weights``, but no checkpoint is read) and a fixed seed, so the same space gets the same verdict.
+Images are resized to at most :data:`SMOKE_SIDE` pixels first (DETRs: :data:`SMOKE_SIDE_DETR`), so a large
+model costs seconds: the point is files, keys and shapes, not speed.
 """
 
 from __future__ import annotations
