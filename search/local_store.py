@@ -30,9 +30,9 @@ def ensure_store(db: Path) -> None:
         staged.unlink()
 
 
-def empty_store(cache: Path | None = None) -> Path:
+def empty_store() -> Path:
     """An empty store at this MLflow version's schema, built on first use."""
-    template = (cache or _cache_dir()) / f"mlflow-{mlflow.__version__}-empty.db"
+    template = _cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
     if not template.exists():
         template.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
