@@ -50,7 +50,7 @@ from spaces.families import (
     stage_indices,
 )
 from spaces.knobs import KNOBS
-from spaces.tree import as_list, dicts
+from spaces.tree import as_list, dicts, drop_init_cfgs
 
 MMDET_PREFIX = "mmdet::"
 
@@ -369,15 +369,9 @@ def _mmpretrain(cfg: Config, build: Build) -> None:
 
 def _drop_remote_weights(cfg: Config) -> list[str]:
     """Removes every remote checkpoint reference from the model and ``load_from``; returns them."""
-    dropped: list[str] = []
+    remote = drop_init_cfgs(cfg.model, lambda init: _is_remote(init.get("checkpoint")))
+    dropped = [str(init["checkpoint"]) for init in remote]
     for node in dicts(cfg.model):
-        init = node.get("init_cfg")
-        inits = init if isinstance(init, list) else [init]
-        remote = [i for i in inits if isinstance(i, Mapping) and _is_remote(i.get("checkpoint"))]
-        if remote:
-            dropped += [str(i["checkpoint"]) for i in remote]
-            kept = [i for i in inits if i is not None and i not in remote]
-            node["init_cfg"] = kept if isinstance(init, list) else None
         if _is_remote(node.get("pretrained")):  # the pre-init_cfg spelling some backbones still accept
             dropped.append(str(node["pretrained"]))
             node["pretrained"] = None

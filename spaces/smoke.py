@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from mmengine.registry import DefaultScope
 
 from spaces.errors import one_line
 from spaces.families import is_detr_family
-from spaces.tree import dicts
+from spaces.tree import dicts, drop_init_cfgs
 
 SMOKE_SIDE = 256
 """The longest image side of the smoke run; larger test scales are scaled down to it."""
@@ -165,17 +165,8 @@ def _shrunk(cfg: Config) -> Config:
 def _without_checkpoints(model: Any) -> Any:
     """A copy of a model config whose ``Pretrained`` inits are dropped: the smoke run reads no weights."""
     model = copy.deepcopy(model)
-    for node in dicts(model):
-        init = node.get("init_cfg")
-        if isinstance(init, list):
-            node["init_cfg"] = [i for i in init if not _is_pretrained(i)]
-        elif _is_pretrained(init):
-            node["init_cfg"] = None
+    drop_init_cfgs(model, lambda init: init.get("type") == "Pretrained")
     return model
-
-
-def _is_pretrained(init: Any) -> bool:
-    return isinstance(init, Mapping) and init.get("type") == "Pretrained"
 
 
 def _innermost(node: Any) -> Any:

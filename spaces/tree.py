@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 
@@ -28,3 +28,19 @@ def as_list(node: Any) -> list[Any]:
     if node is None:
         return []
     return list(node) if isinstance(node, (list, tuple)) else [node]
+
+
+def drop_init_cfgs(model: Any, drop: Callable[[Mapping[str, Any]], bool]) -> list[Mapping[str, Any]]:
+    """Removes, anywhere in ``model``, every ``init_cfg`` entry for which ``drop`` holds; returns the removed ones.
+
+    A list keeps its other entries; a single removed entry leaves ``init_cfg=None`` (mmengine's "no init").
+    """
+    removed: list[Mapping[str, Any]] = []
+    for node in dicts(model):
+        init = node.get("init_cfg")
+        inits = as_list(init)
+        dropped = [i for i in inits if isinstance(i, Mapping) and drop(i)]
+        if dropped:
+            removed += dropped
+            node["init_cfg"] = [i for i in inits if i not in dropped] if isinstance(init, (list, tuple)) else None
+    return removed
