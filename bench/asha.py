@@ -1,13 +1,14 @@
 """ASHA's bargain: how much of the exhaustive best a search keeps, for what share of the epochs.
 
-One fixed grid of 12 configurations of the demo model on synthetic data (RoI head x lr x schedule, 6 epochs)
-is trained (1) exhaustively, (2) with ASHA at the given settings, and (3) by TPE+ASHA with as many trials as
+A fixed grid of 12 configurations of the demo model on synthetic data (6 epochs; ``--grid heads``: RoI head x lr x
+schedule, the grid the demo's ASHA settings were chosen on; ``--grid scales``: scale x lr x batch size, one they
+were not) is trained (1) exhaustively, (2) with ASHA at the given settings, and (3) by TPE+ASHA with as many trials as
 the grid. For each: the best val/bbox_mAP any trial reached, the epochs trained in total and the wall time,
 with their ratios to exhaustive. Then successive halving is replayed on the exhaustive run's per-epoch
 histories for other settings and rung signals (a replay, not a run: it shows which settings keep the
 winner, cheaply), to choose the defaults that the runs then confirm.
 
-    .venv/bin/python bench/asha.py [--asha 1:2 1:3 2:3] [--images 96]
+    .venv/bin/python bench/asha.py [--grid heads|scales] [--asha 1:2 1:3 2:3] [--images 96]
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ from search.tracking import TAG_ROLE
 from spaces.synth import write_dataset
 
 EPOCHS = 6
-GRID = {"roi_head": {"choice": ["faster", "cascade"]}, "lr": {"grid": [0.005, 0.01, 0.02]},
-        "schedule": {"choice": ["step", "cosine"]}}
+GRIDS = {
+    "heads": {"roi_head": {"choice": ["faster", "cascade"]}, "lr": {"grid": [0.005, 0.01, 0.02]},
+              "schedule": {"choice": ["step", "cosine"]}},
+    "scales": {"scale": {"choice": [[128, 128], [192, 192]]}, "lr": {"grid": [0.005, 0.01, 0.02]},
+               "batch_size": {"choice": [2, 4]}},
+}
 FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4}
 METRIC = "val/bbox_mAP"
 REPLAY_SIGNALS = ("val/bbox_mAP", "val/bbox_mAP_50", "-train/loss")
@@ -44,13 +49,15 @@ class Outcome:
     wall: float
 
 
-def _space(data: Path, name: str, search: dict[str, Any], scheduler: dict[str, Any], trials: int) -> dict[str, Any]:
+def _space(data: Path, name: str, grid: dict[str, Any], search: dict[str, Any], scheduler: dict[str, Any],
+           trials: int) -> dict[str, Any]:
+    fixed = {knob: value for knob, value in FIXED.items() if knob not in grid}
     space = {"name": name, "base": "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
              "data": {"root": str(data), "train": "train.json", "val": "val.json"}, "metric": METRIC,
              "budget": {"epochs": EPOCHS, "trials": trials, "max_concurrent": 2, "cpus_per_worker": 1},
-             "search": search, "scheduler": scheduler, "space": GRID, "fixed": FIXED}
+             "search": search, "scheduler": scheduler, "space": grid, "fixed": fixed}
     if search["algorithm"] == "tpe":  # TPE samples; the grid's lr list becomes its range
-        space["space"] = {**GRID, "lr": {"loguniform": [0.005, 0.02]}}
+        space["space"] = {**grid, "lr": {"loguniform": [0.005, 0.02]}}
     return space
 
 
@@ -70,11 +77,11 @@ def histories(tracking_uri: str, name: str) -> list[dict[str, list[float]]]:
     return out
 
 
-def run(data: Path, storage: Path, label: str, search: dict[str, Any], scheduler: dict[str, Any],
-        trials: int) -> tuple[Outcome, list[dict[str, list[float]]]]:
+def run(data: Path, storage: Path, grid: dict[str, Any], label: str, search: dict[str, Any],
+        scheduler: dict[str, Any], trials: int) -> tuple[Outcome, list[dict[str, list[float]]]]:
     name = label.replace(" ", "-").replace(":", "-").replace("+", "-")
     space_file = storage / f"{name}.yaml"
-    space_file.write_text(yaml.safe_dump(_space(data, name, search, scheduler, trials)))
+    space_file.write_text(yaml.safe_dump(_space(data, name, grid, search, scheduler, trials)))
     began = time.time()
     outcome = run_search(SearchOptions(space_file=space_file, storage=storage))
     wall = time.time() - began
@@ -111,20 +118,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--asha", nargs="+", default=["1:2", "1:3", "2:3"], help="grace:reduction_factor runs")
     parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="heads", help="the 12 configurations")
     args = parser.parse_args(argv)
+    space = GRIDS[args.grid]
     settings = [tuple(int(part) for part in setting.split(":")) for setting in args.asha]
     grid = {"algorithm": "grid", "seed": 0}
     with tempfile.TemporaryDirectory(prefix="dettune-asha-") as tmp:
         data, storage = Path(tmp) / "data", Path(tmp) / "runs"
         write_dataset(data, images=args.images, size=160, seed=0)
         storage.mkdir()
-        exhaustive, trained = run(data, storage, "exhaustive", grid, {"type": "none"}, 1)
-        outcomes = [run(data, storage, f"ASHA {g}:{f}", grid,
+        exhaustive, trained = run(data, storage, space, "exhaustive", grid, {"type": "none"}, 1)
+        outcomes = [run(data, storage, space, f"ASHA {g}:{f}", grid,
                         {"type": "asha", "grace_epochs": g, "reduction_factor": f}, 1)[0] for g, f in settings]
         g, f = settings[-1]
-        outcomes.append(run(data, storage, f"TPE+ASHA {g}:{f}", {"algorithm": "tpe", "seed": 0},
+        outcomes.append(run(data, storage, space, f"TPE+ASHA {g}:{f}", {"algorithm": "tpe", "seed": 0},
                             {"type": "asha", "grace_epochs": g, "reduction_factor": f}, len(trained))[0])
-    print(f"12 configurations x {EPOCHS} epochs, tiny R-CNN, {args.images} synthetic images, 2 trials at once")
+    print(f"grid {args.grid} ({' x '.join(space)}): 12 configurations x {EPOCHS} epochs, tiny R-CNN, "
+          f"{args.images} synthetic images, 2 trials at once")
     print(_row(exhaustive, exhaustive))
     for outcome in outcomes:
         print(_row(outcome, exhaustive))
