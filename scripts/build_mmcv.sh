@@ -28,6 +28,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$PY" -m venv "$tmp/venv"
 bpy=$tmp/venv/bin/python
+# torch's extension builder looks for ninja on PATH; without it, it compiles one file at a time (MAX_JOBS ignored)
+export PATH="$tmp/venv/bin:$PATH"
 bpip() { "$bpy" -m pip --disable-pip-version-check -q "$@"; }
 
 # mmcv's setup.py needs pkg_resources (setuptools<70) while torch 2.13 requires setuptools>=77,

@@ -121,7 +121,8 @@ build_cpu_wheel() {
   pip_step "building mmcv (installing setuptools<70)" "$venv" install --no-warn-conflicts "setuptools<70"
   pip_step "building mmcv (downloading its source)" "$venv" download --no-deps --no-build-isolation "$MMCV" \
     -d "$BUILD_DIR/src"
-  MAX_JOBS=${MAX_JOBS:-2} MMCV_WITH_OPS=1 FORCE_CUDA=0 \
+  # the build venv's ninja on PATH: torch's extension builder compiles one file at a time without it
+  PATH="$venv/bin:$PATH" MAX_JOBS=${MAX_JOBS:-2} MMCV_WITH_OPS=1 FORCE_CUDA=0 \
     pip_in "$venv" wheel --no-deps --no-build-isolation -w "$BUILD_DIR/wheels" \
     "$BUILD_DIR/src/mmcv-$MMCV_VERSION.tar.gz" ||
     fail "building mmcv" "the compiler's error is above; mmcv $MMCV_VERSION needs a C++17 compiler and torch's headers"
