@@ -12,7 +12,9 @@
 #     a wrong one) and that they sit in PostgreSQL;
 #  6. submits a second search and stops its job (`ray job stop`) once a trial has finished an epoch;
 #  7. `compose down` (the named volumes stay) and `up` again: the first search's runs read back unchanged;
-#  8. `dettune resume` of the stopped search, as a job on the restarted cluster: its runs all finish.
+#  8. `dettune resume` of the stopped search, as a job on the restarted cluster: its runs all finish;
+#  9. with --gpu ARCHES: builds the `gpu` image, mmcv's CUDA ops compiled for those GPU generations, and checks in it
+#     (on this machine's CPU: no GPU needed) that mmcv's ops hold CUDA code and load with torch's CUDA build.
 # It prints how long each step took, and on exit removes the containers, networks and volumes of its own compose
 # project and the one-off containers it named; nothing else. Images stay cached for the next run.
 # CI does not run it (a first build takes minutes to tens of minutes); it needs podman, podman-compose, curl, python3.
@@ -30,6 +32,9 @@
 #                          one folder); mounted read-only into the build, named in a pip.conf mounted with it
 #   --mmcv-wheelhouse DIR  a folder with an mmcv-2.1.0-cp311 wheel built against torch 2.13.0+cpu, used instead of
 #                          compiling mmcv (default: $DETTUNE_WHEELHOUSE, as scripts/install.sh; empty: compile)
+#   --gpu ARCHES           also build the gpu image, its mmcv CUDA ops for ARCHES (TORCH_CUDA_ARCH_LIST, e.g. 9.0;
+#                          one arch builds several times faster than the Dockerfile's seven). Its pip takes torch
+#                          from PyPI (the CUDA build), never from --pip-find-links, which may hold the CPU build.
 #   --runc                 run podman with runc, cgroupfs and no default ulimits (a containers.conf of its own), for
 #                          sandboxes where crun or systemd cgroups fail
 #   --keep-logs DIR        write each step's full log under DIR (default: a new folder under ${TMPDIR:-/tmp})
@@ -54,7 +59,7 @@ bad() {
   exit 2
 }
 
-local_bases=0 rebuild_bases=0 runc=0 python_image="" torch_index="" logs=""
+local_bases=0 rebuild_bases=0 runc=0 python_image="" torch_index="" logs="" gpu_arches=""
 find_links=""
 case ${PIP_FIND_LINKS:-} in *" "* | "") ;; *) [ -d "$PIP_FIND_LINKS" ] && find_links=$PIP_FIND_LINKS ;; esac
 wheelhouse=${DETTUNE_WHEELHOUSE:-}
@@ -63,7 +68,7 @@ while [ $# -gt 0 ]; do
     --local-bases) local_bases=1 ;;
     --rebuild-bases) rebuild_bases=1 ;;
     --runc) runc=1 ;;
-    --python-image | --torch-index | --pip-find-links | --mmcv-wheelhouse | --keep-logs)
+    --python-image | --torch-index | --pip-find-links | --mmcv-wheelhouse | --keep-logs | --gpu)
       [ $# -ge 2 ] && [ -n "$2" ] || bad "$1 needs a value (see --help)"
       case $1 in
         --python-image) python_image=$2 ;;
@@ -71,6 +76,7 @@ while [ $# -gt 0 ]; do
         --pip-find-links) find_links=$2 ;;
         --mmcv-wheelhouse) wheelhouse=$2 ;;
         --keep-logs) logs=$2 ;;
+        --gpu) gpu_arches=$2 ;;
       esac
       shift ;;
     -h | --help) usage; exit 0 ;;
@@ -200,6 +206,12 @@ build_target() {
   local args=(--network host -f "$DOCKER/Dockerfile" --ignorefile "$DOCKER/Dockerfile.dockerignore"
                         --target "$target" -t "$IMAGE:$VERSION-$target")
   [ -n "$python_image" ] && args+=(--build-arg "PYTHON_IMAGE=$python_image")
+  if [ "$target" = gpu ]; then
+    # no find-links: a CPU torch 2.13.0+cpu there would satisfy torch==2.13.0 and win over PyPI's CUDA build
+    args+=(--build-arg "TORCH_CUDA_ARCH_LIST=$gpu_arches" --build-arg "MAX_JOBS=$(nproc)")
+    podman build "${args[@]}" "$REPO"
+    return
+  fi
   [ -n "$torch_index" ] && args+=(--build-arg "TORCH_CPU_INDEX_URL=$torch_index")
   if [ -n "$find_links" ]; then
     printf '[global]\nfind-links = %s\n' "$find_links" >"$work/pip.conf"
@@ -209,6 +221,26 @@ build_target() {
     args+=(--volume "$wheelhouse:/mmcv-wheelhouse:ro" --build-arg MMCV_WHEELHOUSE=/mmcv-wheelhouse)
   fi
   podman build "${args[@]}" "$REPO"
+}
+
+# In the gpu image, without a GPU: torch is the CUDA build, mmcv's compiled ops carry CUDA code (a fatbin section,
+# linked to the CUDA runtime) and load with that torch (one op run on the CPU), and dettune's CLI imports.
+gpu_imports() {
+  podman run --rm --network none "$IMAGE:$VERSION-gpu" python -c '
+import mmcv, mmcv.ops, search.cli, torch
+from mmcv.utils import ext_loader
+
+ext = ext_loader.load_ext("_ext", ["nms"])
+code = open(ext.__file__, "rb").read()
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU present:", torch.cuda.is_available())
+print("mmcv", mmcv.__version__, ext.__file__, f"{len(code) / 2**20:.0f} MiB")
+assert torch.version.cuda, "torch is not the CUDA build"
+assert b".nv_fatbin" in code and b"libcudart.so" in code, "mmcv ops hold no CUDA code"
+boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+kept = mmcv.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)[1].tolist()
+assert kept == [0, 2], kept
+print("mmcv.ops.nms on the CPU:", kept, "- mmcv.ops and search.cli import")
+'
 }
 
 # ------------------------------------------------------------------------------------------------- in the image
@@ -467,4 +499,8 @@ step --show mlflow-read-back check_runs
 step --show search-stopped-midway start_and_stop_search
 step --show down-up-keeps-runs down_up_keeps_runs
 step --show resume-after-restart resume_search
+if [ -n "$gpu_arches" ]; then
+  step build-gpu build_target gpu
+  step --show gpu-image-imports gpu_imports
+fi
 say "all steps passed"
