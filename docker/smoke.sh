@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The cluster images built and run for real, with podman: docker/smoke.sh [OPTIONS] (also `make image-test`).
 #
-#  1. builds the `cpu` and `mlflow` images from docker/Dockerfile;
+#  1. builds the `cpu` and `mlflow` images from docker/Dockerfile, and with --gpu ARCHES the `gpu` image, mmcv's CUDA
+#     ops compiled for those GPU generations, checking in it (on this machine's CPU: no GPU needed) that mmcv's ops
+#     hold CUDA code and load with torch's CUDA build;
 #  2. in the cpu image: `dettune validate spaces/demo.yaml` and a two-trial, two-epoch demo search (no network);
 #  3. brings docker/compose.yaml up with podman-compose under a project name of its own (ray-head, one
 #     ray-worker-cpu, mlflow with basic auth over postgres), published ports on 127.0.0.1 only;
@@ -12,19 +14,17 @@
 #     a wrong one) and that they sit in PostgreSQL;
 #  6. submits a second search and stops its job (`ray job stop`) once a trial has finished an epoch;
 #  7. `compose down` (the named volumes stay) and `up` again: the first search's runs read back unchanged;
-#  8. `dettune resume` of the stopped search, as a job on the restarted cluster: its runs all finish;
-#  9. with --gpu ARCHES: builds the `gpu` image, mmcv's CUDA ops compiled for those GPU generations, and checks in it
-#     (on this machine's CPU: no GPU needed) that mmcv's ops hold CUDA code and load with torch's CUDA build.
+#  8. `dettune resume` of the stopped search, as a job on the restarted cluster: its runs all finish.
 # It prints how long each step took, and on exit removes the containers, networks and volumes of its own compose
 # project and the one-off containers it named; nothing else. Images stay cached for the next run.
 # CI does not run it (a first build takes minutes to tens of minutes); it needs podman, podman-compose, curl, python3.
 #
 # Options:
 #   --local-bases          build the base images from Debian bookworm's packages instead of pulling them (for
-#                          machines without a container registry): a python3.11 base (mmdebstrap, the host's extra
-#                          CA certificates from /usr/local/share/ca-certificates included) and a PostgreSQL 15
-#                          stand-in (docker/smoke/postgres.Containerfile); MinIO is replaced by a file artifact
-#                          volume on the mlflow service (docker/smoke/compose.local.yaml). Needs mmdebstrap.
+#                          machines without a container registry): a python3.11 base with its headers (mmdebstrap,
+#                          the host's extra CA certificates from /usr/local/share/ca-certificates included) and a
+#                          PostgreSQL 15 stand-in (docker/smoke/postgres.Containerfile); MinIO is replaced by a file
+#                          artifact volume on the mlflow service (docker/smoke/compose.local.yaml). Needs mmdebstrap.
 #   --rebuild-bases        build the local python base even if an earlier run left one (it is reused otherwise)
 #   --python-image IMAGE   the Dockerfile's PYTHON_IMAGE (default: the Dockerfile's own, or the local base)
 #   --torch-index URL      the Dockerfile's TORCH_CPU_INDEX_URL (default: the Dockerfile's own, PyTorch's CPU index)
@@ -84,6 +84,9 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ -n "$gpu_arches" ] && ! [[ $gpu_arches =~ ^[0-9]+\.[0-9](\+PTX)?([\;\ ][0-9]+\.[0-9](\+PTX)?)*$ ]]; then
+  bad "--gpu takes compute capabilities as TORCH_CUDA_ARCH_LIST does (e.g. 9.0 or '8.6;9.0'), not '$gpu_arches'"
+fi
 
 for tool in podman podman-compose curl python3; do
   command -v "$tool" >/dev/null || bad "$tool is not installed (podman: apt-get install podman; podman-compose: pip install podman-compose)"
@@ -178,7 +181,8 @@ trap 'exit 130' INT TERM
 
 # ------------------------------------------------------------------------------------------------- the images
 build_local_python_base() {
-  if podman image exists "$LOCAL_PYTHON_IMAGE" && [ "$rebuild_bases" = 0 ]; then
+  if podman image exists "$LOCAL_PYTHON_IMAGE" && [ "$rebuild_bases" = 0 ] \
+      && podman run --rm --network none "$LOCAL_PYTHON_IMAGE" test -f /usr/include/python3.11/Python.h; then
     echo "$LOCAL_PYTHON_IMAGE exists: reused (--rebuild-bases makes it anew)"
     return 0
   fi
@@ -190,7 +194,8 @@ build_local_python_base() {
     hooks+=(--customize-hook='copy-in /usr/local/share/ca-certificates /usr/local/share'
             --customize-hook='chroot "$1" update-ca-certificates')
   fi
-  mmdebstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates "${hooks[@]}" \
+  # python3-dev: the public python image carries Python.h, which compiling mmcv's ops needs
+  mmdebstrap --variant=minbase --include=python3,python3-venv,python3-pip,python3-dev,ca-certificates "${hooks[@]}" \
     bookworm "$work/python-base.tar"
   podman import "$work/python-base.tar" "$LOCAL_PYTHON_IMAGE"
   rm -f "$work/python-base.tar"
@@ -488,6 +493,10 @@ say "torch index: ${torch_index:-the Dockerfile default}; pip find-links: ${find
 if [ -n "$wheelhouse" ]; then say "mmcv: the wheel in $wheelhouse"; else say "mmcv: compiled in the build"; fi
 step build-cpu build_target cpu
 step build-mlflow build_target mlflow
+if [ -n "$gpu_arches" ]; then
+  step build-gpu build_target gpu
+  step --show gpu-image-imports gpu_imports
+fi
 step synth-data synth_data
 step validate-and-search search_in_image
 write_env
@@ -499,8 +508,4 @@ step --show mlflow-read-back check_runs
 step --show search-stopped-midway start_and_stop_search
 step --show down-up-keeps-runs down_up_keeps_runs
 step --show resume-after-restart resume_search
-if [ -n "$gpu_arches" ]; then
-  step build-gpu build_target gpu
-  step --show gpu-image-imports gpu_imports
-fi
 say "all steps passed"

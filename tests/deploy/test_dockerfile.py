@@ -258,7 +258,7 @@ def test_mmcv_wheelhouse_and_torch_index_only_stand_in() -> None:
     assert 'if [ -n "${MMCV_WHEELHOUSE}" ]' in run and "pip wheel --no-deps --no-build-isolation -w /wheels" in run
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["--python-image"], ["--mmcv-wheelhouse", ""]])
+@pytest.mark.parametrize("args", [["--bogus"], ["--python-image"], ["--mmcv-wheelhouse", ""], ["--gpu", "sm_90"]])
 def test_smoke_script_refuses_bad_arguments(args: list[str]) -> None:
     done = subprocess.run(["bash", str(DOCKER / "smoke.sh"), *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("smoke.sh: ") and len(done.stderr.splitlines()) == 1
