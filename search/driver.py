@@ -49,7 +49,7 @@ from search.tracking import (
 )
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
-from spaces.errors import NotFound, UserError
+from spaces.errors import NotFound, SpaceError, UserError
 from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
 from spaces.validate import check_space
@@ -268,9 +268,8 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     check_reachable(tracking_uri)
     staged = staging.stage_from_store(load_for_search(options), tracking_uri)
     space = staged.space  # inherited knobs are fixed in it, and saved so: a resume keeps them
-    check_space(space, str(options.space_file))  # all of the input is checked before anything is written
+    _check_while_ray_starts(space, options)  # all of the input is checked before anything is written
     experiment_dir = storage / space.name
-    connect_ray(options.address)
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
     # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
@@ -295,6 +294,20 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
                          best_trial_id=best_id, table=results_table(tracker, space),
                          finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
+
+
+def _check_while_ray_starts(space: Space, options: SearchOptions) -> None:
+    """Checks the space, starting (or joining) Ray while its models build and smoke-train: seconds each.
+
+    A space refused by that check leaves no Ray behind that this call started.
+    """
+    ray_was_up = ray.is_initialized()
+    try:
+        check_space(space, str(options.space_file), alongside=lambda: connect_ray(options.address))
+    except SpaceError:
+        if not ray_was_up:
+            ray.shutdown()
+        raise
 
 
 class _DropIncompleteTrials(logging.Filter):

@@ -26,6 +26,7 @@ import itertools
 import json
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,12 +105,16 @@ def check_file(path: str | Path) -> Validation:
     return check_space(space, file)
 
 
-def check_space(space: Space, file: str = "<space>") -> Validation:
+def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], None] | None = None) -> Validation:
     """Checks the files a valid space refers to and builds every model it can produce.
 
     Args:
         space: The space, e.g. from :func:`~spaces.schema.load_space` or ``Space.from_json``.
         file: Names the source in problems.
+        alongside: Run on this thread while the models are built and smoke-trained on another, once the files
+            checked clean (the search starts Ray then: both take seconds, and bad files still fail before it).
+            Problems the models' check finds are raised rather than what ``alongside`` raises; a space that
+            checks clean has run it.
 
     Returns:
         What the check found, for :func:`summary`.
@@ -126,12 +131,33 @@ def check_space(space: Space, file: str = "<space>") -> Validation:
         _check_masks(space, dataset, base, out)
     counts = _Counts()
     if base is not None:
-        _check_models(space, base, dataset, pretrained, out, counts)
+        def check_models() -> None:
+            _check_models(space, base, dataset, pretrained, out, counts)
+
+        if alongside is not None and dataset is not None and not out.items:
+            _beside(check_models, alongside, out)
+        else:
+            check_models()
     if out.items or dataset is None:
         raise SpaceError(out.items)
     return Validation(file=file, space=space, dataset=dataset, combinations=counts.combinations,
                       models=counts.models, trained=counts.trained, train_seconds=counts.train_seconds,
                       notes=tuple(_notes(space)))
+
+
+def _beside(check: Callable[[], None], alongside: Callable[[], None], out: _Problems) -> None:
+    """Runs ``check`` on a thread while ``alongside`` runs on this one (Ray's init must: it sets the SIGTERM
+    handler only on the main thread); an input problem wins over what ``alongside`` raised."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dettune-check") as pool:
+        checked = pool.submit(check)
+        try:
+            alongside()
+        except BaseException:
+            checked.result()
+            if out.items:
+                raise SpaceError(out.items) from None
+            raise
+        checked.result()
 
 
 @dataclass

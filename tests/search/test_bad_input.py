@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 from services import free_port
@@ -172,6 +173,14 @@ def test_broken_dataset(problem: str, cwd: Path, synth: Dataset, capfd: pytest.C
     space_file = write_space(cwd / "space.yaml", synth,
                              data={"root": str(root), "train": synth.train, "val": synth.val})
     search_refused(capfd, cwd, space_file).assert_refused(str(root), *words)
+
+
+def test_a_model_problem_is_refused_and_stops_the_ray_it_started(cwd: Path, synth: Dataset, no_local_ray: None,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    # The search starts Ray while the models are checked (seconds each): a refusal must not leave it running.
+    space_file = write_space(cwd / "space.yaml", synth, overrides={"model.backbone.depth": 19})
+    search_refused(capfd, cwd, space_file).assert_refused(str(space_file), "invalid depth 19 for resnet")
+    assert not ray.is_initialized()
 
 
 # --- the search name, the tracking server ---------------------------------------------------------------
