@@ -1,0 +1,112 @@
+"""What a trial pays to open its dataset, and what decoding the images costs, on a dataset of a real size.
+
+A trial opens its dataset once (the annotation check, then mmdet's train and val datasets and the COCO metric,
+each parsing its JSON), and decodes every image once per epoch, exactly as training without a search does. This
+bench replicates a small synthetic dataset to ``--images`` train images (an eighth as many for validation; the
+image files are hard links to the few rendered ones, so nothing large is written) and times each step of the
+opening, in the order a trial runs them, then the decoding of one image at ``--size`` pixels.
+
+    .venv/bin/python bench/dataset_load.py [--images 20000] [--size 640]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mmcv
+from mmdet.registry import DATASETS, METRICS
+from mmdet.utils import register_all_modules
+
+from spaces.build import build_config
+from spaces.dataset import Dataset, open_dataset
+from spaces.synth import write_dataset
+
+BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
+POINT = {"backbone": "r18", "preset": "tiny", "scale": [160, 160]}
+RENDERED = 8
+"""Distinct images rendered; the others are hard links to them."""
+DECODED = 200
+
+
+def replicate(root: Path, split: str, count: int) -> None:
+    """Writes ``big-<split>.json`` with ``count`` images, each a hard link to one of the split's rendered images
+    and carrying that image's annotations."""
+    doc = json.loads((root / f"{split}.json").read_text())
+    anns_of: dict[int, list[dict[str, Any]]] = {}
+    for ann in doc["annotations"]:
+        anns_of.setdefault(ann["image_id"], []).append(ann)
+    (root / "images" / "big").mkdir(exist_ok=True)
+    images, annotations = [], []
+    for index in range(count):
+        source = doc["images"][index % len(doc["images"])]
+        name = f"big/{split}{index}.png"
+        (root / "images" / name).hardlink_to(root / "images" / source["file_name"])
+        images.append({**source, "id": index + 1, "file_name": name})
+        annotations += [{**ann, "id": len(annotations) + 1 + i, "image_id": index + 1}
+                        for i, ann in enumerate(anns_of.get(source["id"], []))]
+    (root / f"big-{split}.json").write_text(json.dumps({**doc, "images": images, "annotations": annotations}))
+
+
+def timed(step: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = step()
+    return time.perf_counter() - started, value
+
+
+def opening_steps(root: Path) -> list[tuple[str, float]]:
+    """Seconds of each step a trial runs to open the dataset, in its order."""
+    seconds, dataset = timed(lambda: open_dataset(root, "big-train.json", "big-val.json"))
+    rows = [("annotation check (open_dataset)", seconds)]
+    cfg = build_config(BASE, POINT, dataset)
+    for label, key in (("mmdet train dataset", "train_dataloader"), ("mmdet val dataset", "val_dataloader")):
+        seconds, built = timed(lambda key=key: DATASETS.build(copy.deepcopy(cfg[key].dataset)))
+        rows.append((f"{label} ({len(built)} images)", seconds))
+    seconds, _ = timed(lambda: METRICS.build(copy.deepcopy(cfg.val_evaluator)))
+    rows.append(("COCO metric (parses the val JSON)", seconds))
+    return rows
+
+
+def decode_ms(dataset: Dataset) -> float:
+    """Median milliseconds to read and decode one image file, as mmdet's LoadImageFromFile does."""
+    files = sorted((dataset.root / "images").glob("*.png"))
+    times = []
+    for index in range(DECODED):
+        data = files[index % len(files)].read_bytes()
+        times.append(timed(lambda data=data: mmcv.imfrombytes(data))[0])
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20000, help="train images (val: an eighth as many)")
+    parser.add_argument("--size", type=int, default=640, help="image side in pixels")
+    args = parser.parse_args()
+    register_all_modules()
+    with tempfile.TemporaryDirectory(prefix="dettune-bench-") as tmp:
+        root = Path(tmp)
+        write_dataset(root, images=RENDERED, size=args.size, seed=0)
+        replicate(root, "train", args.images)
+        replicate(root, "val", max(1, args.images // 8))
+        megabytes = (root / "big-train.json").stat().st_size / 1e6
+        rows = opening_steps(root)
+        per_image = decode_ms(open_dataset(root, "train.json", "val.json"))
+    print(f"{args.images} train images ({megabytes:.0f} MB of annotations), {args.images // 8} val images, "
+          f"{args.size} px")
+    for label, seconds in rows:
+        print(f"  {label:<40} {seconds:6.2f} s")
+    print(f"  {'opening, per trial':<40} {sum(s for _, s in rows):6.2f} s")
+    print(f"  decoding one image: {per_image:.1f} ms; one epoch's images: {per_image * args.images / 1000:.0f} "
+          f"CPU-seconds, paid alike with or without a search; kept decoded: "
+          f"{args.images * args.size**2 * 3 / 2**30:.0f} GiB")
+
+
+if __name__ == "__main__":
+    main()
