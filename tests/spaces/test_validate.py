@@ -420,6 +420,11 @@ def test_summary_of_a_grid(data_root: Path, tmp_path: Path) -> None:
 WAIT_S = 60.0
 
 
+def unreachable() -> None:
+    """Stands in for a Ray address that does not answer."""
+    raise ConnectionError("no cluster")
+
+
 def test_alongside_runs_on_the_calling_thread_while_the_models_are_checked(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -459,9 +464,6 @@ def test_bad_files_are_refused_before_alongside_runs(data_root: Path, tmp_path: 
 def test_a_model_problem_wins_over_what_alongside_raises(data_root: Path, tmp_path: Path) -> None:
     space = load_space(write_space(tmp_path, space_data(data_root, overrides={"model.backbone.depth": 19})))
 
-    def unreachable() -> None:
-        raise ConnectionError("no cluster")
-
     with pytest.raises(SpaceError) as caught:
         check_space(space, alongside=unreachable)
 
@@ -470,9 +472,6 @@ def test_a_model_problem_wins_over_what_alongside_raises(data_root: Path, tmp_pa
 
 def test_what_alongside_raises_comes_through_when_the_models_are_fine(data_root: Path, tmp_path: Path) -> None:
     space = load_space(write_space(tmp_path, space_data(data_root)))
-
-    def unreachable() -> None:
-        raise ConnectionError("no cluster")
 
     with pytest.raises(ConnectionError, match="no cluster"):
         check_space(space, alongside=unreachable)
