@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import write_space
+from mlflow.tracking import MlflowClient
 
 from search.driver import short_number
+from search.tracking import TAG_ROLE
 from spaces.dataset import Dataset
 
 TUNE_INTERNALS = ["Configuration for experiment", "TensorBoard", "Experiment state snapshotting",
@@ -50,3 +52,27 @@ def test_search_console_shows_dettune_lines_only(tmp_path: Path, synth: Dataset)
     lr = row.split()[header.split().index("lr")]
     digits = lr.split("e")[0].replace("-", "").replace(".", "").lstrip("0")
     assert 0.005 <= float(lr) <= 0.03 and len(digits) <= 3, f"lr printed as {lr}"
+
+
+def test_demo_writes_its_data_once_and_searches_it_again_from_scratch(tmp_path: Path) -> None:
+    """`make demo`'s command, as a user runs it twice in one folder (trials and epochs cut down)."""
+    def demo() -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "search", "demo", "--trials", "2", "--epochs", "2"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done
+
+    first = demo()
+    assert "wrote the demo dataset to data/synth" in first.stdout
+    written = (tmp_path / "data" / "synth" / "train.json").stat().st_mtime_ns
+    second = demo()
+
+    assert "wrote the demo dataset" not in second.stdout
+    assert (tmp_path / "data" / "synth" / "train.json").stat().st_mtime_ns == written
+    uri = re.search(r"mlflow ui --backend-store-uri (\S+)", second.stdout)
+    assert uri is not None, second.stdout
+    client = MlflowClient(uri.group(1))
+    experiment = client.get_experiment_by_name("demo")
+    assert experiment is not None
+    trials = client.search_runs([experiment.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")
+    assert len(trials) == 2, "the second demo starts again: only its own two trials remain"
