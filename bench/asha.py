@@ -9,6 +9,7 @@ histories for other settings and rung signals (a replay, not a run: it shows whi
 winner, cheaply), to choose the defaults that the runs then confirm.
 
     .venv/bin/python bench/asha.py [--grid heads|scales] [--asha 1:2 1:3 2:3] [--images 96]
+    .venv/bin/python bench/asha.py --demo 24   # the demo space, 24 trials x 3 epochs on 48 images: who passes epoch 1
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
+from search.cli import DEMO_SPACE
 from search.driver import SearchOptions, run_search
+from search.rung import rung_score
 from search.tracking import TAG_ROLE
 from spaces.synth import write_dataset
 
@@ -37,8 +40,11 @@ GRIDS = {
 }
 FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4}
 METRIC = "val/bbox_mAP"
-REPLAY_SIGNALS = ("val/bbox_mAP", "val/bbox_mAP_50", "-train/loss")
-"""Rung signals replayed: the metric itself, its looser IoU-0.5 form, and the training loss (lower is better)."""
+RUNG_SCORE = "rung score"
+REPLAY_SIGNALS = ("val/bbox_mAP", "val/bbox_mAP_50", "-train/loss", RUNG_SCORE)
+"""Rung signals replayed: the metric itself, its looser IoU-0.5 form, the training loss (lower is better), and
+what ASHA compares (search/rung.py: the metric, ties broken by the other two)."""
+HISTORY_KEYS = ("val/bbox_mAP", "val/bbox_mAP_50", "train/loss")
 
 
 @dataclass
@@ -70,9 +76,11 @@ def histories(tracking_uri: str, name: str) -> list[dict[str, list[float]]]:
     out = []
     for run in runs:
         trial = {}
-        for key in {signal.lstrip("-") for signal in REPLAY_SIGNALS}:
+        for key in HISTORY_KEYS:
             points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
             trial[key] = [m.value for m in points]
+        rows = [dict(zip(HISTORY_KEYS, values, strict=True)) for values in zip(*trial.values(), strict=True)]
+        trial[RUNG_SCORE] = [rung_score(row, metric=METRIC, mode="max") for row in rows]
         out.append(trial)
     return out
 
@@ -114,12 +122,40 @@ def _row(outcome: Outcome, reference: Outcome) -> str:
             f"wall {outcome.wall:6.0f} s ({outcome.wall / reference.wall:.2f}x)")
 
 
+def demo_case(trials: int) -> None:
+    """The demo space (TPE, ASHA grace 1, factor 3) with ``trials`` trials of 3 epochs on 48 images: how many
+    trials went past epoch 1, against the third ASHA aims at, and where the rung's best and the search's best were."""
+    with tempfile.TemporaryDirectory(prefix="dettune-asha-demo-") as tmp:
+        data, storage = Path(tmp) / "data", Path(tmp) / "runs"
+        write_dataset(data, images=48, size=160, seed=0)
+        began = time.time()
+        outcome = run_search(SearchOptions(space_file=DEMO_SPACE, storage=storage, trials=trials, epochs=3,
+                                           data_root=data))
+        wall = time.time() - began
+        trained = histories(outcome.tracking_uri, outcome.name)
+    passed = [t for t in trained if len(t[METRIC]) > 1]
+    first = sorted(t[METRIC][0] for t in trained)
+    best_at_rung = max(trained, key=lambda t: t[RUNG_SCORE][0])
+    best = max(trained, key=lambda t: max(t[METRIC]))
+    print(f"demo space, {trials} trials x 3 epochs, 48 images, ASHA grace 1 factor 3: {wall:.0f} s, "
+          f"{sum(len(t[METRIC]) for t in trained)} epochs")
+    print(f"  past epoch 1: {len(passed)} of {len(trained)} (a third: {trials / 3:.0f})")
+    print(f"  epoch-1 {METRIC}: {len(set(first))} distinct values of {len(first)}, "
+          f"{first[0]:.5f} to {first[-1]:.5f}")
+    print(f"  the rung's best (by rung score) went on: {best_at_rung in passed}; the search's best "
+          f"{max(best[METRIC]):.4f} {'went on' if best in passed else 'stopped at epoch 1'}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--asha", nargs="+", default=["1:2", "1:3", "2:3"], help="grace:reduction_factor runs")
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--grid", choices=sorted(GRIDS), default="heads", help="the 12 configurations")
+    parser.add_argument("--demo", type=int, metavar="TRIALS", help="run the demo-space case instead of a grid")
     args = parser.parse_args(argv)
+    if args.demo:
+        demo_case(args.demo)
+        return
     space = GRIDS[args.grid]
     settings = [tuple(int(part) for part in setting.split(":")) for setting in args.asha]
     grid = {"algorithm": "grid", "seed": 0}

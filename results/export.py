@@ -44,6 +44,7 @@ from spaces.errors import BadArgument, NotFound, UserError
 from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, violations
 from spaces.schema import Limit, Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
+from trainers.coco_metric import plain_mmdet
 from trainers.metrics import EPOCH
 
 METRICS_FILE = "metrics.json"
@@ -239,6 +240,7 @@ def _write_model(candidate: Candidate, out: Path) -> None:
     cfg.load_from = None
     # The trial's unique singleton name would follow the model into every tool that loads it.
     cfg.visualizer.name = "visualizer"
+    plain_mmdet(cfg.get("val_evaluator"))  # dettune's evaluator is registered only where dettune is imported
     meta: dict[str, Any] = checkpoint.get("meta") or {}  # type: ignore[assignment]
     out.mkdir(parents=True, exist_ok=True)
     cfg.dump(str(out / TRIAL_CONFIG))

@@ -35,6 +35,7 @@ from search.callbacks import (
     repeated_setup_failure,
 )
 from search.resources import check_cluster
+from search.rung import RUNG_SCORE
 from search.tracking import (
     TAG_EXP_NUM,
     TAG_FAILURE,
@@ -180,7 +181,8 @@ def make_searcher(space: Space, staged: staging.Staging | None = None) -> tuple[
 def make_scheduler(space: Space) -> TrialScheduler:
     if space.scheduler.type == "none":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr=EPOCH, metric=space.metric, mode=space.mode, max_t=space.budget.epochs,
+    # The metric with its ties broken (search/rung.py): Ray goes on with every trial tied at a rung's cutoff.
+    return ASHAScheduler(time_attr=EPOCH, metric=RUNG_SCORE, mode=space.mode, max_t=space.budget.epochs,
                          grace_period=space.scheduler.grace_epochs,
                          reduction_factor=space.scheduler.reduction_factor)
 

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from search.local_store import ensure_store
+from search.rung import RUNG_SCORE
 from spaces.errors import BadArgument, UserError
 
 TAG_SEARCH = "dettune.search"
@@ -53,6 +54,11 @@ LOCAL_STORE = "mlflow.db"  # the embedded default store, in the storage folder
 def is_log_column(key: str) -> bool:
     """Whether a result key is one of the experiment log's metric columns."""
     return key.startswith(LOGGED_PREFIXES)
+
+
+def is_tracked(key: str) -> bool:
+    """Whether a result key is written to the trial's run: the log's columns, and the score ASHA ranked it by."""
+    return is_log_column(key) or key == RUNG_SCORE
 
 
 def local_tracking_uri(storage: Path) -> str:
@@ -329,7 +335,7 @@ class Tracker:
             return False
         stamp = _now_ms()
         metrics = [Metric(k, float(v), stamp, epoch) for k, v in result.items()
-                   if is_log_column(k) and isinstance(v, (int, float))]
+                   if is_tracked(k) and isinstance(v, (int, float))]
         self.client.log_batch(state.run_id, metrics=metrics)
         state.logged_epochs.add(epoch)
         return True

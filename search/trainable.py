@@ -25,6 +25,7 @@ import ray.tune
 import torch
 from ray.train import Checkpoint
 
+from search.rung import with_rung_score
 from spaces.dataset import open_dataset
 from spaces.schema import Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
@@ -155,7 +156,8 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
                      device=assigned_device(plan, cuda_visible=torch.cuda.is_available()))
     resume_from = _restore(get_checkpoint(), work_dir)
 
-    def report_epoch(metrics: dict[str, float], checkpoint: Path) -> None:
+    def report_epoch(row: dict[str, float], checkpoint: Path) -> None:
+        metrics = with_rung_score(row, space)
         if rank != 0:  # every worker reports (Train's barrier); rank 0 alone uploads the checkpoint
             report(metrics)
             return

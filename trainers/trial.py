@@ -21,6 +21,7 @@ from spaces.build import build_config, single_scale_training
 from spaces.dataset import Dataset
 from spaces.errors import UserError, one_line
 from trainers.checkpoint import TRIAL_CONFIG
+from trainers.coco_metric import full_precision
 from trainers.hook import EpochReportHook, Report, TrialDiverged
 from trainers.metrics import no_detection_scores
 from trainers.runner import build_runner, release_globals
@@ -80,6 +81,7 @@ def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | N
         device_ids = [torch.device(spec.device).index] if cuda else None
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False, device_ids=device_ids)
     cfg.randomness = dict(seed=spec.seed)
+    full_precision(cfg.get("val_evaluator"))  # the trial's scores unrounded: ASHA and TPE rank them
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,
                                         max_keep_ckpts=KEPT_LOCAL_CHECKPOINTS)
     cfg.default_hooks.logger = dict(type="LoggerHook", interval=10)

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from search.driver import SearchOptions, SearchOutcome, make_searcher, run_search
-from search.tracking import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL, is_log_column
+from search.tracking import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL, is_tracked
 from spaces.dataset import Dataset
 from spaces.schema import SearchSpec, load_space
 from trainers.hook import FIRST_ITER_MARK
@@ -91,7 +91,7 @@ def _assert_ray_and_mlflow_agree(outcome: SearchOutcome, children: list[Any]) ->
         # result, so the latest value of each column is taken over all of the trial's results Ray recorded.
         results = analysis.trial_dataframes[trial.trial_id]
         ray_latest = {k: results[k].dropna().iloc[-1] for k in results.columns
-                      if is_log_column(k) and results[k].notna().any()}
+                      if is_tracked(k) and results[k].notna().any()}
         mlflow_last = by_trial[trial.trial_id].data.metrics
         assert ray_latest.keys() == mlflow_last.keys()
         for key, value in ray_latest.items():

@@ -49,6 +49,31 @@ def test_two_epochs_report_every_column(synth: Dataset, work_dir: Path, base: st
     assert not any(k.startswith("coco/") for k in rows[0])
 
 
+def test_scores_are_cocoeval_stats_unrounded(synth: Dataset, tmp_path: Path) -> None:
+    """The trial's val columns are pycocotools' COCOeval.stats on the predictions the trial's evaluator saw.
+
+    The base config asks mmdet's evaluator to keep its predictions (``outfile_prefix``, overwritten each epoch),
+    and the test evaluates them itself with pycocotools' defaults (at most 100 boxes per image either way).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    base = tmp_path / "base.py"
+    base.write_text(f"_base_ = {FASTER_BASE!r}\nval_evaluator = dict(outfile_prefix={str(tmp_path / 'val')!r})\n")
+    rows = run_trial(TrialSpec(base=str(base), dataset=synth, point=tiny_point(), work_dir=tmp_path / "trial"))
+
+    truth = COCO(str(synth.val_json))
+    evaluation = COCOeval(truth, truth.loadRes(str(tmp_path / "val.bbox.json")), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    expected = {f"val/bbox_mAP{s}": float(v) for s, v in zip(("", "_50", "_75", "_s", "_m", "_l"),
+                                                              evaluation.stats[:6], strict=True) if v != -1}
+    reported = {k: v for k, v in rows[-1].items() if k in expected}
+    assert reported == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert expected["val/bbox_mAP"] > 0 and any(round(v, 3) != v for v in reported.values()), reported
+
+
 def test_trial_logs_go_to_its_file_not_the_console(synth: Dataset, work_dir: Path,
                                                    capfd: pytest.CaptureFixture[str]) -> None:
     run_trial(_spec(synth, work_dir, epochs=1))
