@@ -98,7 +98,9 @@ _ROUND_TRIP = textwrap.dedent("""
     cfg = Config.fromfile(f"{model}/config.py")
     cfg.load_from = f"{model}/checkpoint.pth"
     cfg.work_dir = tempfile.mkdtemp()
-    metrics = Runner.from_cfg(cfg).test()
+    runner = Runner.from_cfg(cfg)
+    runner.build_evaluator(cfg.val_evaluator)  # mmdet alone knows every evaluator the config names
+    metrics = runner.test()
     with open(sys.argv[2], "w") as out:
         json.dump({"classes": list(inferencer.model.dataset_meta["classes"]), "metrics": metrics}, out)
 """)

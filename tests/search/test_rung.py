@@ -1,0 +1,93 @@
+"""What ASHA compares: the rung score's order, and a real search whose trials tie at the first rung."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import write_space
+from mlflow.tracking import MlflowClient
+
+from search.driver import SearchOptions, run_search
+from search.rung import RUNG_SCORE, rung_score
+from search.tracking import TAG_ROLE, TAG_STATUS
+from spaces.dataset import Dataset
+
+
+def _row(strict: float, loose: float, loss: float) -> dict[str, float]:
+    return {"val/bbox_mAP": strict, "val/bbox_mAP_50": loose, "train/loss": loss}
+
+
+def test_rung_score_orders_by_metric_then_the_other_map_then_lower_loss() -> None:
+    # each row beats the next: on the metric by 0.01 AP (a tenth of the step mmdet rounds to),
+    # whatever its secondaries; then on mAP_50 alone; then on the loss alone
+    ranked = [_row(0.0012, 0.0, 9.0), _row(0.0011, 0.9, 0.1), _row(0.0010, 1.0, 0.0), _row(0.0, 0.3, 2.0),
+              _row(0.0, 0.2, 1.5), _row(0.0, 0.2, 1.6), _row(0.0, 0.0, 3.0)]
+    scores = [rung_score(r, metric="val/bbox_mAP", mode="max") for r in ranked]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    # the score reads as the metric
+    assert all(math.isclose(s, r["val/bbox_mAP"], abs_tol=2e-6) for s, r in zip(scores, ranked, strict=True))
+    # with mAP_50 as the metric, the strict mAP breaks its ties
+    assert (rung_score(_row(0.2, 0.5, 1.0), metric="val/bbox_mAP_50", mode="max")
+            > rung_score(_row(0.1, 0.5, 0.5), metric="val/bbox_mAP_50", mode="max"))
+    # minimising, a better tie-breaker lowers the score, as a better metric does (ASHA negates the whole score)
+    tied = [rung_score(r, metric="val/bbox_mAP", mode="min") for r in ranked[3:]]
+    assert tied == sorted(tied) and len(set(tied)) == len(tied)
+
+
+def _arrival_rule_rank(k: int, factor: int) -> int:
+    """How high the k-th trial to reach a rung must rank among the first k to go on (1 = best).
+
+    Ray compares it with the ``1 - 1/factor`` quantile (linear interpolation) of the k - 1 scores recorded before it
+    and stops it only when it is strictly below: with distinct scores it must beat the ``floor((k-2)(1-1/factor))+1``
+    lowest of them, so at most ``k - 1 - floor((k-2)(1-1/factor)) - 1`` earlier ones may rank above it.
+    """
+    if k == 1:
+        return 1  # an empty rung has no cutoff
+    return k - 1 - math.floor((k - 2) * (1 - 1 / factor))
+
+
+@pytest.mark.slow
+def test_trials_tied_at_the_first_rung_are_cut_to_a_third(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    """Trials that barely learn in one epoch (lr near 0, one seed: nearly the same model) tie on the mAP that
+    mmdet rounds; ASHA, ranking them by the rung score, carries about a third past the rung, not all of them."""
+    trials, factor = 9, 3
+    space = write_space(tmp_path / "space.yaml", synth, name="ties", metric="val/bbox_mAP",
+                        budget={"epochs": 2, "trials": trials, "max_concurrent": 2},
+                        search={"algorithm": "random", "seed": 0},
+                        scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": factor},
+                        space={"lr": {"loguniform": [1.0e-7, 1.0e-6]}})
+    outcome = run_search(SearchOptions(space_file=space, storage=tmp_path / "runs"))
+    client = MlflowClient(outcome.tracking_uri)
+    experiment = client.get_experiment_by_name(outcome.name)
+    assert experiment is not None
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(TAG_ROLE) == "trial"]
+    assert len(runs) == trials
+
+    rung: list[dict[str, Any]] = []
+    for run in runs:
+        def first(key: str, run_id: str = run.info.run_id) -> Any:
+            return next(m for m in client.get_metric_history(run_id, key) if m.step == 1)
+        score = first(RUNG_SCORE)
+        rung.append({"score": score.value, "arrived": score.timestamp, "map": first("val/bbox_mAP").value,
+                     "went_on": any(m.step == 2 for m in client.get_metric_history(run.info.run_id, "train/loss")),
+                     "status": run.data.tags[TAG_STATUS]})
+
+    # the ties: as mmdet rounds it, every trial has the same epoch-1 mAP (ASHA on it would carry them all)
+    assert len({round(t["map"], 3) for t in rung}) == 1, [t["map"] for t in rung]
+    # the rung score tells every trial apart; the driver logs results in the order ASHA saw them
+    assert len({t["score"] for t in rung}) == trials and len({t["arrived"] for t in rung}) == trials
+    rung.sort(key=lambda t: t["arrived"])
+
+    allowed = []
+    for k, trial in enumerate(rung, start=1):
+        rank = 1 + sum(earlier["score"] > trial["score"] for earlier in rung[:k])
+        allowed.append(rank <= _arrival_rule_rank(k, factor))
+        assert trial["status"] == ("completed" if trial["went_on"] else "stopped")
+        if trial["went_on"]:
+            assert allowed[-1], f"arrival {k} went on ranking {rank} of {k} by rung score"
+    went_on = sum(t["went_on"] for t in rung)
+    overhang = sum(allowed) - math.ceil(trials / factor)  # promoted early: judged against a part of the rung
+    assert went_on <= math.ceil(trials / factor) + overhang < trials
