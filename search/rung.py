@@ -6,8 +6,9 @@ tie often (a from-scratch model detects next to nothing after one epoch), so ASH
 ``search/rung_score`` instead: the metric, then the other IoU form of the mAP (``val/bbox_mAP_50``, or
 ``val/bbox_mAP`` when that is the metric), then the lower ``train/loss``. The secondaries are scaled under the
 metric's resolution, so the score reads as the metric and orders like the triple: mAPs closer than 1e-6 (0.0001 AP)
-are decided by the next key. The loss is continuous, so a tie on all three is rare. Everything else (the
-searcher, checkpoints, report, export) keeps the metric itself.
+are decided by the second key, second keys closer than 1e-4 (0.01 AP) by the loss. The loss is continuous, so a
+tie on all three is rare: at an early rung's mAPs (~0.001) a double still tells losses 1e-7 apart, at a mAP of 0.5
+losses 1e-4 apart. Everything else (the searcher, checkpoints, report, export) keeps the metric itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ LOOSER_MAP = "val/bbox_mAP_50"
 STRICT_MAP = "val/bbox_mAP"
 TRAIN_LOSS = "train/loss"
 SECOND_WEIGHT = 1e-6
-THIRD_WEIGHT = 1e-12
+THIRD_WEIGHT = 1e-10
 
 
 def second_key(metric: str) -> str:
@@ -30,7 +31,7 @@ def second_key(metric: str) -> str:
 
 
 def rung_score(row: Mapping[str, float], *, metric: str, mode: str) -> float:
-    """``metric`` + 1e-6 x the second key + 1e-12 x 1/(1 + train loss), each term pointing the way of ``mode``.
+    """``metric`` + 1e-6 x the second key + 1e-10 x 1/(1 + train loss), each term pointing the way of ``mode``.
 
     Both secondaries lie in [0, 1] (a mAP; a loss is never negative), so neither outweighs a step of the term before
     it by more than its weight. A row without a secondary counts it as the worst value, 0.

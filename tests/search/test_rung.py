@@ -27,6 +27,9 @@ def test_rung_score_orders_by_metric_then_the_other_map_then_lower_loss() -> Non
               _row(0.0, 0.2, 1.5), _row(0.0, 0.2, 1.6), _row(0.0, 0.0, 3.0)]
     scores = [rung_score(r, metric="val/bbox_mAP", mode="max") for r in ranked]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    # at an early rung's mAP, losses 1e-6 apart still order (a double holds ~1e-19 there)
+    assert (rung_score(_row(0.00102, 0.0101, 3.520057), metric="val/bbox_mAP", mode="max")
+            > rung_score(_row(0.00102, 0.0101, 3.520058), metric="val/bbox_mAP", mode="max"))
     # the score reads as the metric
     assert all(math.isclose(s, r["val/bbox_mAP"], abs_tol=2e-6) for s, r in zip(scores, ranked, strict=True))
     # with mAP_50 as the metric, the strict mAP breaks its ties
@@ -58,7 +61,7 @@ def test_trials_tied_at_the_first_rung_are_cut_to_a_third(tmp_path: Path, synth:
                         budget={"epochs": 2, "trials": trials, "max_concurrent": 2},
                         search={"algorithm": "random", "seed": 0},
                         scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": factor},
-                        space={"lr": {"loguniform": [1.0e-7, 1.0e-6]}})
+                        space={"lr": {"loguniform": [1.0e-6, 1.0e-5]}})
     outcome = run_search(SearchOptions(space_file=space, storage=tmp_path / "runs"))
     client = MlflowClient(outcome.tracking_uri)
     experiment = client.get_experiment_by_name(outcome.name)
