@@ -1,9 +1,9 @@
 """The search driver: assemble Ray Tune (searcher, ASHA, resources, storage, callbacks) and run it.
 
 Searchers: Optuna TPE (Bergstra et al., "Algorithms for Hyper-Parameter Optimization", NeurIPS 2011) or NSGA-II
-through Ray Tune's ``OptunaSearch`` (:mod:`search.optuna_search`, over one or several objectives), random
-sampling, or Tune's grid search. Early stopping: ASHA (Li et al., "A System
-for Massively Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its time attribute.
+through dettune's own Tune searcher over Optuna's ask/tell (:mod:`search.optuna_search`, over one or several
+objectives), random sampling, or Tune's grid search. Early stopping: ASHA (Li et al., "A System for Massively
+Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its time attribute.
 """
 
 from __future__ import annotations
@@ -162,10 +162,11 @@ def make_searcher(space: Space, staged: staging.Staging | None = None) -> tuple[
     if space.search.uses_optuna:
         from ray.tune.search import ConcurrencyLimiter
 
-        from search.optuna_search import ObjectiveSearch
+        from search.optuna_search import ObjectiveSearch, new_study
 
-        storage = staging.warm_study(space, warm) if warm.points else None
-        searcher = ObjectiveSearch(space, storage=storage)
+        study = new_study(space)
+        study.add_trials(staging.warm_trials(space, warm))
+        searcher = ObjectiveSearch(space, study=study)
         return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
     grid = staged.grid if staged else None

@@ -16,13 +16,15 @@ import pytest
 from conftest import write_space
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from results.report import draw_pareto, open_search, open_tracking, write_report
 from search.cli import main
-from search.driver import SearchOptions, SearchOutcome, run_search
-from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_ROLE, TAG_STATUS, Tracker
+from search.driver import SAVED_SPACE, SearchOptions, SearchOutcome, run_search
+from search.optuna_search import TRIAL_ATTR, ObjectiveSearch
+from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_ROLE, TAG_STATUS, TAG_TRIAL, Tracker
 from spaces.dataset import Dataset
-from spaces.schema import Space
+from spaces.schema import Space, load_space
 
 NAME = "pareto"
 PRIMARY = "val/bbox_mAP_50"
@@ -141,6 +143,24 @@ def test_a_limit_no_trial_meets_is_exit_2_naming_the_closest(searched: SearchOut
     assert "no trial of pareto meets inference/fps >= 100000 (closest: pareto-" in error
     assert "relax the limits" in error and "Traceback" not in error
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_searchers_study_holds_each_finished_trials_point_and_values_as_mlflow_does(
+        searched: SearchOutcome) -> None:
+    space = load_space(searched.experiment_dir / SAVED_SPACE)
+    searcher = ObjectiveSearch(space)
+    searcher.restore_from_dir(str(searched.experiment_dir))  # the state Tune saved with the experiment
+    values = _values(searched)
+    runs = {run.data.tags[TAG_TRIAL]: run for run in _children(searched)}
+
+    told = {t.user_attrs[TRIAL_ATTR]: t for t in searcher.study.trials if t.state == TrialState.COMPLETE}
+    assert {runs[trial_id].data.tags[TAG_EXP_NUM] for trial_id in told} == set(values)
+    for trial_id, trial in told.items():
+        run = runs[trial_id]
+        assert trial.values == values[run.data.tags[TAG_EXP_NUM]]
+        scale = "x".join(str(side) for side in json.loads(trial.params["scale"]))
+        assert (trial.params["lr"], scale) == (float(run.data.params["lr"]), run.data.params["scale"])
 
 
 # Logged by hand as the driver's callback would: (status, per-epoch mAP, per-epoch FPS (None: not measured)).

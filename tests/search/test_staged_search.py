@@ -105,7 +105,7 @@ def test_warm_start_puts_earlier_trials_into_the_study_before_the_first_proposal
 
     first = searcher.suggest("t0")
 
-    study = searcher.searcher._ot_study  # Ray's OptunaSearch keeps its study here; no public accessor
+    study = searcher.searcher.study
     told = [(t.state, t.value, t.intermediate_values, t.params) for t in study.trials[:2]]
     assert told == [(optuna.trial.TrialState.COMPLETE, 0.3, {1: 0.1, 2: 0.3}, {"lr": 0.01}),
                     (optuna.trial.TrialState.PRUNED, None, {1: 0.2}, {"lr": 0.02})]
