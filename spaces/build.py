@@ -50,7 +50,7 @@ from spaces.families import (
     stage_indices,
 )
 from spaces.knobs import KNOBS
-from spaces.tree import as_list, dicts, drop_init_cfgs
+from spaces.tree import as_list, config_dicts, dicts, drop_init_cfgs
 
 MMDET_PREFIX = "mmdet::"
 
@@ -275,7 +275,7 @@ def _masks(cfg: Config, build: Build) -> None:
         raise BuildError(f"the base model {cfg.model.type} has a mask head, but {dataset.train_json} has "
                          "annotations without 'segmentation': set roi_head to faster or cascade, "
                          "or add polygon masks")
-    for node in dicts(cfg._cfg_dict):
+    for node in config_dicts(cfg):
         if node.get("type") == "LoadAnnotations":
             node["with_mask"] = needs
     if "data_preprocessor" in cfg.model:
@@ -475,13 +475,13 @@ def rescale(cfg: Config, scale: Sequence[int]) -> None:
         _rescale_tta_group(group, target, reference)
     skipped = {id(node) for group in tta_groups for node in group}
     if reference is not None:  # these scale by target / reference below, with the other relative sizes
-        skipped |= {id(node) for node in dicts(cfg._cfg_dict)
+        skipped |= {id(node) for node in config_dicts(cfg)
                     if node.get("type") in SIZE_KEYS and _is_pair(node.get(SIZE_KEYS[node["type"]]))}
-    for node in dicts(cfg._cfg_dict):
+    for node in config_dicts(cfg):
         if node.get("type") in _RESIZE_TYPES and id(node) not in skipped:
             _rescale(node, target)
     if reference is not None:
-        scale_sizes(cfg._cfg_dict, (target[0] / reference[0], target[1] / reference[1]))
+        scale_sizes(cfg, (target[0] / reference[0], target[1] / reference[1]))
 
 
 def _rescale(node: Any, target: tuple[int, int]) -> None:
@@ -517,7 +517,7 @@ def test_scale(cfg: Config) -> tuple[int, int] | None:
 def _tta_resize_groups(cfg: Config) -> list[list[Any]]:
     """The Resize steps of each TestTimeAug slot (its alternatives), wherever a TestTimeAug occurs."""
     groups = []
-    for node in dicts(cfg._cfg_dict):
+    for node in config_dicts(cfg):
         if node.get("type") != "TestTimeAug":
             continue
         for slot in node.get("transforms", []):
@@ -569,7 +569,7 @@ def _optimisation(cfg: Config, build: Build) -> None:
     elif "lr" in point:
         cfg.optim_wrapper.optimizer.lr = float(point["lr"])
     schedule = point.get("schedule") or _schedule_of(cfg)
-    scale_epoch_hooks(cfg._cfg_dict, int(cfg.train_cfg.max_epochs), epochs)
+    scale_epoch_hooks(cfg, int(cfg.train_cfg.max_epochs), epochs)
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=1)
     cfg.param_scheduler = lr_schedule(schedule, epochs, warmup_iters=min(_MAX_WARMUP_ITERS, iters_per_epoch))
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=16)
@@ -688,7 +688,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> None:
     """
     problems = []
     for dotted, value in overrides.items():
-        parent, last, problem = _walk(cfg._cfg_dict, dotted)
+        parent, last, problem = _walk(cfg, dotted)
         if problem:
             problems.append(problem)
         else:
@@ -719,7 +719,7 @@ def _child_key(node: Any, part: str, where: str) -> tuple[Any, str | None]:
         if part.isdigit() and int(part) < len(node):
             return int(part), None
         return None, f"{where} is a list of {len(node)}; '{part}' is not a valid index"
-    if isinstance(node, Mapping):
+    if isinstance(node, Mapping | Config):  # the Config itself is no Mapping, but has keys
         if part in node:
             return part, None
         close = difflib.get_close_matches(part, [str(k) for k in node], n=1)

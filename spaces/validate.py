@@ -46,7 +46,7 @@ from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUnifor
 from spaces.errors import Problem, SpaceError
 from spaces.schema import DataSpec, Limit, Space, load_space
 from spaces.smoke import SmokeError, SmokeTrainer
-from spaces.tree import dicts
+from spaces.tree import config_dicts
 
 AREA_METRICS = {
     "val/bbox_mAP_s": ("s", "small", "area < 32²"),
@@ -419,10 +419,10 @@ def _semantic_needs(cfg: Config) -> list[str]:
     needs = []
     if (cfg.model.get("roi_head") or {}).get("semantic_head") is not None:
         needs.append("model.roi_head.semantic_head")
-    if any(node.get("type") == "LoadAnnotations" and node.get("with_seg") for node in dicts(cfg._cfg_dict)):
+    if any(node.get("type") == "LoadAnnotations" and node.get("with_seg") for node in config_dicts(cfg)):
         needs.append("LoadAnnotations with_seg=True")
     if any(isinstance(node.get("data_prefix"), dict) and node.data_prefix.get("seg")
-           for node in dicts(cfg._cfg_dict)):
+           for node in config_dicts(cfg)):
         needs.append("data_prefix.seg")
     return needs
 

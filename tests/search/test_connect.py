@@ -20,6 +20,7 @@ from conftest import write_space
 from services import free_port
 
 from search.cli import main
+from search.driver import RayUnreachable, _check_ray_answers
 from spaces.dataset import Dataset
 from spaces.errors import USAGE_ERROR
 
@@ -74,3 +75,12 @@ def test_without_an_address_a_private_ray_starts(stale_record: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     gcs = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("gcs "))
     assert gcs != stale_record
+
+
+def test_auto_resolves_as_ray_init_does_and_a_dead_cluster_is_refused(stale_record: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` goes through the one private Ray function the driver calls: this fails if Ray moves or changes it."""
+    monkeypatch.setenv("RAY_ADDRESS", stale_record)  # what `auto` resolves to first, whatever else runs here
+
+    with pytest.raises(RayUnreachable, match=f"the Ray cluster at 'auto' \\({stale_record}, as Ray last recorded"):
+        _check_ray_answers("auto")
