@@ -44,7 +44,7 @@ from spaces.errors import BadArgument, NotFound, UserError
 from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, violations
 from spaces.schema import Limit, Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
-from trainers.metrics import EPOCH
+from trainers.metrics import EPOCH, known_mode
 
 METRICS_FILE = "metrics.json"
 PARAMS_FILE = "params.json"
@@ -84,10 +84,17 @@ class Export:
 
 
 def metric_mode(space: Space, metric: str) -> str:
-    """The space's mode for its own metric; for another, lower is better for losses, higher for the rest."""
-    if metric == space.metric:
-        return space.mode
-    return "min" if "loss" in metric else "max"
+    """The space's mode for its metric and objectives; for another column, the one its kind says.
+
+    Raises:
+        BadArgument: A column with no better direction (the learning rate).
+    """
+    modes = dict(space.directions())
+    mode = modes.get(metric) or known_mode(metric)
+    if mode is None:
+        raise BadArgument(f"dettune does not know whether a higher or a lower {metric} is better: pass --metric "
+                          f"a score, loss or cost (e.g. {space.metric})")
+    return mode
 
 
 def checkpoint_candidates(experiment_dir: Path) -> list[Candidate]:
@@ -306,8 +313,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("name", help="the search's name")
     parser.add_argument("--out", required=True, help="output directory (config.py, checkpoint.pth, metrics.json, "
                                                      "params.json)")
-    parser.add_argument("--metric", help="choose the best by this metric (default: the space's metric); higher "
-                                         "is better except for losses")
+    parser.add_argument("--metric", help="choose the best by this metric (default: the space's metric), in the "
+                                         "space's direction for its objectives; else scores and FPS higher, "
+                                         "losses, GFLOPs and parameters lower")
     parser.add_argument("--min-fps", type=float, help=f"only trials whose {FPS_METRIC} is at least this")
     parser.add_argument("--max-gflops", type=float, help=f"only trials whose {GFLOPS_METRIC} is at most this")
     add_tracking_flag(parser)

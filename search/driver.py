@@ -57,7 +57,19 @@ from trainers.metrics import EPOCH
 
 KEPT_REPORTED_CHECKPOINTS = 2
 """Ray storage keeps each trial's best reported checkpoints, by the space's metric; export picks among them."""
-PRINT_TRIAL_ERRORS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
+SEARCH_ENVIRONMENT = {
+    # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # Tune's default output engine prints its experiment-configuration box and TensorBoard hint even at
+    # verbose=0; the legacy engine at verbose=0 prints nothing.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune warns when forced experiment snapshots come often, which CheckpointConfig(num_to_keep) asks for by design.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # Read by Tune's controller when it starts: with 0 it no longer logs every trial error with its traceback.
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
+}
+"""What Tune and MLflow read from the environment during a search (a value the user set wins)."""
 SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
 SAVED_SPACE_FILE = "space.yaml"  # the space file as the user wrote it, logged on the parent run
 SAVED_OPTIONS = "search.json"  # the search's TrackingSettings, without credentials
@@ -195,30 +207,37 @@ def connect_ray(address: str | None) -> None:
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault(HIDE_UNASSIGNED_GPUS, "1")  # a local Ray's workers inherit it: CPU trials see no GPU
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_ray_answers(address)
         ray.init(address=address, log_to_driver=False)
-    else:  # "local": a private instance, never the cluster that `ray start` last recorded on this machine
+        return
+    # "local": a private instance, never the cluster that `ray start` last recorded on this machine. Its workers
+    # inherit the environment it starts with: CPU trials see no GPU.
+    with _environment_defaults({HIDE_UNASSIGNED_GPUS: "1"}):
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def quiet_tune_console() -> None:
-    """Keeps Ray Tune's own console output off the user's screen: dettune's ConsoleCallback says what matters.
-
-    Tune's default output engine prints its experiment-configuration box and TensorBoard hint even at
-    ``verbose=0``; the legacy engine at ``verbose=0`` prints nothing. Tune also warns when forced experiment
-    snapshots come often, which ``CheckpointConfig(num_to_keep)`` asks for by design; 0 turns that warning off.
-    A value the user set in the environment wins. Tune's and Optuna's info lines (result files written, study
-    created) go too, as Ray does for RLlib; their warnings and errors still show.
-    """
+    """Keeps Tune's and Optuna's info lines (result files written, study created) off the user's screen, as Ray
+    does for RLlib: dettune's ConsoleCallback says what matters; their warnings and errors still show."""
     import optuna
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not its logger's level: Optuna resets that on first use
+
+
+@contextmanager
+def _environment_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Sets the environment variables the user has not set for the block's duration, then removes them again:
+    a chain runs its searches in one process, and a library user's process goes on after a search."""
+    added = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _check_ray_answers(address: str) -> None:
@@ -283,28 +302,23 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
-    # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    if space.objectives:  # costs come with some epochs only: the searcher folds them over each trial's results
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     quiet_tune_console()
-    check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
-    _save(experiment_dir, space, options.space_file, settings)
-    tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
-    tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), TAG_STORAGE: str(experiment_dir)},
-                            space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
-                            space_json=json.dumps(space.to_json(), indent=2))
-    restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-    tuner = _tuner(staged, plan, tracker, storage, resume=restorable)
-    with _quiet_trial_errors():
-        results = tuner.fit()
-    reconcile(results, space, plan, tracker)
-    best_id = _record_best(results, space, plan, tracker)
-    tracker.finish_search()
-    return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
-                         best_trial_id=best_id, table=results_table(tracker, space),
-                         finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
+    with _environment_defaults(SEARCH_ENVIRONMENT), _quiet_trial_errors():
+        check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
+        _save(experiment_dir, space, options.space_file, settings)
+        tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
+        tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged),
+                                      TAG_STORAGE: str(experiment_dir)},
+                                space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
+                                space_json=json.dumps(space.to_json(), indent=2))
+        restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
+        results = _tuner(staged, plan, tracker, storage, resume=restorable).fit()
+        reconcile(results, space, plan, tracker)
+        best_id = _record_best(results, space, plan, tracker)
+        tracker.finish_search()
+        return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
+                             best_trial_id=best_id, table=results_table(tracker, space),
+                             finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
 
 
 def _check_while_ray_starts(space: Space, options: SearchOptions) -> None:
@@ -330,21 +344,14 @@ class _DropIncompleteTrials(logging.Filter):
 
 @contextmanager
 def _quiet_trial_errors() -> Iterator[None]:
-    """Keeps Ray's raw trial tracebacks off the console; each failure's line names its traceback file."""
+    """Keeps Tune's closing list of failed trials off the console; each failure's line names its traceback file."""
     tune_logger = logging.getLogger("ray.tune.tune")
     drop = _DropIncompleteTrials()
     tune_logger.addFilter(drop)
-    # Read by Tune's controller when it starts: with 0 it no longer logs every trial error with its traceback.
-    previous = os.environ.get(PRINT_TRIAL_ERRORS)
-    os.environ[PRINT_TRIAL_ERRORS] = "0"
     try:
         yield
     finally:
         tune_logger.removeFilter(drop)
-        if previous is None:
-            del os.environ[PRINT_TRIAL_ERRORS]
-        else:
-            os.environ[PRINT_TRIAL_ERRORS] = previous
 
 
 def setup_stop_limit(space: Space) -> int:
