@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback, Stopper
 
-from search.tracking import Tracker, TrackingSettings, outcome_text
+from search.tracking import Tracker, TrackingSettings, now_ms, outcome_text
 from trainers.metrics import EPOCH
 
 FailureOf = Callable[[str], "str | None"]
@@ -130,8 +130,9 @@ class MlflowCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                         **info: Any) -> None:
-        row = dict(result)
-        self._send(self._start(trial), lambda: self._tracker.log_epoch(trial.trial_id, row))
+        # Stamped as it is buffered: a retry of a write the server committed (its reply lost) is then identical.
+        row, stamp = dict(result), now_ms()
+        self._send(self._start(trial), lambda: self._tracker.log_epoch(trial.trial_id, row, stamp_ms=stamp))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._open.discard(trial.trial_id)

@@ -253,7 +253,7 @@ class Tracker:
         tags = self.client.get_run(self.parent_run_id).data.tags
         if (tags.get(TAG_BEST_TRIAL), tags.get(TAG_BEST_EPOCH)) == (trial_id, str(epoch)):
             return False
-        stamp = _now_ms()
+        stamp = now_ms()
         knobs = [RunTag(TAG_BEST_KNOB + k, param_text(v)) for k, v in params.items()]
         self.client.log_batch(
             self.parent_run_id,
@@ -321,13 +321,18 @@ class Tracker:
     def _logged_epochs(self, run_id: str, latest: Mapping[str, float]) -> set[int]:
         return {int(m.step) for key in latest for m in self.client.get_metric_history(run_id, key)}
 
-    def log_epoch(self, trial_id: str, result: Mapping[str, Any]) -> bool:
-        """Writes one epoch's log columns at step = epoch, unless the run already has that epoch."""
+    def log_epoch(self, trial_id: str, result: Mapping[str, Any], *, stamp_ms: int | None = None) -> bool:
+        """Writes one epoch's log columns at step = epoch, unless the run already has that epoch.
+
+        ``stamp_ms`` is the points' timestamp (default: now). A caller that may send the same row again gives the
+        time it first had the row: a write the server committed but whose reply was lost then comes back identical,
+        and MLflow's store drops identical points instead of recording the epoch twice.
+        """
         state = self._runs[trial_id]
         epoch = int(result["epoch"])
         if epoch in state.logged_epochs:
             return False
-        stamp = _now_ms()
+        stamp = now_ms() if stamp_ms is None else stamp_ms
         metrics = [Metric(k, float(v), stamp, epoch) for k, v in result.items()
                    if is_log_column(k) and isinstance(v, (int, float))]
         self.client.log_batch(state.run_id, metrics=metrics)
@@ -352,5 +357,6 @@ class Tracker:
         self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """The time as MLflow stamps its points: milliseconds since the epoch."""
     return int(time.time() * 1000)
