@@ -3,8 +3,9 @@
 The config is edited by registered steps, applied in registration order (this module's order: head, masks,
 backbone, weights, preset, classes, scale, batch size, optimisation, freeze) so later steps see the structure
 earlier ones set up; raw ``overrides`` come last. A step registered for a knob runs when the point sets that knob
-(or always, with ``every_point=True``); a failure inside it is raised as a :class:`KnobError` naming the knob, which
-is how :mod:`spaces.validate` blames a problem on the space field that caused it.
+(or always, with ``every_point=True``); a :class:`BuildError` it raises (a point or base config it cannot take) is
+raised again as a :class:`KnobError` naming the knob, which is how :mod:`spaces.validate` blames a problem on the
+space field that caused it. Any other exception is a bug and keeps its own type and traceback.
 
 Adding a knob takes two entries:
 
@@ -80,11 +81,10 @@ class BuildError(UserError, ValueError):
 
 
 class KnobError(BuildError):
-    """A step registered for ``knob`` failed; the message is its error's, ``__cause__`` the error itself."""
+    """A step registered for ``knob`` refused the point; the message is its error's, ``__cause__`` the error."""
 
-    def __init__(self, knob: str, error: Exception) -> None:
-        text = str(error) if isinstance(error, BuildError) else f"{type(error).__name__}: {error}"
-        super().__init__(text)
+    def __init__(self, knob: str, error: BuildError) -> None:
+        super().__init__(str(error))
         self.knob = knob
 
 
@@ -208,13 +208,15 @@ def build_config(
 
 
 def _apply(entry: Step, cfg: Config, build: Build) -> None:
-    """Runs one step; a knob's step re-raises what went wrong as a :class:`KnobError` naming the knob."""
-    if entry.knob is None:
-        entry.edit(cfg, build)
-        return
+    """Runs one step; a :class:`BuildError` of a knob's step is raised again as a :class:`KnobError` naming the knob.
+
+    Only the user errors a step means are wrapped: anything else it raises is a bug and propagates as it is.
+    """
     try:
         entry.edit(cfg, build)
-    except Exception as error:  # a BuildError, or whatever a base config of an unexpected shape raises
+    except BuildError as error:
+        if entry.knob is None:
+            raise
         raise KnobError(entry.knob, error) from error
 
 
