@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from search.local_store import ensure_store
-from spaces.errors import BadArgument, UserError
+from spaces.errors import BadArgument, DamagedFile, UserError
 
 TAG_SEARCH = "dettune.search"
 TAG_ROLE = "dettune.role"
@@ -109,7 +109,20 @@ class TrackingSettings:
 
     @classmethod
     def load(cls, path: Path) -> TrackingSettings:
-        return cls(**json.loads(path.read_text()))
+        """Reads what :meth:`save` wrote.
+
+        Raises:
+            DamagedFile: The file is not the JSON object of these settings (edited by hand, cut short).
+        """
+        try:
+            settings = cls(**json.loads(path.read_text()))
+            if isinstance(settings.uri, str | None) and isinstance(settings.down_timeout_s, int | float):
+                return settings
+            reason = "uri must be a string or null, down_timeout_s a number"
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:  # TypeError: not these fields
+            reason = str(error)
+        raise DamagedFile(f"{path} is damaged ({reason}): it holds the search's tracking settings; restore it from "
+                          f"a copy, or start the search again with `dettune search SPACE --overwrite`")
 
 
 def param_text(value: Any) -> str:

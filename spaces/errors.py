@@ -78,6 +78,10 @@ class BadArgument(UserError, ValueError):
     """A command-line value breaks its rule (a range, a character it may not hold)."""
 
 
+class DamagedFile(UserError):
+    """A file dettune wrote for later (a search's saved settings) no longer reads back: edited, cut short."""
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
     """``"FileNotFoundError: <first line of its message>"``, at most ``limit`` characters: a reason for a table."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -234,6 +234,19 @@ def test_resume_of_an_unknown_search(cwd: Path, capfd: pytest.CaptureFixture[str
     assert tree(cwd) == before
 
 
+@pytest.mark.parametrize("saved", ['{"uri": null, "down_tim', "[1, 2]", '{"uri": null, "timeout": 600}',
+                                   '{"uri": 5, "down_timeout_s": 600}'],
+                         ids=["cut-short", "not-an-object", "unknown-field", "wrong-type"])
+def test_resume_of_a_search_whose_saved_settings_are_damaged(saved: str, cwd: Path,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    (cwd / STORAGE / NAME).mkdir(parents=True)
+    (cwd / STORAGE / NAME / "search.json").write_text(saved)
+    before = tree(cwd)
+    outcome = dettune(capfd, "resume", NAME, "--storage", STORAGE)
+    outcome.assert_refused(f"{NAME}/search.json is damaged", "restore it", "--overwrite")
+    assert tree(cwd) == before
+
+
 @pytest.mark.parametrize("command", [["report", "NOPE"], ["export", "NOPE", "--out", "exported"],
                                      ["report", "it's"]], ids=["report", "export", "quote-in-name"])
 def test_report_and_export_of_an_unknown_search(command: list[str], cwd: Path,
