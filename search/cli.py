@@ -30,12 +30,13 @@ TRACKING_TIMEOUT_S = 600.0
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from spaces.synth import write_dataset
+    from spaces.synth import check_arguments, write_dataset
 
     try:
-        summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
+        check_arguments(images=args.images, size=args.size)
     except ValueError as exc:  # argument rules, e.g. --images must be >= 4
         raise BadArgument(str(exc)) from None
+    summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
     print(f"wrote {summary.train_images} train + {summary.val_images} val images, "
           f"{summary.annotations} objects {summary.area_counts} to {summary.out}")
     return 0
