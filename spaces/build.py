@@ -43,6 +43,7 @@ from spaces.errors import UserError
 from spaces.families import (
     SIZE_KEYS,
     is_detr_family,
+    is_pair,
     merged_paramwise,
     narrow_group_norms,
     out_strides,
@@ -478,7 +479,7 @@ def rescale(cfg: Config, scale: Sequence[int]) -> None:
     skipped = {id(node) for group in tta_groups for node in group}
     if reference is not None:  # these scale by target / reference below, with the other relative sizes
         skipped |= {id(node) for node in config_dicts(cfg)
-                    if node.get("type") in SIZE_KEYS and _is_pair(node.get(SIZE_KEYS[node["type"]]))}
+                    if node.get("type") in SIZE_KEYS and is_pair(node.get(SIZE_KEYS[node["type"]]))}
     for node in config_dicts(cfg):
         if node.get("type") in _RESIZE_TYPES and id(node) not in skipped:
             _rescale(node, target)
@@ -492,7 +493,7 @@ def _rescale(node: Any, target: tuple[int, int]) -> None:
     value = node.get(key)
     if value is None:
         return
-    if isinstance(value, int) or _is_pair(value):
+    if isinstance(value, int) or is_pair(value):
         node[key] = target
     else:
         largest = max(value, key=lambda s: s[0] * s[1])
@@ -511,7 +512,7 @@ def test_scale(cfg: Config) -> tuple[int, int] | None:
         if loader is None:
             continue
         for step in _innermost_dataset(loader.dataset).get("pipeline", []):
-            if step.get("type") in _RESIZE_TYPES and _is_pair(step.get("scale")):
+            if step.get("type") in _RESIZE_TYPES and is_pair(step.get("scale")):
                 return int(step.scale[0]), int(step.scale[1])
     return None
 
@@ -531,7 +532,7 @@ def _tta_resize_groups(cfg: Config) -> list[list[Any]]:
 
 def _rescale_tta_group(group: list[Any], target: tuple[int, int], reference: tuple[int, int] | None) -> None:
     """Scales a TTA slot's alternative sizes by target / test scale, so their spread survives."""
-    pairs = [step for step in group if _is_pair(step.get("scale"))]
+    pairs = [step for step in group if is_pair(step.get("scale"))]
     if len(pairs) < 2 or reference is None:
         for step in group:
             _rescale(step, target)
@@ -544,11 +545,7 @@ def _rescale_tta_group(group: list[Any], target: tuple[int, int], reference: tup
 def single_scale_training(cfg: Config) -> bool:
     """Whether training resizes to one scale (no multi-scale augmentation), so input shapes repeat."""
     resizes = [node for node in dicts(cfg.train_dataloader) if node.get("type") in _RESIZE_TYPES]
-    return bool(resizes) and all(node["type"] == "Resize" and _is_pair(node.get("scale")) for node in resizes)
-
-
-def _is_pair(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
+    return bool(resizes) and all(node["type"] == "Resize" and is_pair(node.get("scale")) for node in resizes)
 
 
 # --- batch size, optimiser, lr, schedule, epochs ----------------------------------------------------

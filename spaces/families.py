@@ -54,7 +54,7 @@ def scale_sizes(cfg: Config, factor: tuple[float, float]) -> None:
     """Multiplies every :data:`SIZE_KEYS` size in the config (pipelines, wrappers, hooks) by ``factor``."""
     for node in config_dicts(cfg):
         key = SIZE_KEYS.get(str(node.get("type")))
-        if key is not None and _is_pair(node.get(key)):
+        if key is not None and is_pair(node.get(key)):
             width, height = node[key]
             node[key] = (max(1, round(width * factor[0])), max(1, round(height * factor[1])))
 
@@ -114,5 +114,6 @@ def is_detr_family(model: Mapping[str, Any]) -> bool:
     return "decoder" in model or str(model.get("type", "")).endswith("DETR") or model.get("type") == "DINO"
 
 
-def _is_pair(value: Any) -> bool:
+def is_pair(value: Any) -> bool:
+    """Whether ``value`` is a size as mmdet configs write one: two ints, (width, height)."""
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
