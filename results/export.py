@@ -41,7 +41,7 @@ from results.store import SearchHandle, add_tracking_flag, open_search, open_tra
 from search.tracking import TAG_EXP_NUM, TAG_STORAGE, is_log_column
 from spaces.build import load_config
 from spaces.errors import BadArgument, NotFound, UserError
-from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, violations
+from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, is_feasible, shortfall
 from spaces.schema import Limit, Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.metrics import EPOCH, known_mode
@@ -164,11 +164,12 @@ class Limits:
     flags: Mapping[str, Limit] = field(default_factory=dict)
     space: Mapping[str, Limit] = field(default_factory=dict)
 
-    def violations(self, values: Mapping[str, float]) -> list[float]:
-        return violations(values, self.space) + violations(values, self.flags)
-
     def met(self, values: Mapping[str, float]) -> bool:
-        return all(v <= 0 for v in self.violations(values))
+        return is_feasible(values, self.space) and is_feasible(values, self.flags)
+
+    def shortfall(self, values: Mapping[str, float]) -> float:
+        """How far the values are from meeting both sets of limits (a metric may be in both)."""
+        return shortfall(values, self.space) + shortfall(values, self.flags)
 
     def describe(self) -> dict[str, str]:
         return {m: limit.text() for limits in (self.space, self.flags) for m, limit in limits.items()}
@@ -195,7 +196,7 @@ def feasible_trials(search: SearchHandle, limits: Limits) -> tuple[set[str], dic
     feasible = {trial_id for trial_id, v in values.items() if limits.met(v)}
     if feasible or not limits.describe():
         return feasible, values
-    closest = sorted(trials, key=lambda t: sum(max(v, 0.0) for v in limits.violations(values[t.trial_id])))[:3]
+    closest = sorted(trials, key=lambda t: limits.shortfall(values[t.trial_id]))[:3]
     shown = "; ".join(f"{t.exp_num}: " + ", ".join(f"{m} {format_value(m, values[t.trial_id].get(m))}"
                                                    for m in limits.describe()) for t in closest)
     wanted = ", ".join(f"{m} {text}" for m, text in limits.describe().items())

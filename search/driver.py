@@ -36,6 +36,8 @@ from search.callbacks import (
 )
 from search.resources import check_cluster
 from search.tracking import (
+    DEFAULT_STORAGE,
+    DEFAULT_TRACKING_TIMEOUT_S,
     TAG_EXP_NUM,
     TAG_FAILURE,
     TAG_STATUS,
@@ -50,6 +52,7 @@ from search.tracking import (
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
 from spaces.errors import NotFound, SpaceError, UserError
+from spaces.knobs import show_value
 from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
 from spaces.validate import check_space
@@ -93,12 +96,12 @@ class SearchOptions:
     address: str | None = None
     tracking_uri: str | None = None
     """May hold ``user:password@``: it is moved to MLflow's credential variables, never written."""
-    storage: Path = Path("runs")
+    storage: Path = DEFAULT_STORAGE
     trials: int | None = None
     epochs: int | None = None
     max_concurrent: int | None = None
     data_root: Path | None = None
-    tracking_timeout_s: float = 600.0
+    tracking_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
     resume: bool = False
     overwrite: bool = False
 
@@ -527,20 +530,7 @@ def results_table(tracker: Tracker, space: Space) -> str:
                               failure=tags.get(TAG_FAILURE))
         value = metrics.get(space.metric)
         epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append([tags.get(TAG_EXP_NUM, "?"), *(short_number(params.get(k, "-")) for k in knobs),
+        lines.append([tags.get(TAG_EXP_NUM, "?"), *(show_value(params.get(k, "-")) for k in knobs),
                       str(epochs), f"{value:.3g}" if value is not None else "-", status])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
-
-
-def short_number(text: str) -> str:
-    """A parameter as the results table shows it: floats to 3 significant digits, anything else as it is.
-
-    MLflow stores parameters as strings, so ``0.006871605772069692`` comes back at full length.
-    """
-    if text.lstrip("-").isdigit():
-        return text
-    try:
-        return f"{float(text):.3g}"
-    except ValueError:
-        return text

@@ -48,6 +48,10 @@ EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp 
 TAG_BEST_KNOB = "dettune.best."  # + knob name: the best trial's value (a tag, since params can't change)
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
 LOCAL_STORE = "mlflow.db"  # the embedded default store, in the storage folder
+DEFAULT_STORAGE = Path("runs")
+"""Every command's default ``--storage``: its SQLite store is the default tracking URI too."""
+DEFAULT_TRACKING_TIMEOUT_S = 600.0
+"""How long MLflow may stay unreachable before a search stops to be resumed (``--tracking-timeout``)."""
 
 
 def is_log_column(key: str) -> bool:
@@ -92,7 +96,7 @@ class TrackingSettings:
 
     uri: str | None = None
     """Without credentials; None is the SQLite store beside the Ray storage."""
-    down_timeout_s: float = 600.0
+    down_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
 
     def effective_uri(self, storage: Path) -> str:
         return self.uri or local_tracking_uri(storage)

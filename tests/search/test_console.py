@@ -7,25 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
-from search.driver import short_number
 from search.tracking import TAG_ROLE
 from spaces.dataset import Dataset
 
 TUNE_INTERNALS = ["Configuration for experiment", "TensorBoard", "Experiment state snapshotting",
                   "View detailed results here", "Trial status:", "Wrote the latest version of all result files",
                   "A new study created"]
-
-
-@pytest.mark.parametrize(("text", "shown"), [
-    ("0.006871605772069692", "0.00687"), ("0.02", "0.02"), ("123.456", "123"), ("1e-05", "1e-05"),
-    ("160", "160"), ("-1", "-1"), ("faster", "faster"), ("[160, 160]", "[160, 160]"),
-])
-def test_table_numbers_have_three_significant_digits(text: str, shown: str) -> None:
-    assert short_number(text) == shown
 
 
 def test_search_console_shows_dettune_lines_only(tmp_path: Path, synth: Dataset) -> None:
