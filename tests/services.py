@@ -108,6 +108,29 @@ def _kill_processes_using(marker: str) -> None:
             continue
 
 
+def proc_bytes(path: str | Path) -> bytes:
+    """A /proc file's bytes; empty when its process ended meanwhile."""
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def descendants(root: int) -> list[int]:
+    """The pids of every process below ``root`` (children, their children, ...), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = proc_bytes(stat).rsplit(b")", 1)[-1].split()  # after "(comm)", which may hold spaces
+        if len(fields) > 1:
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 @contextmanager
 def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts in ``tmp``; yields its URL.
