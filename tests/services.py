@@ -33,19 +33,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 90.0) -> None:
-    """Waits until ``url`` answers at all (an HTTP error such as 401 counts: the server is up)."""
+def wait_for_http(url: str, timeout: float = 90.0, *, healthy: bool = False,
+                  process: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    """Waits until ``url`` answers: at all (an HTTP error such as 401 counts: the server is up), or with
+    ``healthy`` with a success. A ``process`` serving it that exits meanwhile fails at once, with its log's tail."""
     deadline = time.monotonic() + timeout
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{tail(log)}")
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
         except urllib.error.HTTPError:
-            return
+            if not healthy:
+                return
         except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
-            time.sleep(0.5)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer{' healthy' if healthy else ''} within {timeout:.0f} s:\n"
+                               f"{tail(log)}")
+        time.sleep(0.5)
+
+
+def tail(log: Path | None, chars: int = 4000) -> str:
+    """The end of a service's log, for a failure message."""
+    return log.read_text(errors="replace")[-chars:] if log is not None and log.exists() else "(no log)"
 
 
 def agent_ports() -> list[str]:
