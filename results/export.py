@@ -41,11 +41,11 @@ from results.store import SearchHandle, add_tracking_flag, open_search, open_tra
 from search.tracking import TAG_EXP_NUM, TAG_STORAGE, is_log_column
 from spaces.build import load_config
 from spaces.errors import BadArgument, NotFound, UserError
-from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, violations
+from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, is_feasible, shortfall
 from spaces.schema import Limit, Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.coco_metric import plain_mmdet
-from trainers.metrics import EPOCH
+from trainers.metrics import EPOCH, known_mode
 
 METRICS_FILE = "metrics.json"
 PARAMS_FILE = "params.json"
@@ -85,10 +85,17 @@ class Export:
 
 
 def metric_mode(space: Space, metric: str) -> str:
-    """The space's mode for its own metric; for another, lower is better for losses, higher for the rest."""
-    if metric == space.metric:
-        return space.mode
-    return "min" if "loss" in metric else "max"
+    """The space's mode for its metric and objectives; for another column, the one its kind says.
+
+    Raises:
+        BadArgument: A column with no better direction (the learning rate).
+    """
+    modes = dict(space.directions())
+    mode = modes.get(metric) or known_mode(metric)
+    if mode is None:
+        raise BadArgument(f"dettune does not know whether a higher or a lower {metric} is better: pass --metric "
+                          f"a score, loss or cost (e.g. {space.metric})")
+    return mode
 
 
 def checkpoint_candidates(experiment_dir: Path) -> list[Candidate]:
@@ -158,11 +165,12 @@ class Limits:
     flags: Mapping[str, Limit] = field(default_factory=dict)
     space: Mapping[str, Limit] = field(default_factory=dict)
 
-    def violations(self, values: Mapping[str, float]) -> list[float]:
-        return violations(values, self.space) + violations(values, self.flags)
-
     def met(self, values: Mapping[str, float]) -> bool:
-        return all(v <= 0 for v in self.violations(values))
+        return is_feasible(values, self.space) and is_feasible(values, self.flags)
+
+    def shortfall(self, values: Mapping[str, float]) -> float:
+        """How far the values are from meeting both sets of limits (a metric may be in both)."""
+        return shortfall(values, self.space) + shortfall(values, self.flags)
 
     def describe(self) -> dict[str, str]:
         return {m: limit.text() for limits in (self.space, self.flags) for m, limit in limits.items()}
@@ -189,7 +197,7 @@ def feasible_trials(search: SearchHandle, limits: Limits) -> tuple[set[str], dic
     feasible = {trial_id for trial_id, v in values.items() if limits.met(v)}
     if feasible or not limits.describe():
         return feasible, values
-    closest = sorted(trials, key=lambda t: sum(max(v, 0.0) for v in limits.violations(values[t.trial_id])))[:3]
+    closest = sorted(trials, key=lambda t: limits.shortfall(values[t.trial_id]))[:3]
     shown = "; ".join(f"{t.exp_num}: " + ", ".join(f"{m} {format_value(m, values[t.trial_id].get(m))}"
                                                    for m in limits.describe()) for t in closest)
     wanted = ", ".join(f"{m} {text}" for m, text in limits.describe().items())
@@ -308,8 +316,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("name", help="the search's name")
     parser.add_argument("--out", required=True, help="output directory (config.py, checkpoint.pth, metrics.json, "
                                                      "params.json)")
-    parser.add_argument("--metric", help="choose the best by this metric (default: the space's metric); higher "
-                                         "is better except for losses")
+    parser.add_argument("--metric", help="choose the best by this metric (default: the space's metric), in the "
+                                         "space's direction for its objectives; else scores and FPS higher, "
+                                         "losses, GFLOPs and parameters lower")
     parser.add_argument("--min-fps", type=float, help=f"only trials whose {FPS_METRIC} is at least this")
     parser.add_argument("--max-gflops", type=float, help=f"only trials whose {GFLOPS_METRIC} is at most this")
     add_tracking_flag(parser)

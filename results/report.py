@@ -23,6 +23,7 @@ from search.tracking import TAG_INHERITED, TAG_PARETO, param_text
 from spaces.backbones import catalog_name
 from spaces.build import BuildError, current_head, load_base
 from spaces.distributions import Choice, Grid
+from spaces.knobs import show_value
 from spaces.objectives import (
     COST_METRICS,
     FPS_METRIC,
@@ -151,15 +152,6 @@ def effect_line(knob: str, groups: Sequence[Group], *, metric: str, mode: str) -
     return f"{knob}: " + "; ".join(parts)
 
 
-def short_param(text: str) -> str:
-    """A logged param for prose: floats to three significant digits, anything else as logged."""
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return text if value.is_integer() else f"{value:.3g}"
-
-
 # --- plots ----------------------------------------------------------------------------------------------
 
 def draw_plots(search: SearchHandle, trials: Sequence[TrialRecord], directory: Path) -> list[PlotFile]:
@@ -234,7 +226,7 @@ def _pareto_section(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
     costs = [m for m in COST_METRICS if m not in objectives]
     header = ["Exp num", *space.space, *objectives, *costs]
     params = {t.exp_num: t.params for t in trials}
-    rows = [[name, *(short_param(params[name].get(k, MISSING)) for k in space.space),
+    rows = [[name, *(show_value(params[name].get(k, MISSING)) for k in space.space),
              *(format_value(m, values[name].get(m)) for m in [*objectives, *costs])] for name in front]
     directions = ", ".join(f"{metric} ({mode})" for metric, mode in space.directions())
     limits = "; ".join(f"{metric} {limit.text()}" for metric, limit in space.constraints.items())
@@ -308,7 +300,7 @@ def _best_line(space: Space, trials: Sequence[TrialRecord]) -> str:
         return "no trial meets the limits yet; per knob value, best and mean of the trials:"
     pick: Callable[..., TrialRecord] = max if space.mode == "max" else min
     best = pick(feasible, key=lambda t: t.score(space.metric, space.mode))
-    knobs = ", ".join(f"{k}={short_param(best.params.get(k, MISSING))}" for k in space.space)
+    knobs = ", ".join(f"{k}={show_value(best.params.get(k, MISSING))}" for k in space.space)
     value = format_value(space.metric, best.score(space.metric, space.mode))
     within = " within the limits" if space.constraints else ""
     return (f"best{within} {best.exp_num}: {space.metric} {value} ({knobs}); per knob value, best and mean of the "

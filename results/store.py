@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from search.tracking import (
+    DEFAULT_STORAGE,
     TAG_EXP_NUM,
     TAG_FAILURE,
     TAG_ROLE,
@@ -36,9 +37,6 @@ from search.tracking import (
 )
 from spaces.errors import NotFound
 from spaces.schema import NAME_PATTERN, Space
-
-DEFAULT_STORAGE = Path("runs")
-"""``dettune search``'s default ``--storage``: its SQLite store is the default tracking URI here too."""
 
 LB_METRIC = "lb/public_mAP"
 """A public leaderboard score, in percent (0..100) as the leaderboard shows it; see :mod:`results.leaderboard`."""

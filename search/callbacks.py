@@ -15,7 +15,8 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback, Stopper
 
-from search.tracking import Tracker, TrackingSettings, outcome_text
+from search.tracking import Tracker, TrackingSettings, now_ms, outcome_text
+from spaces.knobs import show_value
 from trainers.metrics import EPOCH
 
 FailureOf = Callable[[str], "str | None"]
@@ -130,8 +131,9 @@ class MlflowCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                         **info: Any) -> None:
-        row = dict(result)
-        self._send(self._start(trial), lambda: self._tracker.log_epoch(trial.trial_id, row))
+        # Stamped as it is buffered: a retry of a write the server committed (its reply lost) is then identical.
+        row, stamp = dict(result), now_ms()
+        self._send(self._start(trial), lambda: self._tracker.log_epoch(trial.trial_id, row, stamp_ms=stamp))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._open.discard(trial.trial_id)
@@ -197,7 +199,7 @@ class ConsoleCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._open.add(trial.trial_id)
-        knobs = " ".join(f"{k}={_short(v)}" for k, v in self._params_of(trial.config).items())
+        knobs = " ".join(f"{k}={show_value(v)}" for k, v in self._params_of(trial.config).items())
         self._say(trial, f"started {knobs}")
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
@@ -260,7 +262,3 @@ class RepeatedSetupFailureStopper(Stopper):
             return False
         found = repeated_setup_failure(self._setup_failures(), any_reported=False, limit=self._limit)
         return found is not None
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -18,7 +18,7 @@ from search import validate_cmd
 from search.callbacks import TrackingDown
 from search.driver import SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
 from search.staging import check_chain
-from search.tracking import local_tracking_uri, without_credentials
+from search.tracking import DEFAULT_STORAGE, DEFAULT_TRACKING_TIMEOUT_S, local_tracking_uri, without_credentials
 from spaces.errors import USAGE_ERROR, BadArgument, UserError
 
 NO_TRIAL_FINISHED = 1
@@ -26,16 +26,14 @@ INTERRUPTED = 3  # the search stopped on purpose and can be resumed
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
 DEMO_IMAGES = 96
-TRACKING_TIMEOUT_S = 600.0
-
-
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from spaces.synth import write_dataset
+    from spaces.synth import check_arguments, write_dataset
 
     try:
-        summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
+        check_arguments(images=args.images, size=args.size)
     except ValueError as exc:  # argument rules, e.g. --images must be >= 4
         raise BadArgument(str(exc)) from None
+    summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
     print(f"wrote {summary.train_images} train + {summary.val_images} val images, "
           f"{summary.annotations} objects {summary.area_counts} to {summary.out}")
     return 0
@@ -94,10 +92,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
     """The command that continues a chain at its first file: the same flags, that search resumed."""
-    flags = {"--address": args.address, "--storage": args.storage if args.storage != "runs" else None,
+    flags = {"--address": args.address, "--storage": args.storage if Path(args.storage) != DEFAULT_STORAGE else None,
              "--trials": args.trials, "--epochs": args.epochs, "--max-concurrent": args.max_concurrent,
-             "--data-root": args.data_root,
-             "--tracking-timeout": args.tracking_timeout if args.tracking_timeout != TRACKING_TIMEOUT_S else None,
+             "--data-root": args.data_root, "--tracking-timeout": (
+                 args.tracking_timeout if args.tracking_timeout != DEFAULT_TRACKING_TIMEOUT_S else None),
              # from the environment it is there again; typed on the command line it is shown without credentials
              "--tracking-uri": (without_credentials(args.tracking_uri)
                                 if args.tracking_uri != os.environ.get("MLFLOW_TRACKING_URI") else None)}
@@ -126,14 +124,15 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
                                           "else Ray in this process)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite under --storage)")
-    parser.add_argument("--storage", default="runs", help="Ray storage path, shared by all nodes (default: runs)")
+    parser.add_argument("--storage", default=str(DEFAULT_STORAGE),
+                        help=f"Ray storage path, shared by all nodes (default: {DEFAULT_STORAGE})")
     parser.add_argument("--trials", type=int, help="number of trials (default: budget.trials)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")
     parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: budget.max_concurrent)")
     parser.add_argument("--data-root", help="dataset folder, replacing the space's data.root")
-    parser.add_argument("--tracking-timeout", type=float, default=TRACKING_TIMEOUT_S, metavar="SECONDS",
+    parser.add_argument("--tracking-timeout", type=float, default=DEFAULT_TRACKING_TIMEOUT_S, metavar="SECONDS",
                         help="stop the search (to resume later) when MLflow stays unreachable this long "
-                             "(default 600); until then its writes are buffered")
+                             f"(default {DEFAULT_TRACKING_TIMEOUT_S:.0f}); until then its writes are buffered")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="finish a search whose driver stopped (same trials, same runs)")
     resume.add_argument("name", help="the search's name")
-    resume.add_argument("--storage", default="runs", help="Ray storage path the search used (default: runs)")
+    resume.add_argument("--storage", default=str(DEFAULT_STORAGE),
+                        help=f"Ray storage path the search used (default: {DEFAULT_STORAGE})")
     resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
     resume.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                         help="stop when MLflow stays unreachable this long (default: what the search used)")

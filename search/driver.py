@@ -1,9 +1,9 @@
 """The search driver: assemble Ray Tune (searcher, ASHA, resources, storage, callbacks) and run it.
 
 Searchers: Optuna TPE (Bergstra et al., "Algorithms for Hyper-Parameter Optimization", NeurIPS 2011) or NSGA-II
-through Ray Tune's ``OptunaSearch`` (:mod:`search.optuna_search`, over one or several objectives), random
-sampling, or Tune's grid search. Early stopping: ASHA (Li et al., "A System
-for Massively Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its time attribute.
+through dettune's own Tune searcher over Optuna's ask/tell (:mod:`search.optuna_search`, over one or several
+objectives), random sampling, or Tune's grid search. Early stopping: ASHA (Li et al., "A System for Massively
+Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its time attribute.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from search.callbacks import (
 from search.resources import check_cluster
 from search.rung import RUNG_SCORE
 from search.tracking import (
+    DEFAULT_STORAGE,
+    DEFAULT_TRACKING_TIMEOUT_S,
     TAG_EXP_NUM,
     TAG_FAILURE,
     TAG_STATUS,
@@ -51,6 +53,7 @@ from search.tracking import (
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
 from spaces.errors import NotFound, SpaceError, UserError
+from spaces.knobs import show_value
 from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
 from spaces.validate import check_space
@@ -58,7 +61,19 @@ from trainers.metrics import EPOCH
 
 KEPT_REPORTED_CHECKPOINTS = 2
 """Ray storage keeps each trial's best reported checkpoints, by the space's metric; export picks among them."""
-PRINT_TRIAL_ERRORS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
+SEARCH_ENVIRONMENT = {
+    # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # Tune's default output engine prints its experiment-configuration box and TensorBoard hint even at
+    # verbose=0; the legacy engine at verbose=0 prints nothing.
+    "RAY_AIR_NEW_OUTPUT": "0",
+    # Tune warns when forced experiment snapshots come often, which CheckpointConfig(num_to_keep) asks for by design.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # Read by Tune's controller when it starts: with 0 it no longer logs every trial error with its traceback.
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
+}
+"""What Tune and MLflow read from the environment during a search (a value the user set wins)."""
 SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
 SAVED_SPACE_FILE = "space.yaml"  # the space file as the user wrote it, logged on the parent run
 SAVED_OPTIONS = "search.json"  # the search's TrackingSettings, without credentials
@@ -82,12 +97,12 @@ class SearchOptions:
     address: str | None = None
     tracking_uri: str | None = None
     """May hold ``user:password@``: it is moved to MLflow's credential variables, never written."""
-    storage: Path = Path("runs")
+    storage: Path = DEFAULT_STORAGE
     trials: int | None = None
     epochs: int | None = None
     max_concurrent: int | None = None
     data_root: Path | None = None
-    tracking_timeout_s: float = 600.0
+    tracking_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
     resume: bool = False
     overwrite: bool = False
 
@@ -163,10 +178,11 @@ def make_searcher(space: Space, staged: staging.Staging | None = None) -> tuple[
     if space.search.uses_optuna:
         from ray.tune.search import ConcurrencyLimiter
 
-        from search.optuna_search import ObjectiveSearch
+        from search.optuna_search import ObjectiveSearch, new_study
 
-        storage = staging.warm_study(space, warm) if warm.points else None
-        searcher = ObjectiveSearch(space, storage=storage)
+        study = new_study(space)
+        study.add_trials(staging.warm_trials(space, warm))
+        searcher = ObjectiveSearch(space, study=study)
         return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
     grid = staged.grid if staged else None
@@ -196,40 +212,42 @@ def connect_ray(address: str | None) -> None:
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault(HIDE_UNASSIGNED_GPUS, "1")  # a local Ray's workers inherit it: CPU trials see no GPU
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_ray_answers(address)
         ray.init(address=address, log_to_driver=False)
-    else:  # "local": a private instance, never the cluster that `ray start` last recorded on this machine
+        return
+    # "local": a private instance, never the cluster that `ray start` last recorded on this machine. Its workers
+    # inherit the environment it starts with: CPU trials see no GPU.
+    with _environment_defaults({HIDE_UNASSIGNED_GPUS: "1"}):
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def quiet_tune_console() -> None:
-    """Keeps Ray Tune's own console output off the user's screen: dettune's ConsoleCallback says what matters.
-
-    Tune's default output engine prints its experiment-configuration box and TensorBoard hint even at
-    ``verbose=0``; the legacy engine at ``verbose=0`` prints nothing. Tune also warns when forced experiment
-    snapshots come often, which ``CheckpointConfig(num_to_keep)`` asks for by design; 0 turns that warning off.
-    A value the user set in the environment wins. Tune's and Optuna's info lines (result files written, study
-    created) go too, as Ray does for RLlib; their warnings and errors still show.
-    """
+    """Keeps Tune's and Optuna's info lines (result files written, study created) off the user's screen, as Ray
+    does for RLlib: dettune's ConsoleCallback says what matters; their warnings and errors still show."""
     import optuna
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not its logger's level: Optuna resets that on first use
 
 
+@contextmanager
+def _environment_defaults(values: dict[str, str]) -> Iterator[None]:
+    """Sets the environment variables the user has not set for the block's duration, then removes them again:
+    a chain runs its searches in one process, and a library user's process goes on after a search."""
+    added = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def _check_ray_answers(address: str) -> None:
     """Connects to the GCS (or Ray client server) port the address names, or the one ``auto`` resolves to."""
-    from ray._private.services import get_ray_address_from_environment
-
-    try:
-        resolved = get_ray_address_from_environment(address, None) if address == "auto" else address
-    except ConnectionError:
-        resolved = None
+    resolved = _auto_address() if address == "auto" else address
     host, _, port = (resolved or "").split("://")[-1].rpartition(":")
     fix = ("start it (`ray start --head`), fix --address / RAY_ADDRESS, or leave both unset to run Ray in this "
            "process")
@@ -240,6 +258,21 @@ def _check_ray_answers(address: str) -> None:
     except OSError as error:
         shown = address if resolved == address else f"{address!r} ({resolved}, as Ray last recorded it)"
         raise RayUnreachable(f"the Ray cluster at {shown} does not answer ({error}): {fix}") from None
+
+
+def _auto_address() -> str | None:
+    """The cluster ``ray.init(address="auto")`` would join (``RAY_ADDRESS``, or the one ``ray start`` last
+    recorded on this machine), or None.
+
+    Ray resolves ``auto`` inside ``ray.init`` only and has no public function for it; this is the one call of a
+    private Ray API, and tests/search/test_connect.py fails if Ray changes it.
+    """
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        return str(get_ray_address_from_environment("auto", None))
+    except ConnectionError:
+        return None
 
 
 def resume_options(name: str, storage: Path, tracking_uri: str | None = None,
@@ -274,28 +307,23 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     plan = make_plan(space, storage)
-    # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    if space.objectives:  # costs come with some epochs only: the searcher folds them over each trial's results
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     quiet_tune_console()
-    check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
-    _save(experiment_dir, space, options.space_file, settings)
-    tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
-    tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), TAG_STORAGE: str(experiment_dir)},
-                            space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
-                            space_json=json.dumps(space.to_json(), indent=2))
-    restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-    tuner = _tuner(staged, plan, tracker, storage, resume=restorable)
-    with _quiet_trial_errors():
-        results = tuner.fit()
-    reconcile(results, space, plan, tracker)
-    best_id = _record_best(results, space, plan, tracker)
-    tracker.finish_search()
-    return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
-                         best_trial_id=best_id, table=results_table(tracker, space),
-                         finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
+    with _environment_defaults(SEARCH_ENVIRONMENT), _quiet_trial_errors():
+        check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
+        _save(experiment_dir, space, options.space_file, settings)
+        tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
+        tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged),
+                                      TAG_STORAGE: str(experiment_dir)},
+                                space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
+                                space_json=json.dumps(space.to_json(), indent=2))
+        restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
+        results = _tuner(staged, plan, tracker, storage, resume=restorable).fit()
+        reconcile(results, space, plan, tracker)
+        best_id = _record_best(results, space, plan, tracker)
+        tracker.finish_search()
+        return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
+                             best_trial_id=best_id, table=results_table(tracker, space),
+                             finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
 
 
 def _check_while_ray_starts(space: Space, options: SearchOptions) -> None:
@@ -321,21 +349,14 @@ class _DropIncompleteTrials(logging.Filter):
 
 @contextmanager
 def _quiet_trial_errors() -> Iterator[None]:
-    """Keeps Ray's raw trial tracebacks off the console; each failure's line names its traceback file."""
+    """Keeps Tune's closing list of failed trials off the console; each failure's line names its traceback file."""
     tune_logger = logging.getLogger("ray.tune.tune")
     drop = _DropIncompleteTrials()
     tune_logger.addFilter(drop)
-    # Read by Tune's controller when it starts: with 0 it no longer logs every trial error with its traceback.
-    previous = os.environ.get(PRINT_TRIAL_ERRORS)
-    os.environ[PRINT_TRIAL_ERRORS] = "0"
     try:
         yield
     finally:
         tune_logger.removeFilter(drop)
-        if previous is None:
-            del os.environ[PRINT_TRIAL_ERRORS]
-        else:
-            os.environ[PRINT_TRIAL_ERRORS] = previous
 
 
 def setup_stop_limit(space: Space) -> int:
@@ -511,20 +532,7 @@ def results_table(tracker: Tracker, space: Space) -> str:
                               failure=tags.get(TAG_FAILURE))
         value = metrics.get(space.metric)
         epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append([tags.get(TAG_EXP_NUM, "?"), *(short_number(params.get(k, "-")) for k in knobs),
+        lines.append([tags.get(TAG_EXP_NUM, "?"), *(show_value(params.get(k, "-")) for k in knobs),
                       str(epochs), f"{value:.3g}" if value is not None else "-", status])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
-
-
-def short_number(text: str) -> str:
-    """A parameter as the results table shows it: floats to 3 significant digits, anything else as it is.
-
-    MLflow stores parameters as strings, so ``0.006871605772069692`` comes back at full length.
-    """
-    if text.lstrip("-").isdigit():
-        return text
-    try:
-        return f"{float(text):.3g}"
-    except ValueError:
-        return text

@@ -1,27 +1,40 @@
-"""The Optuna searchers: TPE (Bergstra et al., NeurIPS 2011) or NSGA-II (Deb et al., IEEE TEVC 2002), over the
-primary metric alone or over several objectives, within hard limits.
+"""dettune's searcher: a Ray Tune ``Searcher`` over an Optuna study, through Optuna's public ask/tell interface.
 
-Ray Tune's ``OptunaSearch`` takes a list of metrics and modes and tells Optuna the trial's *last* result. A
-trial reports its costs at some epochs only (FPS after the first and the last) and ASHA may stop it in between,
-so this searcher folds every result into the trial's values (:func:`spaces.objectives.fold_row`: val scores of
-its best epoch by the primary metric, costs as last measured) and tells Optuna those. ASHA keeps pruning on the
-primary metric alone; Optuna only hears of a trial when it ends.
+TPE (Bergstra et al., NeurIPS 2011) or NSGA-II (Deb et al., IEEE TEVC 2002), over the primary metric alone or over
+several objectives, within hard limits.
+
+A trial reports its costs at some epochs only (FPS after the first and the last) and ASHA may stop it in between,
+so the searcher folds every result into the trial's values (:func:`spaces.objectives.fold_row`: val scores of its
+best epoch by the primary metric, costs as last measured) and tells Optuna those when the trial ends. With one
+objective, each epoch's primary value is also reported to the trial (its intermediate values, by epoch), as the
+warm-start trials carry them. ASHA prunes on the primary metric alone, which is also the only metric Tune is told
+the searcher needs in every result.
 
 With limits, each finished trial gets one constraint value per limit (<= 0 where met) through
 ``Trial.set_constraint``, which Optuna's constrained TPE and NSGA-II read (infeasible trials rank after feasible
-ones); Optuna 5 deprecates the samplers' ``constraints_func`` for it.
+ones).
+
+Tune saves the searcher with its experiment and restores it on ``dettune resume``: the study (Optuna documents
+pickling an in-memory study to resume it), the trials asked and not yet told, and their values so far.
 """
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
+import optuna
 from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
-from optuna.storages import BaseStorage
-from ray.tune.search.optuna import OptunaSearch
+from optuna.study import StudyDirection
+from optuna.trial import Trial, TrialState
+from ray.tune.search import Searcher
 
 from spaces.objectives import fold_row, limit_violations
 from spaces.schema import Space
+from trainers.metrics import EPOCH
+
+TRIAL_ATTR = "dettune.trial"
+"""The Tune trial id each study trial carries (a user attribute): the trial's MLflow run has the same tag."""
 
 
 def make_sampler(space: Space) -> BaseSampler:
@@ -34,36 +47,79 @@ def make_sampler(space: Space) -> BaseSampler:
     return TPESampler(seed=seed)
 
 
-class ObjectiveSearch(OptunaSearch):  # type: ignore[misc]
-    """``OptunaSearch`` that tells Optuna each trial's values over all its results, and its limit violations."""
+def new_study(space: Space, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """An empty study for the space: one direction per objective, the space's sampler, named after the search."""
+    directions: list[StudyDirection] = [StudyDirection.MAXIMIZE if mode == "max" else StudyDirection.MINIMIZE
+                                        for _, mode in space.directions()]
+    return optuna.create_study(storage=storage, study_name=space.name, directions=directions,
+                               sampler=make_sampler(space))
 
-    def __init__(self, space: Space, *, storage: BaseStorage | None = None) -> None:
+
+class ObjectiveSearch(Searcher):  # type: ignore[misc]
+    """Asks the study for each trial's point and tells it each trial's values over all its results."""
+
+    def __init__(self, space: Space, *, study: optuna.Study | None = None) -> None:
         """Args:
             space: The search's space: its knobs, objectives, limits and algorithm.
-            storage: An Optuna study named after the search that already holds earlier (warm-start) trials.
+            study: The study to ask and tell (made by :func:`new_study`), possibly holding earlier (warm-start)
+                trials or living in an Optuna storage; by default a new in-memory one.
         """
-        directions = space.directions()
-        metrics = [metric for metric, _ in directions]
-        modes = [mode for _, mode in directions]
-        single = len(directions) == 1
-        super().__init__(space=space.optuna_space(), metric=metrics[0] if single else metrics,
-                         mode=modes[0] if single else modes, sampler=make_sampler(space), storage=storage,
-                         study_name=space.name if storage else None)
-        self._primary, self._primary_mode = space.metric, space.mode
+        super().__init__(metric=space.metric, mode=space.mode)
+        self._distributions = space.optuna_space()
+        self._objectives = [metric for metric, _ in space.directions()]
         self._constraints = dict(space.constraints)
-        self._values: dict[str, dict[str, float]] = {}  # saved with the searcher: OptunaSearch pickles __dict__
+        self._study = study if study is not None else new_study(space)
+        self._asked: dict[str, Trial] = {}
+        self._values: dict[str, dict[str, float]] = {}
+
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study: every trial asked so far, and what it was told."""
+        return self._study
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        trial = self._study.ask(self._distributions)
+        trial.set_user_attr(TRIAL_ATTR, trial_id)
+        self._asked[trial_id] = trial
+        return dict(trial.params)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        row = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._values[trial_id] = fold_row(self._values.get(trial_id, {}), row, primary=self._primary,
-                                          mode=self._primary_mode)
-        super().on_trial_result(trial_id, result)
+        self._fold(trial_id, result)
+        primary = result.get(self.metric)
+        if len(self._objectives) == 1 and trial_id in self._asked and primary is not None and EPOCH in result:
+            self._asked[trial_id].report(primary, step=int(result[EPOCH]))
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        """Tells Optuna how the trial ended: FAIL on error, COMPLETE with its values, PRUNED without them.
+
+        ASHA's stop comes here with the result it stopped on, which ``on_trial_result`` never saw.
+        """
+        if result:
+            self._fold(trial_id, result)
         values = self._values.pop(trial_id, {})
-        if result and values:
-            result = {**result, **values}
-        if trial_id in self._ot_trials:
-            for key, violation in limit_violations(values, self._constraints).items():
-                self._ot_trials[trial_id].set_constraint(key, violation)
-        super().on_trial_complete(trial_id, result=result, error=error)
+        trial = self._asked.pop(trial_id, None)
+        if trial is None:  # told already (Tune reports some ends twice)
+            return
+        if error:
+            self._study.tell(trial, state=TrialState.FAIL)
+            return
+        if any(metric not in values for metric in self._objectives):
+            self._study.tell(trial, state=TrialState.PRUNED)
+            return
+        for key, violation in limit_violations(values, self._constraints).items():
+            trial.set_constraint(key, violation)
+        # A NaN value makes the trial FAIL, with Optuna's warning.
+        self._study.tell(trial, [values[metric] for metric in self._objectives])
+
+    def _fold(self, trial_id: str, result: dict[str, Any]) -> None:
+        row = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._values[trial_id] = fold_row(self._values.get(trial_id, {}), row, primary=self.metric, mode=self.mode)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump({"study": self._study, "asked": self._asked, "values": self._values}, out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as saved:
+            state = pickle.load(saved)
+        self._study, self._asked, self._values = state["study"], state["asked"], state["values"]

@@ -10,7 +10,7 @@
   points an earlier search already trained to the full budget.
 
 Reading the store is :func:`stage_from_store` and :func:`check_chain`; the rest is pure logic over the records
-read back (:class:`~results.store.TrialRecord`), and :func:`warm_study` builds the Optuna study.
+read back (:class:`~results.store.TrialRecord`), and :func:`warm_trials` makes the Optuna trials.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from spaces.schema import Space
 from spaces.validate import combinations
 
 if TYPE_CHECKING:
-    from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
 
 COMPLETED = "completed"
 STOPPED = "stopped"
@@ -377,24 +377,16 @@ def contains(dist: Distribution, value: Any) -> bool:
     return inside
 
 
-def warm_study(space: Space, warm: WarmStart) -> BaseStorage:
-    """An in-memory Optuna study named after the search, holding the warm-start trials.
-
-    ``OptunaSearch(storage=..., study_name=space.name)`` loads it: its first proposal already sees them.
-    """
+def warm_trials(space: Space, warm: WarmStart) -> list[FrozenTrial]:
+    """The warm-start trials as finished Optuna trials, to add to the search's study before its first proposal."""
     import optuna
 
-    storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=storage, study_name=space.name,
-                                direction="maximize" if space.mode == "max" else "minimize")
     distributions = space.optuna_space()
-    for point in warm.points:
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.PRUNED if point.pruned else optuna.trial.TrialState.COMPLETE,
-            value=point.value, intermediate_values=point.intermediate, distributions=distributions,
-            params={k: _optuna_value(space.space[k], v) for k, v in point.values.items()},
-            user_attrs={"dettune.warm_start": point.trial}))
-    return storage
+    return [optuna.trial.create_trial(
+        state=optuna.trial.TrialState.PRUNED if point.pruned else optuna.trial.TrialState.COMPLETE,
+        value=point.value, intermediate_values=point.intermediate, distributions=distributions,
+        params={k: _optuna_value(space.space[k], v) for k, v in point.values.items()},
+        user_attrs={"dettune.warm_start": point.trial}) for point in warm.points]
 
 
 def _optuna_value(dist: Distribution, value: Any) -> Any:

@@ -29,7 +29,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from search.local_store import ensure_store
 from search.rung import RUNG_SCORE
-from spaces.errors import BadArgument, UserError
+from spaces.errors import BadArgument, DamagedFile, UserError
 
 TAG_SEARCH = "dettune.search"
 TAG_ROLE = "dettune.role"
@@ -49,6 +49,10 @@ EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp 
 TAG_BEST_KNOB = "dettune.best."  # + knob name: the best trial's value (a tag, since params can't change)
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
 LOCAL_STORE = "mlflow.db"  # the embedded default store, in the storage folder
+DEFAULT_STORAGE = Path("runs")
+"""Every command's default ``--storage``: its SQLite store is the default tracking URI too."""
+DEFAULT_TRACKING_TIMEOUT_S = 600.0
+"""How long MLflow may stay unreachable before a search stops to be resumed (``--tracking-timeout``)."""
 
 
 def is_log_column(key: str) -> bool:
@@ -98,7 +102,7 @@ class TrackingSettings:
 
     uri: str | None = None
     """Without credentials; None is the SQLite store beside the Ray storage."""
-    down_timeout_s: float = 600.0
+    down_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
 
     def effective_uri(self, storage: Path) -> str:
         return self.uri or local_tracking_uri(storage)
@@ -115,7 +119,20 @@ class TrackingSettings:
 
     @classmethod
     def load(cls, path: Path) -> TrackingSettings:
-        return cls(**json.loads(path.read_text()))
+        """Reads what :meth:`save` wrote.
+
+        Raises:
+            DamagedFile: The file is not the JSON object of these settings (edited by hand, cut short).
+        """
+        try:
+            settings = cls(**json.loads(path.read_text()))
+            if isinstance(settings.uri, str | None) and isinstance(settings.down_timeout_s, int | float):
+                return settings
+            reason = "uri must be a string or null, down_timeout_s a number"
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:  # TypeError: not these fields
+            reason = str(error)
+        raise DamagedFile(f"{path} is damaged ({reason}): it holds the search's tracking settings; restore it from "
+                          f"a copy, or start the search again with `dettune search SPACE --overwrite`")
 
 
 def param_text(value: Any) -> str:
@@ -259,7 +276,7 @@ class Tracker:
         tags = self.client.get_run(self.parent_run_id).data.tags
         if (tags.get(TAG_BEST_TRIAL), tags.get(TAG_BEST_EPOCH)) == (trial_id, str(epoch)):
             return False
-        stamp = _now_ms()
+        stamp = now_ms()
         knobs = [RunTag(TAG_BEST_KNOB + k, param_text(v)) for k, v in params.items()]
         self.client.log_batch(
             self.parent_run_id,
@@ -327,13 +344,18 @@ class Tracker:
     def _logged_epochs(self, run_id: str, latest: Mapping[str, float]) -> set[int]:
         return {int(m.step) for key in latest for m in self.client.get_metric_history(run_id, key)}
 
-    def log_epoch(self, trial_id: str, result: Mapping[str, Any]) -> bool:
-        """Writes one epoch's log columns at step = epoch, unless the run already has that epoch."""
+    def log_epoch(self, trial_id: str, result: Mapping[str, Any], *, stamp_ms: int | None = None) -> bool:
+        """Writes one epoch's log columns at step = epoch, unless the run already has that epoch.
+
+        ``stamp_ms`` is the points' timestamp (default: now). A caller that may send the same row again gives the
+        time it first had the row: a write the server committed but whose reply was lost then comes back identical,
+        and MLflow's store drops identical points instead of recording the epoch twice.
+        """
         state = self._runs[trial_id]
         epoch = int(result["epoch"])
         if epoch in state.logged_epochs:
             return False
-        stamp = _now_ms()
+        stamp = now_ms() if stamp_ms is None else stamp_ms
         metrics = [Metric(k, float(v), stamp, epoch) for k, v in result.items()
                    if is_tracked(k) and isinstance(v, (int, float))]
         self.client.log_batch(state.run_id, metrics=metrics)
@@ -358,5 +380,6 @@ class Tracker:
         self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """The time as MLflow stamps its points: milliseconds since the epoch."""
     return int(time.time() * 1000)

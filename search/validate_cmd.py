@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from search.tracking import DEFAULT_STORAGE
 from spaces.errors import USAGE_ERROR
 
 
@@ -33,7 +34,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow store holding the searches named by inherit and warm_start (default: "
                              "$MLFLOW_TRACKING_URI, else the SQLite store under --storage, as `dettune search`)")
-    parser.add_argument("--storage", default="runs", help="the search's Ray storage path (default: runs)")
+    parser.add_argument("--storage", default=str(DEFAULT_STORAGE),
+                        help=f"the search's Ray storage path (default: {DEFAULT_STORAGE})")
     parser.set_defaults(handler=run_validate)
 
 

@@ -3,8 +3,9 @@
 The config is edited by registered steps, applied in registration order (this module's order: head, masks,
 backbone, weights, preset, classes, scale, batch size, optimisation, freeze) so later steps see the structure
 earlier ones set up; raw ``overrides`` come last. A step registered for a knob runs when the point sets that knob
-(or always, with ``every_point=True``); a failure inside it is raised as a :class:`KnobError` naming the knob, which
-is how :mod:`spaces.validate` blames a problem on the space field that caused it.
+(or always, with ``every_point=True``); a :class:`BuildError` it raises (a point or base config it cannot take) is
+raised again as a :class:`KnobError` naming the knob, which is how :mod:`spaces.validate` blames a problem on the
+space field that caused it. Any other exception is a bug and keeps its own type and traceback.
 
 Adding a knob takes two entries:
 
@@ -42,6 +43,7 @@ from spaces.errors import UserError
 from spaces.families import (
     SIZE_KEYS,
     is_detr_family,
+    is_pair,
     merged_paramwise,
     narrow_group_norms,
     out_strides,
@@ -50,7 +52,7 @@ from spaces.families import (
     stage_indices,
 )
 from spaces.knobs import KNOBS
-from spaces.tree import as_list, dicts, drop_init_cfgs
+from spaces.tree import as_list, config_dicts, dicts, drop_init_cfgs
 
 MMDET_PREFIX = "mmdet::"
 
@@ -80,11 +82,10 @@ class BuildError(UserError, ValueError):
 
 
 class KnobError(BuildError):
-    """A step registered for ``knob`` failed; the message is its error's, ``__cause__`` the error itself."""
+    """A step registered for ``knob`` refused the point; the message is its error's, ``__cause__`` the error."""
 
-    def __init__(self, knob: str, error: Exception) -> None:
-        text = str(error) if isinstance(error, BuildError) else f"{type(error).__name__}: {error}"
-        super().__init__(text)
+    def __init__(self, knob: str, error: BuildError) -> None:
+        super().__init__(str(error))
         self.knob = knob
 
 
@@ -208,13 +209,15 @@ def build_config(
 
 
 def _apply(entry: Step, cfg: Config, build: Build) -> None:
-    """Runs one step; a knob's step re-raises what went wrong as a :class:`KnobError` naming the knob."""
-    if entry.knob is None:
-        entry.edit(cfg, build)
-        return
+    """Runs one step; a :class:`BuildError` of a knob's step is raised again as a :class:`KnobError` naming the knob.
+
+    Only the user errors a step means are wrapped: anything else it raises is a bug and propagates as it is.
+    """
     try:
         entry.edit(cfg, build)
-    except Exception as error:  # a BuildError, or whatever a base config of an unexpected shape raises
+    except BuildError as error:
+        if entry.knob is None:
+            raise
         raise KnobError(entry.knob, error) from error
 
 
@@ -275,7 +278,7 @@ def _masks(cfg: Config, build: Build) -> None:
         raise BuildError(f"the base model {cfg.model.type} has a mask head, but {dataset.train_json} has "
                          "annotations without 'segmentation': set roi_head to faster or cascade, "
                          "or add polygon masks")
-    for node in dicts(cfg._cfg_dict):
+    for node in config_dicts(cfg):
         if node.get("type") == "LoadAnnotations":
             node["with_mask"] = needs
     if "data_preprocessor" in cfg.model:
@@ -475,13 +478,13 @@ def rescale(cfg: Config, scale: Sequence[int]) -> None:
         _rescale_tta_group(group, target, reference)
     skipped = {id(node) for group in tta_groups for node in group}
     if reference is not None:  # these scale by target / reference below, with the other relative sizes
-        skipped |= {id(node) for node in dicts(cfg._cfg_dict)
-                    if node.get("type") in SIZE_KEYS and _is_pair(node.get(SIZE_KEYS[node["type"]]))}
-    for node in dicts(cfg._cfg_dict):
+        skipped |= {id(node) for node in config_dicts(cfg)
+                    if node.get("type") in SIZE_KEYS and is_pair(node.get(SIZE_KEYS[node["type"]]))}
+    for node in config_dicts(cfg):
         if node.get("type") in _RESIZE_TYPES and id(node) not in skipped:
             _rescale(node, target)
     if reference is not None:
-        scale_sizes(cfg._cfg_dict, (target[0] / reference[0], target[1] / reference[1]))
+        scale_sizes(cfg, (target[0] / reference[0], target[1] / reference[1]))
 
 
 def _rescale(node: Any, target: tuple[int, int]) -> None:
@@ -490,7 +493,7 @@ def _rescale(node: Any, target: tuple[int, int]) -> None:
     value = node.get(key)
     if value is None:
         return
-    if isinstance(value, int) or _is_pair(value):
+    if isinstance(value, int) or is_pair(value):
         node[key] = target
     else:
         largest = max(value, key=lambda s: s[0] * s[1])
@@ -509,7 +512,7 @@ def test_scale(cfg: Config) -> tuple[int, int] | None:
         if loader is None:
             continue
         for step in _innermost_dataset(loader.dataset).get("pipeline", []):
-            if step.get("type") in _RESIZE_TYPES and _is_pair(step.get("scale")):
+            if step.get("type") in _RESIZE_TYPES and is_pair(step.get("scale")):
                 return int(step.scale[0]), int(step.scale[1])
     return None
 
@@ -517,7 +520,7 @@ def test_scale(cfg: Config) -> tuple[int, int] | None:
 def _tta_resize_groups(cfg: Config) -> list[list[Any]]:
     """The Resize steps of each TestTimeAug slot (its alternatives), wherever a TestTimeAug occurs."""
     groups = []
-    for node in dicts(cfg._cfg_dict):
+    for node in config_dicts(cfg):
         if node.get("type") != "TestTimeAug":
             continue
         for slot in node.get("transforms", []):
@@ -529,7 +532,7 @@ def _tta_resize_groups(cfg: Config) -> list[list[Any]]:
 
 def _rescale_tta_group(group: list[Any], target: tuple[int, int], reference: tuple[int, int] | None) -> None:
     """Scales a TTA slot's alternative sizes by target / test scale, so their spread survives."""
-    pairs = [step for step in group if _is_pair(step.get("scale"))]
+    pairs = [step for step in group if is_pair(step.get("scale"))]
     if len(pairs) < 2 or reference is None:
         for step in group:
             _rescale(step, target)
@@ -542,11 +545,7 @@ def _rescale_tta_group(group: list[Any], target: tuple[int, int], reference: tup
 def single_scale_training(cfg: Config) -> bool:
     """Whether training resizes to one scale (no multi-scale augmentation), so input shapes repeat."""
     resizes = [node for node in dicts(cfg.train_dataloader) if node.get("type") in _RESIZE_TYPES]
-    return bool(resizes) and all(node["type"] == "Resize" and _is_pair(node.get("scale")) for node in resizes)
-
-
-def _is_pair(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
+    return bool(resizes) and all(node["type"] == "Resize" and is_pair(node.get("scale")) for node in resizes)
 
 
 # --- batch size, optimiser, lr, schedule, epochs ----------------------------------------------------
@@ -569,7 +568,7 @@ def _optimisation(cfg: Config, build: Build) -> None:
     elif "lr" in point:
         cfg.optim_wrapper.optimizer.lr = float(point["lr"])
     schedule = point.get("schedule") or _schedule_of(cfg)
-    scale_epoch_hooks(cfg._cfg_dict, int(cfg.train_cfg.max_epochs), epochs)
+    scale_epoch_hooks(cfg, int(cfg.train_cfg.max_epochs), epochs)
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=epochs, val_interval=1)
     cfg.param_scheduler = lr_schedule(schedule, epochs, warmup_iters=min(_MAX_WARMUP_ITERS, iters_per_epoch))
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=16)
@@ -688,7 +687,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> None:
     """
     problems = []
     for dotted, value in overrides.items():
-        parent, last, problem = _walk(cfg._cfg_dict, dotted)
+        parent, last, problem = _walk(cfg, dotted)
         if problem:
             problems.append(problem)
         else:
@@ -719,7 +718,7 @@ def _child_key(node: Any, part: str, where: str) -> tuple[Any, str | None]:
         if part.isdigit() and int(part) < len(node):
             return int(part), None
         return None, f"{where} is a list of {len(node)}; '{part}' is not a valid index"
-    if isinstance(node, Mapping):
+    if isinstance(node, Mapping | Config):  # the Config itself is no Mapping, but has keys
         if part in node:
             return part, None
         close = difflib.get_close_matches(part, [str(k) for k in node], n=1)

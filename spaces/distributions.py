@@ -14,7 +14,7 @@ YAML                               Ray Tune (:meth:`to_tune`)    Optuna (:meth:`
 Choice and grid values may be any JSON value, e.g. image scales ``[[800, 800], [512, 512]]``. Optuna's
 ``CategoricalDistribution`` only stores None, bool, int, float and str, so :meth:`Choice.to_optuna` gives
 Optuna each other value as its JSON text (:func:`encode_choice`, e.g. ``"[800, 800]"``). A value Optuna
-samples (``trial.params[name]``, or a config built by Ray's ``OptunaSearch(space=...)``) turns back into the
+samples (``trial.params[name]``, the config dettune's searcher gives a trial) turns back into the
 real value with :func:`decode_optuna_value` (for a whole point: :meth:`spaces.schema.Space.decode_optuna`).
 Decoding looks the sampled value up among the encoded choices and returns the original at that index, so it
 never re-parses JSON and can't confuse a string choice with a list choice. Ray Tune's own ``tune.choice`` and

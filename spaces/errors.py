@@ -44,6 +44,27 @@ class Problem:
         return f"{self.file}: {self.field} = {self.value!r}: {self.rule}"
 
 
+class Problems:
+    """Collects the problems of one file, in the order found.
+
+    With ``once_per_value`` a field and value get one problem: validation meets one fault in every combination
+    that holds the value.
+    """
+
+    def __init__(self, file: str, *, once_per_value: bool = False) -> None:
+        self.file = file
+        self.items: list[Problem] = []
+        self._once_per_value = once_per_value
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, field: str, value: Any, rule: str) -> None:
+        key = (field, repr(value))
+        if self._once_per_value and key in self._seen:
+            return
+        self._seen.add(key)
+        self.items.append(Problem(self.file, field, value, rule))
+
+
 class UserError(Exception):
     """Wrong input from the user (a file, a flag, a name), never a bug: its message names the problem and the fix.
 
@@ -76,6 +97,10 @@ class NotFound(UserError, LookupError):
 
 class BadArgument(UserError, ValueError):
     """A command-line value breaks its rule (a range, a character it may not hold)."""
+
+
+class DamagedFile(UserError):
+    """A file dettune wrote for later (a search's saved settings) no longer reads back: edited, cut short."""
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

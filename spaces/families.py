@@ -16,9 +16,12 @@ import copy
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from spaces.tree import as_list, dicts
+from spaces.tree import as_list, config_dicts
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 
 _STEM_IS_INDEX_0 = ("CSPNeXt", "CSPDarknet")
 """Backbones whose out index 0 is the stride-2 stem, so index i has stride 2**(i+1); others: 2**(i+2)."""
@@ -47,22 +50,22 @@ def stage_indices(strides: Sequence[int]) -> list[int] | None:
         indices, strides, strict=True)) else None
 
 
-def scale_sizes(cfg_dict: Any, factor: tuple[float, float]) -> None:
+def scale_sizes(cfg: Config, factor: tuple[float, float]) -> None:
     """Multiplies every :data:`SIZE_KEYS` size in the config (pipelines, wrappers, hooks) by ``factor``."""
-    for node in dicts(cfg_dict):
+    for node in config_dicts(cfg):
         key = SIZE_KEYS.get(str(node.get("type")))
-        if key is not None and _is_pair(node.get(key)):
+        if key is not None and is_pair(node.get(key)):
             width, height = node[key]
             node[key] = (max(1, round(width * factor[0])), max(1, round(height * factor[1])))
 
 
-def scale_epoch_hooks(cfg_dict: Any, base_epochs: int, epochs: int) -> None:
+def scale_epoch_hooks(cfg: Config, base_epochs: int, epochs: int) -> None:
     """Moves epoch-based hooks to the same fraction of ``epochs`` as of the base's ``base_epochs``.
 
     RTMDet switches to its second-stage pipeline for the last 20 of 300 epochs: in a 12-epoch trial, for
     the last one. An EMA that begins at an epoch moves the same way.
     """
-    for hook in as_list(cfg_dict.get("custom_hooks")):
+    for hook in as_list(cfg.get("custom_hooks")):
         for key in ("switch_epoch", "begin_epoch"):
             if isinstance(hook.get(key), int) and hook[key] > 0:
                 hook[key] = min(epochs, max(1, round(hook[key] * epochs / base_epochs)))
@@ -111,5 +114,6 @@ def is_detr_family(model: Mapping[str, Any]) -> bool:
     return "decoder" in model or str(model.get("type", "")).endswith("DETR") or model.get("type") == "DINO"
 
 
-def _is_pair(value: Any) -> bool:
+def is_pair(value: Any) -> bool:
+    """Whether ``value`` is a size as mmdet configs write one: two ints, (width, height)."""
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)

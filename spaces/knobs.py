@@ -1,11 +1,12 @@
 """The knob catalog: every hyperparameter a space may search or fix, and the values it accepts.
 
 Each knob knows how to check a value (``Knob.check``); how a value turns into MMDetection config
-edits lives in :mod:`spaces.build`.
+edits lives in :mod:`spaces.build`; :func:`show_value` is how every command shows a value.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,3 +92,20 @@ KNOBS: dict[str, Knob] = {
              doc="training precision: fp32, or fp16 / bf16 autocast (mmengine's AmpOptimWrapper, GPUs only)"),
     )
 }
+
+
+def show_value(value: Any) -> str:
+    """A knob value as the console, the tables, the report and the messages show it.
+
+    Floats keep three significant digits (an integral one its ``.0``: ``2.0`` stays a float); lists and numbers
+    read as in the space file. A param read back from MLflow (text) shows as the value it was logged from.
+    """
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value  # a name, or a size logged as 800x800
+        return value if value.lstrip("-").isdigit() else show_value(number)
+    if isinstance(value, float):
+        return repr(value) if value.is_integer() else f"{value:.3g}"
+    return json.dumps(value)

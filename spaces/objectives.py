@@ -19,6 +19,8 @@ GFLOPS_METRIC = "model/gflops"
 PARAMS_METRIC = "model/params_M"
 COST_METRICS = (FPS_METRIC, GFLOPS_METRIC, PARAMS_METRIC)
 """What running a trial's model costs; every trial reports them, stopped early or not."""
+COST_MODES = {FPS_METRIC: "max", GFLOPS_METRIC: "min", PARAMS_METRIC: "min"}
+"""Which way each cost is better: more frames per second, fewer GFLOPs and parameters."""
 
 SCORE_PREFIX = "val/"
 UNMEASURED = 1e6

@@ -62,7 +62,7 @@ from spaces.distributions import (
     Uniform,
     parse_distribution,
 )
-from spaces.errors import MISSING, Problem, SpaceError
+from spaces.errors import MISSING, Problem, Problems, SpaceError
 from spaces.knobs import KNOBS
 from spaces.objectives import COST_METRICS
 
@@ -325,24 +325,13 @@ def validate_space(data: Any, file: str = "<dict>") -> Space:
         got = "an empty file" if data is None else type(data).__name__
         rule = f"must be a mapping of fields (name, base, data, budget, space, ...), but got {got}"
         raise SpaceError([Problem(file, TOP_LEVEL, data, rule)])
-    problems = _Problems(file)
+    problems = Problems(file)
     values = _validate_sections(data, problems)
     for check in _RULES:
         check(values, problems)
     if problems.items:
         raise SpaceError(problems.items)
     return Space.model_validate(values)
-
-
-class _Problems:
-    """Collects the problems of one file."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.items: list[Problem] = []
-
-    def add(self, field: str, value: Any, rule: str) -> None:
-        self.items.append(Problem(self.file, field, value, rule))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -406,7 +395,7 @@ def _adapters() -> dict[str, TypeAdapter[Any]]:
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {}
 
 
-def _validate_sections(data: dict[Any, Any], problems: _Problems) -> dict[str, Any]:
+def _validate_sections(data: dict[Any, Any], problems: Problems) -> dict[str, Any]:
     """Validates every top-level field separately; returns the valid ones (defaults filled in).
 
     Validating section by section (and mapping sections such as ``space`` item by item) lets the rules run on
@@ -432,7 +421,7 @@ def _validate_sections(data: dict[Any, Any], problems: _Problems) -> dict[str, A
 _INVALID = object()
 
 
-def _validate_section(name: str, raw: Any, problems: _Problems) -> Any:
+def _validate_section(name: str, raw: Any, problems: Problems) -> Any:
     """Validates one top-level field, adding its problems; returns ``_INVALID`` if it is broken.
 
     A broken section still gives its valid parts to the rules: a mapping section (``space``, ``fixed``, ...)
@@ -484,7 +473,7 @@ _CONSTRAINTS = ("greater_than_equal", "string_pattern_mismatch", "string_too_sho
 """The pydantic error types of the ``Field`` constraints that :data:`_FIXES` explains."""
 
 
-def _add_pydantic_problem(loc: tuple[Any, ...], item: Any, problems: _Problems) -> None:
+def _add_pydantic_problem(loc: tuple[Any, ...], item: Any, problems: Problems) -> None:
     """Adds one pydantic error as a problem at its dotted field path, with the fix where one is known."""
     field = ".".join(str(part) for part in loc)
     kind, value, ctx = item["type"], item.get("input"), item.get("ctx", {})
@@ -535,7 +524,7 @@ def _get(v: dict[str, Any], section: str, field: str) -> Any:
     return part.get(field) if isinstance(part, dict) else getattr(part, field, None)
 
 
-def _check_scheduler(v: dict[str, Any], out: _Problems) -> None:
+def _check_scheduler(v: dict[str, Any], out: Problems) -> None:
     grace, epochs = _get(v, "scheduler", "grace_epochs"), _get(v, "budget", "epochs")
     if _get(v, "scheduler", "type") == "asha" and None not in (grace, epochs) and not grace < epochs:
         out.add(
@@ -547,7 +536,7 @@ def _check_scheduler(v: dict[str, Any], out: _Problems) -> None:
         )
 
 
-def _check_metric(v: dict[str, Any], out: _Problems) -> None:
+def _check_metric(v: dict[str, Any], out: Problems) -> None:
     if "metric" in v and v["metric"] not in METRICS:
         hint = _did_you_mean(v["metric"], METRICS)
         out.add("metric", v["metric"], f"must be one of {', '.join(METRICS)}{hint}")
@@ -562,7 +551,7 @@ def _metric_rule(metric: str) -> str | None:
     return f"must be one of {', '.join(TRIAL_METRICS)}{_did_you_mean(metric, TRIAL_METRICS)}"
 
 
-def _check_objectives(v: dict[str, Any], out: _Problems) -> None:
+def _check_objectives(v: dict[str, Any], out: Problems) -> None:
     seen = {v.get("metric")}
     for index, objective in enumerate(v.get("objectives", [])):
         field = f"objectives.{index}.metric"
@@ -581,14 +570,14 @@ def _check_objectives(v: dict[str, Any], out: _Problems) -> None:
                 "steer: use tpe or nsga2, or remove objectives (constraints work with grid)")
 
 
-def _check_constraints(v: dict[str, Any], out: _Problems) -> None:
+def _check_constraints(v: dict[str, Any], out: Problems) -> None:
     for metric in v.get("constraints", {}):
         rule = _metric_rule(metric)
         if rule:
             out.add(f"constraints.{metric}", v["constraints"][metric].model_dump(exclude_none=True), rule)
 
 
-def _check_knob_names(v: dict[str, Any], out: _Problems) -> None:
+def _check_knob_names(v: dict[str, Any], out: Problems) -> None:
     for section in ("space", "fixed"):
         for name, value in v.get(section, {}).items():
             shown = value.to_json() if section == "space" else value
@@ -603,7 +592,7 @@ def _check_knob_names(v: dict[str, Any], out: _Problems) -> None:
                 )
 
 
-def _check_overlap(v: dict[str, Any], out: _Problems) -> None:
+def _check_overlap(v: dict[str, Any], out: Problems) -> None:
     for name in v.get("fixed", {}):
         if name in v.get("space", {}):
             out.add(
@@ -618,7 +607,7 @@ def _searchable(name: str) -> bool:
     return name in KNOBS and name != "epochs"
 
 
-def _check_fixed_values(v: dict[str, Any], out: _Problems) -> None:
+def _check_fixed_values(v: dict[str, Any], out: Problems) -> None:
     for name, value in v.get("fixed", {}).items():
         rule = KNOBS[name].check(value) if _searchable(name) else None
         if rule:
@@ -641,7 +630,7 @@ def _probe_points(dist: Distribution) -> list[tuple[str, float]]:
     return [("low", dist.low), ("high", dist.high), ("sample", dist.low + 0.382 * (dist.high - dist.low))]
 
 
-def _check_distribution_values(v: dict[str, Any], out: _Problems) -> None:
+def _check_distribution_values(v: dict[str, Any], out: Problems) -> None:
     for name, dist in v.get("space", {}).items():
         if not _searchable(name):
             continue
@@ -658,7 +647,7 @@ def _check_distribution_values(v: dict[str, Any], out: _Problems) -> None:
             _check_numeric_range(name, dist, out)
 
 
-def _check_numeric_range(name: str, dist: Distribution, out: _Problems) -> None:
+def _check_numeric_range(name: str, dist: Distribution, out: Problems) -> None:
     for label, point in _probe_points(dist):
         rule = KNOBS[name].check(point)
         if rule:
@@ -668,7 +657,7 @@ def _check_numeric_range(name: str, dist: Distribution, out: _Problems) -> None:
             return
 
 
-def _check_algorithm(v: dict[str, Any], out: _Problems) -> None:
+def _check_algorithm(v: dict[str, Any], out: Problems) -> None:
     algorithm = _get(v, "search", "algorithm")
     if algorithm is None:
         return
@@ -689,7 +678,7 @@ def _check_algorithm(v: dict[str, Any], out: _Problems) -> None:
             )
 
 
-def _check_gpus(v: dict[str, Any], out: _Problems) -> None:
+def _check_gpus(v: dict[str, Any], out: Problems) -> None:
     gpus, workers = _get(v, "budget", "gpus_per_trial"), _get(v, "budget", "workers_per_trial")
     if gpus is None or workers is None or gpus == 0:
         return
@@ -706,7 +695,7 @@ def _check_gpus(v: dict[str, Any], out: _Problems) -> None:
                 f"number of GPUs; use workers_per_trial dividing {gpus:g}, or a multiple of {workers} GPUs")
 
 
-def _check_amp(v: dict[str, Any], out: _Problems) -> None:
+def _check_amp(v: dict[str, Any], out: Problems) -> None:
     if _get(v, "budget", "gpus_per_trial") != 0:
         return
     fixed, dist = v.get("fixed", {}).get("amp"), v.get("space", {}).get("amp")
@@ -720,14 +709,14 @@ def _check_amp(v: dict[str, Any], out: _Problems) -> None:
 _MIXED = ("fp16", "bf16")
 
 
-def _check_pretrained(v: dict[str, Any], out: _Problems) -> None:
+def _check_pretrained(v: dict[str, Any], out: Problems) -> None:
     for backbone, path in v.get("pretrained", {}).items():
         rule = KNOBS["backbone"].check(backbone)
         if rule:
             out.add(f"pretrained.{backbone}", path, f"keys are backbone names: {backbone!r} {rule}")
 
 
-def _check_earlier_searches(v: dict[str, Any], out: _Problems) -> None:
+def _check_earlier_searches(v: dict[str, Any], out: Problems) -> None:
     for section in ("inherit", "warm_start"):
         names = v.get(section, [])
         for name in names:
@@ -742,7 +731,7 @@ def _check_earlier_searches(v: dict[str, Any], out: _Problems) -> None:
                 "{algorithm: tpe} (told the earlier trials) or grid (skips points already trained), or remove it")
 
 
-_RULES: tuple[Callable[[dict[str, Any], _Problems], None], ...] = (
+_RULES: tuple[Callable[[dict[str, Any], Problems], None], ...] = (
     _check_metric,
     _check_objectives,
     _check_constraints,

@@ -36,6 +36,8 @@ CLASSES: tuple[str, ...] = (
 )
 
 _MIN_IMAGES = 4
+VAL_FRACTION = 0.25
+"""The share of images in the val split, by default."""
 _MIN_SIZE = 144
 _MAX_SIZE = 2048
 
@@ -460,8 +462,12 @@ def _write_png(path: Path, img: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def _validate(images: int, size: int, val_fraction: float) -> None:
-    """Raises ValueError naming the argument, the rule and the value for bad arguments."""
+def check_arguments(images: int, size: int, val_fraction: float = VAL_FRACTION) -> None:
+    """Checks :func:`write_dataset`'s arguments before anything is written.
+
+    Raises:
+        ValueError: Naming the argument, the rule and the value.
+    """
     if images < _MIN_IMAGES:
         raise ValueError(f"--images must be >= {_MIN_IMAGES}, got {images}")
     if not _MIN_SIZE <= size <= _MAX_SIZE:
@@ -473,7 +479,7 @@ def _validate(images: int, size: int, val_fraction: float) -> None:
 
 
 def write_dataset(
-    out: Path, *, images: int = 48, size: int = 160, seed: int = 0, val_fraction: float = 0.25
+    out: Path, *, images: int = 48, size: int = 160, seed: int = 0, val_fraction: float = VAL_FRACTION
 ) -> SynthSummary:
     """Writes a synthetic COCO detection dataset: ``train.json``, ``val.json`` and ``images/*.png``.
 
@@ -490,7 +496,7 @@ def write_dataset(
     Raises:
         ValueError: An argument is out of range.
     """
-    _validate(images, size, val_fraction)
+    check_arguments(images, size, val_fraction)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

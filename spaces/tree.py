@@ -11,6 +11,11 @@ def dicts(node: Any) -> list[Any]:
     return list(_iter_dicts(node))
 
 
+def config_dicts(cfg: Any) -> list[Any]:
+    """Every mapping nested in an mmengine ``Config``, reached through its keys (the Config itself is no Mapping)."""
+    return [node for key in cfg for node in dicts(cfg[key])]
+
+
 def _iter_dicts(node: Any) -> Iterator[Any]:
     if isinstance(node, Mapping):
         yield node

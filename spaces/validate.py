@@ -43,10 +43,11 @@ from torch.overrides import TorchFunctionMode
 from spaces.build import BuildError, KnobError, apply_overrides, build_config, load_base
 from spaces.dataset import Dataset, DatasetError, open_dataset
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
-from spaces.errors import Problem, SpaceError
+from spaces.errors import Problem, Problems, SpaceError
+from spaces.knobs import show_value
 from spaces.schema import DataSpec, Limit, Space, load_space
 from spaces.smoke import SmokeError, SmokeTrainer
-from spaces.tree import dicts
+from spaces.tree import config_dicts
 
 AREA_METRICS = {
     "val/bbox_mAP_s": ("s", "small", "area < 32²"),
@@ -122,7 +123,7 @@ def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], 
     Raises:
         SpaceError: With every problem found.
     """
-    out = _Problems(file)
+    out = Problems(file, once_per_value=True)
     base = _check_base(space.base, out)
     pretrained = _check_pretrained(space, out)
     dataset = _check_dataset(space.data, out)
@@ -145,7 +146,7 @@ def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], 
                       notes=tuple(_notes(space)))
 
 
-def _beside(check: Callable[[], None], alongside: Callable[[], None], out: _Problems) -> None:
+def _beside(check: Callable[[], None], alongside: Callable[[], None], out: Problems) -> None:
     """Runs ``check`` on a thread while ``alongside`` runs on this one (Ray's init must: it sets the SIGTERM
     handler only on the main thread); an input problem wins over what ``alongside`` raised."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dettune-check") as pool:
@@ -168,21 +169,6 @@ class _Counts:
     train_seconds: float = 0.0
 
 
-class _Problems:
-    """Collects the problems of one file, one per field and value."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.items: list[Problem] = []
-        self._seen: set[tuple[str, str]] = set()
-
-    def add(self, field: str, value: Any, rule: str) -> None:
-        key = (field, repr(value))
-        if key not in self._seen:
-            self._seen.add(key)
-            self.items.append(Problem(self.file, field, value, rule))
-
-
 def _files_of_broken_space(path: str | Path, file: str) -> list[Problem]:
     """Checks the base config and the data of a space whose schema is broken, where those are valid."""
     try:
@@ -191,7 +177,7 @@ def _files_of_broken_space(path: str | Path, file: str) -> list[Problem]:
         return []  # load_space has reported it
     if not isinstance(data, dict):
         return []
-    out = _Problems(file)
+    out = Problems(file, once_per_value=True)
     if isinstance(data.get("base"), str) and data["base"]:
         _check_base(data["base"], out)
     try:
@@ -206,7 +192,7 @@ def _files_of_broken_space(path: str | Path, file: str) -> list[Problem]:
 # Files: base config, checkpoints, dataset.
 
 
-def _check_base(base: str, out: _Problems) -> Config | None:
+def _check_base(base: str, out: Problems) -> Config | None:
     """Loads the base config; returns None (and adds the problem) if it is missing or broken."""
     try:
         return load_base(base)
@@ -218,7 +204,7 @@ def _check_base(base: str, out: _Problems) -> Config | None:
     return None
 
 
-def _check_pretrained(space: Space, out: _Problems) -> dict[str, str]:
+def _check_pretrained(space: Space, out: Problems) -> dict[str, str]:
     """Returns the ``pretrained`` checkpoints that exist; each missing one is a problem."""
     found = {}
     for name, path in space.pretrained.items():
@@ -230,7 +216,7 @@ def _check_pretrained(space: Space, out: _Problems) -> dict[str, str]:
     return found
 
 
-def _check_dataset(spec: DataSpec, out: _Problems) -> Dataset | None:
+def _check_dataset(spec: DataSpec, out: Problems) -> Dataset | None:
     """Opens the dataset; returns None (and adds the problem, at the field to fix) if it can't be used."""
     try:
         return open_dataset(spec.root, spec.train, spec.val, spec.images)
@@ -259,7 +245,7 @@ def _stand_in(spec: DataSpec) -> Dataset:
                    has_masks=True, num_train_images=1, val_area_ranges=frozenset("sml"))
 
 
-def _check_area_metric(space: Space, dataset: Dataset, out: _Problems) -> None:
+def _check_area_metric(space: Space, dataset: Dataset, out: Problems) -> None:
     """An area metric needs val objects of its area range; COCO reports -1 (no score) otherwise.
 
     That holds for the primary metric, each objective and each limit: no trial would report the metric.
@@ -276,7 +262,7 @@ def _check_area_metric(space: Space, dataset: Dataset, out: _Problems) -> None:
                     f"(no score) and no trial reports {metric}: use another metric, or a val set with {word} objects")
 
 
-def _check_masks(space: Space, dataset: Dataset, base: Config | None, out: _Problems) -> None:
+def _check_masks(space: Space, dataset: Dataset, base: Config | None, out: Problems) -> None:
     """A mask head (HTC, or a mask base config) needs polygon masks on every training annotation."""
     if dataset.has_masks:
         return
@@ -315,7 +301,7 @@ def _axis(dist: Distribution) -> list[Any]:
 
 
 def _check_models(space: Space, base: Config, dataset: Dataset | None, pretrained: dict[str, str],
-                  out: _Problems, counts: _Counts) -> None:
+                  out: Problems, counts: _Counts) -> None:
     """Builds every combination's config, constructs each distinct model and trains each distinct (model,
     pipeline) once; without a usable dataset (its problem is reported already) it only builds."""
     from mmdet.utils import register_all_modules
@@ -340,7 +326,7 @@ def _check_models(space: Space, base: Config, dataset: Dataset | None, pretraine
 
 
 def _config_of(
-    space: Space, base: Config, combo: dict[str, Any], dataset: Dataset, pretrained: dict[str, str], out: _Problems
+    space: Space, base: Config, combo: dict[str, Any], dataset: Dataset, pretrained: dict[str, str], out: Problems
 ) -> Config | None:
     """The trial config of one combination, as a trial builds it; None (and a problem) if it can't be built."""
     point = {**space.point_defaults(), **combo}
@@ -371,7 +357,7 @@ def _knob_field(space: Space, knob: str | None, point: dict[str, Any]) -> tuple[
 
 def _context(space: Space, combo: dict[str, Any], knob: str | None) -> str:
     """``" (with backbone=convnext-t, ...)"``: the other searched values of the failing combination."""
-    others = [f"{name}={_show(value)}" for name, value in combo.items()
+    others = [f"{name}={show_value(value)}" for name, value in combo.items()
               if name != knob and isinstance(space.space[name], Choice | Grid)]
     return f" (with {', '.join(others)})" if others else ""
 
@@ -381,7 +367,7 @@ def _model_key(cfg: Config) -> str:
     return json.dumps([cfg.model.to_dict(), cfg.get("custom_imports")], sort_keys=True, default=repr)
 
 
-def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> bool:
+def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: Problems) -> bool:
     """Constructs the model on the meta device; a failure becomes a problem of the knob most likely at fault.
 
     Returns:
@@ -419,15 +405,15 @@ def _semantic_needs(cfg: Config) -> list[str]:
     needs = []
     if (cfg.model.get("roi_head") or {}).get("semantic_head") is not None:
         needs.append("model.roi_head.semantic_head")
-    if any(node.get("type") == "LoadAnnotations" and node.get("with_seg") for node in dicts(cfg._cfg_dict)):
+    if any(node.get("type") == "LoadAnnotations" and node.get("with_seg") for node in config_dicts(cfg)):
         needs.append("LoadAnnotations with_seg=True")
     if any(isinstance(node.get("data_prefix"), dict) and node.data_prefix.get("seg")
-           for node in dicts(cfg._cfg_dict)):
+           for node in config_dicts(cfg)):
         needs.append("data_prefix.seg")
     return needs
 
 
-def _has_data_it_needs(space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> bool:
+def _has_data_it_needs(space: Space, cfg: Config, combo: dict[str, Any], out: Problems) -> bool:
     """Refuses a config that reads semantic maps: a dettune dataset (COCO boxes and polygons) has none.
 
     Refused rather than edited: dropping the semantic branch trains another model than the base names (HTC's
@@ -459,12 +445,12 @@ _SMOKE_FIXES = {
 }
 
 
-def _smoke_train(smoke: SmokeTrainer, space: Space, cfg: Config, combo: dict[str, Any], out: _Problems) -> None:
+def _smoke_train(smoke: SmokeTrainer, space: Space, cfg: Config, combo: dict[str, Any], out: Problems) -> None:
     """One smoke training of ``cfg``; a failure becomes a problem naming the stage, the key and the fix."""
     try:
         smoke.run(cfg)
     except SmokeError as error:
-        where = ", ".join(f"{name}={_show(value)}" for name, value in combo.items())
+        where = ", ".join(f"{name}={show_value(value)}" for name, value in combo.items())
         out.add("base", space.base, f"one training step fails at the {error}"
                 f"{f' (with {where})' if where else ''}: {_SMOKE_FIXES[error.stage]}")
 
@@ -532,7 +518,7 @@ def summary(validation: Validation) -> str:
         *_labelled("objectives", [f"{o.metric} ({o.mode})" for o in space.objectives]),
         *_labelled("limits", [_limit_line(metric, limit) for metric, limit in space.constraints.items()]),
         *_labelled("space", [_knob_line(name, dist, _width(space)) for name, dist in space.space.items()]),
-        ("fixed", "  ".join(f"{name}={_show(value)}" for name, value in space.point_defaults().items())),
+        ("fixed", "  ".join(f"{name}={show_value(value)}" for name, value in space.point_defaults().items())),
         ("grid", _grid_line(space)),
         ("trials", _trials_line(space)),
         ("search", _search_line(space)),
@@ -555,10 +541,6 @@ def _labelled(label: str, texts: list[str]) -> list[tuple[str, str]]:
     return [(label if index == 0 else "", text) for index, text in enumerate(texts)]
 
 
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _width(space: Space) -> int:
     return max((len(name) for name in space.space), default=0)
 
@@ -573,7 +555,7 @@ def _data_line(spec: DataSpec, dataset: Dataset) -> str:
 
 def _knob_line(name: str, dist: Distribution, width: int) -> str:
     if isinstance(dist, Choice | Grid):
-        values = ", ".join(_show(value) for value in dist.values)
+        values = ", ".join(show_value(value) for value in dist.values)
         return f"{name:<{width}}  {dist.kind} ({len(dist.values)}): {values}"
     if isinstance(dist, RandInt):
         return f"{name:<{width}}  randint: {dist.low} .. {dist.high - 1}"

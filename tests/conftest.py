@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from spaces.dataset import Dataset, open_dataset
 from spaces.synth import write_dataset
@@ -99,3 +101,11 @@ def write_space(path: Path, dataset: Dataset, **sections: Any) -> Path:
     doc.update(sections)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def runs_of(tracking_uri: str, name: str, role: str = "trial") -> list[Run]:
+    """The runs of search ``name`` with this ``dettune.role`` (trial or parent), read straight from MLflow."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no experiment {name} in {tracking_uri}"
+    return list(client.search_runs([experiment.experiment_id], f"tags.`dettune.role` = '{role}'"))

@@ -1,7 +1,10 @@
-"""Real services on 127.0.0.1 for tests: a Ray head started with `ray start`, and an `mlflow server`."""
+"""Real services on 127.0.0.1 for tests: a Ray head started with `ray start`, an `mlflow server`, and a proxy
+that loses a reply."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import os
 import secrets
 import shutil
@@ -10,13 +13,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -27,19 +33,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 90.0) -> None:
-    """Waits until ``url`` answers at all (an HTTP error such as 401 counts: the server is up)."""
+def wait_for_http(url: str, timeout: float = 90.0, *, healthy: bool = False,
+                  process: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+    """Waits until ``url`` answers: at all (an HTTP error such as 401 counts: the server is up), or with
+    ``healthy`` with a success. A ``process`` serving it that exits meanwhile fails at once, with its log's tail."""
     deadline = time.monotonic() + timeout
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{tail(log)}")
         try:
             with urllib.request.urlopen(url, timeout=5):
                 return
         except urllib.error.HTTPError:
-            return
+            if not healthy:
+                return
         except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
-            time.sleep(0.5)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer{' healthy' if healthy else ''} within {timeout:.0f} s:\n"
+                               f"{tail(log)}")
+        time.sleep(0.5)
+
+
+def tail(log: Path | None, chars: int = 4000) -> str:
+    """The end of a service's log, for a failure message."""
+    return log.read_text(errors="replace")[-chars:] if log is not None and log.exists() else "(no log)"
 
 
 def agent_ports() -> list[str]:
@@ -102,6 +120,29 @@ def _kill_processes_using(marker: str) -> None:
             continue
 
 
+def proc_bytes(path: str | Path) -> bytes:
+    """A /proc file's bytes; empty when its process ended meanwhile."""
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def descendants(root: int) -> list[int]:
+    """The pids of every process below ``root`` (children, their children, ...), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = proc_bytes(stat).rsplit(b")", 1)[-1].split()  # after "(comm)", which may hold spaces
+        if len(fields) > 1:
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 @contextmanager
 def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts in ``tmp``; yields its URL.
@@ -123,3 +164,61 @@ def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+class ReplyDroppingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that, once armed for a path, forwards the next request
+    to it, lets the server answer (the write is committed) and then closes the connection without the reply: what
+    a client sees when a network drops a reply or its timeout ends the wait just after the server committed."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.armed_for: str | None = None
+        self.dropped: list[str] = []
+        proxy = self
+
+        class Forward(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as MLflow's client uses it
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body,
+                                     headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                    reply = upstream.getresponse()
+                    content = reply.read()
+                finally:
+                    upstream.close()
+                if proxy.armed_for is not None and self.path.endswith(proxy.armed_for):
+                    proxy.armed_for = None
+                    proxy.dropped.append(self.path)
+                    self.close_connection = True  # the server answered; the client hears nothing
+                    return
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = forward
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def drop_next_reply(self, path_end: str) -> None:
+        """The next request whose path ends with ``path_end`` reaches the server; its reply never comes back."""
+        self.armed_for = path_end
+
+    def __enter__(self) -> ReplyDroppingProxy:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+from spaces.objectives import COST_MODES
+
 VAL_PREFIX = "val/"
 TRAIN_PREFIX = "train/"
 EPOCH = "epoch"
@@ -45,3 +47,18 @@ def train_metrics(sums: Mapping[str, float], count: int) -> dict[str, float]:
 def non_finite(metrics: Mapping[str, float]) -> list[str]:
     """Names of the metrics whose value is NaN or infinite."""
     return sorted(k for k, v in metrics.items() if not math.isfinite(v))
+
+
+def known_mode(column: str) -> str | None:
+    """Which way a column of the experiment log is better, where its kind says: val scores, train accuracies
+    and FPS higher, train losses, GFLOPs and parameters lower; None for the rest (the learning rate)."""
+    if column in COST_MODES:
+        return COST_MODES[column]
+    if column.startswith(VAL_PREFIX):
+        return "max"
+    name = column.removeprefix(TRAIN_PREFIX).rsplit(".", 1)[-1]  # cascade stages: train/s0.loss_cls
+    if column.startswith(TRAIN_PREFIX) and name.startswith("loss"):
+        return "min"
+    if column.startswith(TRAIN_PREFIX) and name.startswith("acc"):
+        return "max"
+    return None

@@ -15,6 +15,7 @@ from mmengine.config import Config
 from mmengine.logging import MessageHub, MMLogger
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
+from mmengine.utils import ManagerMixin
 from mmengine.visualization import Visualizer
 
 from trainers.checkpoint import trusted_checkpoint_globals
@@ -36,8 +37,19 @@ def build_runner(cfg: Config) -> TrialRunner:
 def release_globals(experiment_name: str) -> None:
     """Closes the trial's log files and forgets every singleton created under its name."""
     for manager in (MMLogger, Visualizer, MessageHub, DefaultScope):
-        for name in [n for n in manager._instance_dict if n.startswith(experiment_name)]:
-            _close(manager._instance_dict.pop(name))
+        instances = _instances(manager)
+        for name in [n for n in instances if n.startswith(experiment_name)]:
+            _close(instances.pop(name))
+
+
+def _instances(manager: type[ManagerMixin]) -> dict[str, Any]:
+    """The live instances of one of mmengine's singleton classes, by name.
+
+    mmengine offers no public way to forget an instance (``ManagerMixin`` only creates and looks them up); its own
+    ``RunnerTestCase.tearDown`` clears this private dict too. This is the one place that reads it;
+    tests/trainers/test_runner.py fails if mmengine changes it.
+    """
+    return manager._instance_dict
 
 
 def _close(instance: Any) -> None:

@@ -21,7 +21,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,22 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services import BIN, free_port, tail, wait_for_http
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINTS = REPO / "docker" / "entrypoints"
-BIN = Path(sys.executable).parent
 # Passwords with characters that must be quoted in URIs and escaped in mlflow's ini file.
 PG_PASSWORD = "pg:p@ss/w%rd#" + secrets.token_hex(8)
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(12)
 SEARCH = "deploy-demo"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_status(url: str, *, auth: tuple[str, str] | None = None, token: str | None = None,
@@ -71,21 +64,6 @@ def http_status(url: str, *, auth: tuple[str, str] | None = None, token: str | N
         return status, json.loads(text)
     except ValueError:
         return status, text
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not healthy within {timeout:.0f} s:\n{_tail(log)}")
 
 
 def start_entrypoint(script: str, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -131,10 +109,6 @@ def _pids_with(marker: str) -> list[int]:
         except OSError:
             continue
     return pids
-
-
-def _tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------------
@@ -239,7 +213,7 @@ def mlflow(postgres: Postgres) -> Iterator[Mlflow]:
     process = start_entrypoint("mlflow.sh", env, log)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(f"{url}/health", process, log)
+        wait_for_http(f"{url}/health", 180, healthy=True, process=process, log=log)
         yield Mlflow(url=url, artifacts=root / "artifacts", admin=("admin", ADMIN_PASSWORD))
     finally:
         stop_group(process, str(root), group=True)
@@ -294,10 +268,10 @@ def ray_head() -> Iterator[RayHead]:
                                "--ray-client-server-port", str(free_port()))
     try:
         head = RayHead(dashboard=f"http://127.0.0.1:{dashboard_port}", token=token, root=root)
-        wait_until_healthy(f"{head.dashboard}/api/gcs_healthz", process, log)
+        wait_for_http(f"{head.dashboard}/api/gcs_healthz", 180, healthy=True, process=process, log=log)
         deadline = time.monotonic() + 60
         while http_status(f"{head.dashboard}/api/jobs/", token=token)[0] != 200:  # the job API comes up last
-            assert time.monotonic() < deadline, _tail(log)
+            assert time.monotonic() < deadline, tail(log)
             time.sleep(1)
         yield head
     finally:

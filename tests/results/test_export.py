@@ -27,7 +27,7 @@ from results.export import (
 from results.store import open_search, open_tracking
 from spaces.dataset import Dataset
 from spaces.errors import BadArgument
-from spaces.schema import load_space
+from spaces.schema import Objective, load_space
 from spaces.synth import CLASSES
 
 VAL = ["val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_s", "val/bbox_mAP_m", "val/bbox_mAP_l"]
@@ -153,9 +153,19 @@ def test_no_checkpoint_or_unknown_metric_is_a_user_error(tmp_path: Path) -> None
 
 def test_metric_mode_follows_the_space_then_the_metrics_kind() -> None:
     space = load_space(Path(__file__).parents[2] / "spaces" / "demo.yaml")
+    assert not space.objectives
     assert metric_mode(space, "val/bbox_mAP") == space.mode == "max"
-    assert metric_mode(space, "train/loss") == "min"
-    assert metric_mode(space, "val/bbox_mAP_s") == "max"
+    assert [metric_mode(space, m) for m in ("train/loss", "train/s1.loss_bbox", "train/acc", "val/bbox_mAP_s")] == [
+        "min", "min", "max", "max"]
+    assert [metric_mode(space, m) for m in ("model/gflops", "model/params_M", "inference/fps")] == ["min", "min", "max"]
+    with pytest.raises(BadArgument, match="whether a higher or a lower train/lr is better"):
+        metric_mode(space, "train/lr")
+
+
+def test_an_objectives_mode_is_the_spaces() -> None:
+    space = load_space(Path(__file__).parents[2] / "spaces" / "demo.yaml")
+    space = space.model_copy(update={"objectives": [Objective(metric="model/params_M", mode="max")]})
+    assert metric_mode(space, "model/params_M") == "max"  # the space's word wins over the kind's
 
 
 def test_params_of_a_grid_over_lists_are_the_values_the_trial_trained(tmp_path: Path) -> None:

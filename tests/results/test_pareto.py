@@ -13,16 +13,18 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_space
+from conftest import runs_of, write_space
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from results.report import draw_pareto, open_search, open_tracking, write_report
 from search.cli import main
-from search.driver import SearchOptions, SearchOutcome, run_search
-from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_ROLE, TAG_STATUS, Tracker
+from search.driver import SAVED_SPACE, SearchOptions, SearchOutcome, run_search
+from search.optuna_search import TRIAL_ATTR, ObjectiveSearch
+from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_STATUS, TAG_TRIAL, Tracker
 from spaces.dataset import Dataset
-from spaces.schema import Space
+from spaces.schema import Space, load_space
 
 NAME = "pareto"
 PRIMARY = "val/bbox_mAP_50"
@@ -42,13 +44,6 @@ def searched(tmp_path_factory: pytest.TempPathFactory, synth: Dataset, ray_local
     return run_search(SearchOptions(space_file=space, storage=root / "runs"))
 
 
-def _children(outcome: SearchOutcome) -> list[Run]:
-    client = MlflowClient(outcome.tracking_uri)
-    experiment = client.get_experiment_by_name(NAME)
-    assert experiment is not None
-    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'")
-
-
 def _history(client: MlflowClient, run: Run, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
@@ -57,7 +52,7 @@ def _values(outcome: SearchOutcome) -> dict[str, list[float]]:
     """Per finished trial: the best primary over its epochs, and each other objective's last measurement."""
     client = MlflowClient(outcome.tracking_uri)
     out = {}
-    for run in _children(outcome):
+    for run in runs_of(outcome.tracking_uri, NAME):
         if run.data.tags[TAG_STATUS] in ("completed", "stopped"):
             primary = max(v for _, v in _history(client, run, PRIMARY))
             out[run.data.tags[TAG_EXP_NUM]] = [primary, *(_history(client, run, m)[-1][1] for m, _ in OBJECTIVES)]
@@ -77,7 +72,7 @@ def _non_dominated(values: dict[str, list[float]]) -> set[str]:
 @pytest.mark.slow
 def test_every_trial_has_its_costs_from_the_first_epoch(searched: SearchOutcome) -> None:
     client = MlflowClient(searched.tracking_uri)
-    children = _children(searched)
+    children = runs_of(searched.tracking_uri, NAME)
     assert len(children) == 4
     for run in children:
         for key in COSTS:
@@ -103,8 +98,9 @@ def test_reports_front_is_the_non_dominated_set_and_mlflow_tags_it(searched: Sea
     assert "| GFLOPs | Params (M) |" in report
 
     client = MlflowClient(searched.tracking_uri)
-    tagged = {r.data.tags[TAG_EXP_NUM] for r in _children(searched) if r.data.tags.get(TAG_PARETO) == "true"}
-    parent = client.get_run(_children(searched)[0].data.tags["mlflow.parentRunId"])
+    trials = runs_of(searched.tracking_uri, NAME)
+    tagged = {r.data.tags[TAG_EXP_NUM] for r in trials if r.data.tags.get(TAG_PARETO) == "true"}
+    parent = client.get_run(trials[0].data.tags["mlflow.parentRunId"])
     assert tagged == expected
     assert set(parent.data.tags[TAG_FRONT].split(", ")) == expected
 
@@ -141,6 +137,24 @@ def test_a_limit_no_trial_meets_is_exit_2_naming_the_closest(searched: SearchOut
     assert "no trial of pareto meets inference/fps >= 100000 (closest: pareto-" in error
     assert "relax the limits" in error and "Traceback" not in error
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_searchers_study_holds_each_finished_trials_point_and_values_as_mlflow_does(
+        searched: SearchOutcome) -> None:
+    space = load_space(searched.experiment_dir / SAVED_SPACE)
+    searcher = ObjectiveSearch(space)
+    searcher.restore_from_dir(str(searched.experiment_dir))  # the state Tune saved with the experiment
+    values = _values(searched)
+    runs = {run.data.tags[TAG_TRIAL]: run for run in runs_of(searched.tracking_uri, NAME)}
+
+    told = {t.user_attrs[TRIAL_ATTR]: t for t in searcher.study.trials if t.state == TrialState.COMPLETE}
+    assert {runs[trial_id].data.tags[TAG_EXP_NUM] for trial_id in told} == set(values)
+    for trial_id, trial in told.items():
+        run = runs[trial_id]
+        assert trial.values == values[run.data.tags[TAG_EXP_NUM]]
+        scale = "x".join(str(side) for side in json.loads(trial.params["scale"]))
+        assert (trial.params["lr"], scale) == (float(run.data.params["lr"]), run.data.params["scale"])
 
 
 # Logged by hand as the driver's callback would: (status, per-epoch mAP, per-epoch FPS (None: not measured)).

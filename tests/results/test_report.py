@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_space
+from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 
 from results.report import add_parser, draw_plots, write_report
@@ -91,9 +91,7 @@ def report(finished: FinishedSearch, tmp_path_factory: pytest.TempPathFactory) -
 
 def trial_runs(tracking_uri: str) -> dict[str, Any]:
     """Exp num -> MLflow run, read straight from MLflow."""
-    client = MlflowClient(tracking_uri)
-    return {r.data.tags["dettune.exp_num"]: r for r in client.search_runs(
-        [client.get_experiment_by_name(NAME).experiment_id], "tags.`dettune.role` = 'trial'")}
+    return {r.data.tags["dettune.exp_num"]: r for r in runs_of(tracking_uri, NAME)}
 
 
 def raw_best(tracking_uri: str, run_id: str, key: str = "val/bbox_mAP") -> tuple[int, float] | None:

@@ -24,6 +24,7 @@ from services import free_port
 
 from search.cli import USAGE_ERROR, main
 from search.tracking import TAG_ROLE, TAG_STATUS, Tracker, local_tracking_uri
+from spaces import synth
 from spaces.dataset import Dataset
 
 STORAGE = "runs"
@@ -234,6 +235,19 @@ def test_resume_of_an_unknown_search(cwd: Path, capfd: pytest.CaptureFixture[str
     assert tree(cwd) == before
 
 
+@pytest.mark.parametrize("saved", ['{"uri": null, "down_tim', "[1, 2]", '{"uri": null, "timeout": 600}',
+                                   '{"uri": 5, "down_timeout_s": 600}'],
+                         ids=["cut-short", "not-an-object", "unknown-field", "wrong-type"])
+def test_resume_of_a_search_whose_saved_settings_are_damaged(saved: str, cwd: Path,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    (cwd / STORAGE / NAME).mkdir(parents=True)
+    (cwd / STORAGE / NAME / "search.json").write_text(saved)
+    before = tree(cwd)
+    outcome = dettune(capfd, "resume", NAME, "--storage", STORAGE)
+    outcome.assert_refused(f"{NAME}/search.json is damaged", "restore it", "--overwrite")
+    assert tree(cwd) == before
+
+
 @pytest.mark.parametrize("command", [["report", "NOPE"], ["export", "NOPE", "--out", "exported"],
                                      ["report", "it's"]], ids=["report", "export", "quote-in-name"])
 def test_report_and_export_of_an_unknown_search(command: list[str], cwd: Path,
@@ -247,3 +261,19 @@ def test_report_and_export_of_an_unknown_search(command: list[str], cwd: Path,
     outcome.assert_refused(f"no search named {command[1]!r}", "(it has: other)", "check the name")
     assert tree(cwd, skip=("mlflow.db",)) == before
     assert store_contents(tracking_uri) == stored
+
+
+@pytest.mark.parametrize("flags", [["--images", "2"], ["--size", "64"]], ids=["images", "size"])
+def test_synthetic_data_with_an_argument_out_of_range(flags: list[str], cwd: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    dettune(capfd, "data", "synth", "out", *flags).assert_refused(f"{flags[0]} must be")
+    assert not (cwd / "out").exists()
+
+
+def test_a_bug_while_writing_synthetic_data_keeps_its_traceback(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_render(*args: Any) -> None:
+        raise ValueError("a bug in rendering")  # the type an argument error has: it must not pass for one
+
+    monkeypatch.setattr(synth, "_render", broken_render)
+    with pytest.raises(ValueError, match="a bug in rendering"):
+        main(["data", "synth", "out", "--images", "4"])

@@ -20,6 +20,7 @@ from conftest import write_space
 from services import free_port
 
 from search.cli import main
+from search.driver import RayUnreachable, _check_ray_answers
 from spaces.dataset import Dataset
 from spaces.errors import USAGE_ERROR
 
@@ -66,11 +67,28 @@ def test_an_address_whose_cluster_is_gone_exits_2_at_once(how: str, stale_record
 
 @pytest.mark.slow
 def test_without_an_address_a_private_ray_starts(stale_record: str) -> None:
-    probe = ("import ray; from search.driver import connect_ray; connect_ray(None); "
-             "print('gcs', ray.get_runtime_context().gcs_address)")
+    """It starts apart from the recorded cluster, and its workers hide GPUs from CPU tasks while the driver's
+    environment stays as it was (a chain's next search, a library user's process)."""
+    hide = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
+    probe = ("import os, ray; from search.driver import connect_ray; connect_ray(None); "
+             "print('gcs', ray.get_runtime_context().gcs_address); "
+             f"print('worker', ray.get(ray.remote(lambda: os.environ.get({hide!r})).remote())); "
+             f"print('driver', os.environ.get({hide!r}))")
+    env = {k: v for k, v in os.environ.items() if k != hide}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=RAY_STARTUP_S,
-                          env=os.environ.copy(), cwd=Path(__file__).parents[2])
+                          env=env, cwd=Path(__file__).parents[2])
 
     assert done.returncode == 0, done.stderr[-3000:]
-    gcs = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("gcs "))
-    assert gcs != stale_record
+    printed = dict(line.split(maxsplit=1) for line in done.stdout.splitlines() if line.split()[0] in
+                   ("gcs", "worker", "driver"))
+    assert printed["gcs"] != stale_record
+    assert (printed["worker"], printed["driver"]) == ("1", "None")
+
+
+def test_auto_resolves_as_ray_init_does_and_a_dead_cluster_is_refused(stale_record: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` goes through the one private Ray function the driver calls: this fails if Ray moves or changes it."""
+    monkeypatch.setenv("RAY_ADDRESS", stale_record)  # what `auto` resolves to first, whatever else runs here
+
+    with pytest.raises(RayUnreachable, match=f"the Ray cluster at 'auto' \\({stale_record}, as Ray last recorded"):
+        _check_ray_answers("auto")

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
-from services import BIN, agent_ports, free_port, ray_head
+from services import BIN, agent_ports, descendants, free_port, proc_bytes, ray_head
 
 from spaces.dataset import Dataset
 
@@ -27,26 +27,9 @@ def _start_worker_node(head_address: str, env: dict[str, str], port: int) -> Non
 def _node_processes(node_manager_port: int) -> list[int]:
     """The worker node's raylet (started with our --node-manager-port) and every process it started."""
     raylets = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
-               if _read(p).startswith(b"/") and b"raylet" in _read(p).split(b"\0")[0]
-               and f"--node_manager_port={node_manager_port}".encode() in _read(p)]
-    return raylets + [pid for raylet in raylets for pid in _descendants(raylet)]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""
-
-
-def _descendants(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _read(stat).rsplit(b")", 1)[-1].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            child = int(stat.parent.name)
-            children += [child, *_descendants(child)]
-    return children
+               if proc_bytes(p).startswith(b"/") and b"raylet" in proc_bytes(p).split(b"\0")[0]
+               and f"--node_manager_port={node_manager_port}".encode() in proc_bytes(p)]
+    return raylets + [pid for raylet in raylets for pid in descendants(raylet)]
 
 
 @pytest.mark.slow

@@ -37,8 +37,8 @@ def test_several_objectives_get_each_trials_values_over_all_its_epochs(tmp_path:
                    objectives=[{"metric": "inference/fps", "mode": "max"}, {"metric": "model/gflops", "mode": "min"}])
     searcher = ObjectiveSearch(space)
     _run(searcher, "t1", ROWS)
-    (trial,) = searcher._ot_study.trials
-    assert len(searcher._ot_study.directions) == 3
+    (trial,) = searcher.study.trials
+    assert len(searcher.study.directions) == 3
     assert trial.state == TrialState.COMPLETE
     assert trial.values == [0.30, 8.0, 2.0]  # best epoch's mAP, the costs its last result lacks
 
@@ -49,7 +49,7 @@ def test_limits_reach_optunas_constraints(tmp_path: Path, synth: Dataset) -> Non
     searcher = ObjectiveSearch(space)
     _run(searcher, "slow", ROWS)
     _run(searcher, "fast", [{**row, "inference/fps": 16.0} if "inference/fps" in row else row for row in ROWS])
-    slow, fast = searcher._ot_study.trials
+    slow, fast = searcher.study.trials
     # fps 8 is 20% short of 10; gflops 2 is half of 4
     assert slow.constraints == {"inference/fps >=": pytest.approx(0.2), "model/gflops <=": -0.5}
     assert fast.constraints == {"inference/fps >=": pytest.approx(-0.6), "model/gflops <=": -0.5}
@@ -58,7 +58,50 @@ def test_limits_reach_optunas_constraints(tmp_path: Path, synth: Dataset) -> Non
 def test_single_objective_is_told_the_best_epoch(tmp_path: Path, synth: Dataset) -> None:
     searcher = ObjectiveSearch(_space(tmp_path, synth, metric="val/bbox_mAP"))
     _run(searcher, "t1", ROWS)
-    assert searcher._ot_study.trials[0].value == 0.30
+    assert searcher.study.trials[0].value == 0.30
+
+
+def test_a_stop_on_a_new_best_epoch_tells_that_epoch(tmp_path: Path, synth: Dataset) -> None:
+    """ASHA's stop comes with the result it stopped on, which the searcher never saw as a result."""
+    searcher = ObjectiveSearch(_space(tmp_path, synth, metric="val/bbox_mAP"))
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", ROWS[0])
+    searcher.on_trial_complete("t1", result=ROWS[1])
+    (trial,) = searcher.study.trials
+    assert (trial.state, trial.value, trial.intermediate_values) == (TrialState.COMPLETE, 0.30, {1: 0.10})
+
+
+def test_failed_and_valueless_trials_end_as_optuna_expects(tmp_path: Path, synth: Dataset) -> None:
+    space = _space(tmp_path, synth, metric="val/bbox_mAP", objectives=[{"metric": "inference/fps", "mode": "max"}])
+    searcher = ObjectiveSearch(space)
+    searcher.suggest("error")
+    searcher.on_trial_result("error", ROWS[0])
+    searcher.on_trial_complete("error", error=True)
+    searcher.suggest("no-fps")
+    searcher.on_trial_complete("no-fps", result=ROWS[1])
+    searcher.on_trial_complete("no-fps", result=ROWS[1])  # told once: a second end changes nothing
+    assert [(t.state, t.values) for t in searcher.study.trials] == [(TrialState.FAIL, None),
+                                                                      (TrialState.PRUNED, None)]
+
+
+def test_a_restored_searcher_finishes_the_trials_it_had_asked(tmp_path: Path, synth: Dataset) -> None:
+    space = _space(tmp_path, synth, metric="val/bbox_mAP", objectives=[{"metric": "inference/fps", "mode": "max"}],
+                   constraints={"inference/fps": {"min": 10}})
+    before = ObjectiveSearch(space)
+    _run(before, "done", ROWS)
+    asked = before.suggest("running")
+    before.on_trial_result("running", ROWS[0])
+    before.save(str(tmp_path / "searcher.pkl"))
+
+    after = ObjectiveSearch(space)  # as Tune rebuilds it on resume, then restores its saved state
+    after.restore(str(tmp_path / "searcher.pkl"))
+    after.on_trial_result("running", ROWS[1])
+    after.on_trial_complete("running", result=ROWS[1])
+    done, running = after.study.trials
+    assert done.values == [0.30, 8.0] and running.params == asked
+    assert running.state == TrialState.COMPLETE and running.values == [0.30, 8.0]
+    assert running.constraints == {"inference/fps >=": pytest.approx(0.2)}
+    assert after.suggest("next") is not None and len(after.study.trials) == 3
 
 
 @pytest.mark.parametrize(("algorithm", "sampler"), [("tpe", TPESampler), ("nsga2", NSGAIISampler)])

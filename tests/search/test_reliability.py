@@ -12,19 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_space
+from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
+from services import descendants, proc_bytes
 
 from search.driver import SearchOptions, run_search
 from search.tracking import TAG_FAILURE, TAG_STATUS, TAG_TRIAL
 from spaces.dataset import Dataset
-
-
-def _trial_runs(tracking_uri: str, name: str) -> list[Any]:
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    return list(client.search_runs([experiment.experiment_id], "tags.`dettune.role` = 'trial'"))
 
 
 def _steps(tracking_uri: str, run: Any, key: str) -> list[int]:
@@ -38,7 +33,7 @@ def test_diverging_trial_fails_at_once_and_the_search_goes_on(tmp_path: Path, sy
                              space={"lr": {"grid": [0.01, 10000.0]}})
     outcome = run_search(SearchOptions(space_file=space_file, storage=tmp_path / "runs"))
 
-    runs = {float(r.data.params["lr"]): r for r in _trial_runs(outcome.tracking_uri, "nan")}
+    runs = {float(r.data.params["lr"]): r for r in runs_of(outcome.tracking_uri, "nan")}
     diverged = runs[10000.0]
     assert diverged.data.tags[TAG_STATUS] == "failed"
     assert "loss became nan" in diverged.data.tags[TAG_FAILURE]
@@ -71,28 +66,7 @@ def _trial_processes() -> list[int]:
     Their raylet is a child of this process, so they are its descendants; other Ray sessions on the machine (other
     test runs, other users) are not, and are left alone.
     """
-    return [pid for pid in _descendants(os.getpid()) if b"ImplicitFunc" in _read(f"/proc/{pid}/cmdline")]
-
-
-def _descendants(root: int) -> list[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _read(str(stat)).rsplit(b")", 1)[-1].split()  # after "(comm)", which may hold spaces
-        if fields:
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError:  # the process ended meanwhile
-        return b""
+    return [pid for pid in descendants(os.getpid()) if b"ImplicitFunc" in proc_bytes(f"/proc/{pid}/cmdline")]
 
 
 def _mid_epoch(storage: Path, epoch: int) -> bool:
@@ -112,7 +86,7 @@ def test_killed_trial_process_resumes_in_the_same_run(tmp_path: Path, synth: Dat
 
     (trial,) = ExperimentAnalysis(str(outcome.experiment_dir)).trials
     assert trial.run_metadata.num_failures == 1, "the kill did not happen or was not retried"
-    (run,) = _trial_runs(outcome.tracking_uri, "kill-trial")
+    (run,) = runs_of(outcome.tracking_uri, "kill-trial")
     assert run.data.tags[TAG_STATUS] == "completed" and run.data.tags[TAG_TRIAL] == trial.trial_id
     for key in ("val/bbox_mAP", "train/loss", "train/lr"):
         assert _steps(outcome.tracking_uri, run, key) == [1, 2, 3], key
@@ -144,7 +118,7 @@ def test_killed_driver_resumes_with_the_same_trials(tmp_path: Path, synth: Datas
     assert resumed.returncode == 0, output[-3000:]
 
     tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    runs = _trial_runs(tracking_uri, "kill-driver")
+    runs = runs_of(tracking_uri, "kill-driver")
     assert len(runs) == 4, "trials were lost or duplicated"
     assert len({r.data.tags[TAG_TRIAL] for r in runs}) == 4
     for run in runs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,16 @@ def _result_lines(experiment_dir: Path) -> list[str]:
 
 
 def test_random_search_samples_within_the_range(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    environment = dict(os.environ)
     _, _, runs = _search(tmp_path, synth, name="random", budget={"epochs": 1, "trials": 2, "max_concurrent": 2},
                          search={"algorithm": "random", "seed": 3})
     lrs = [float(c.data.params["lr"]) for c in _children(runs)]
     assert len(set(lrs)) == 2 and all(0.005 <= lr <= 0.03 for lr in lrs)
     assert all(c.data.tags[TAG_STATUS] == "completed" for c in _children(runs))
+    # What Ray, Tune and MLflow read from the environment stays as it was for the process's next search (a
+    # chain's); the libraries' own import-time settings (torch's, OpenMP's) are theirs, not the search's.
+    changed = {k for k in set(os.environ) | set(environment) if os.environ.get(k) != environment.get(k)}
+    assert not {k for k in changed if k.startswith(("RAY_", "TUNE_", "MLFLOW_"))}, changed
 
 
 def test_tpe_with_the_same_seed_proposes_the_same_first_points(tmp_path: Path, synth: Dataset) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_space
+from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from search.driver import SearchOptions, run_search
-from search.tracking import TAG_ROLE, TAG_STATUS, TAG_TRIAL, Tracker, local_tracking_uri
+from search.tracking import TAG_STATUS, TAG_TRIAL, Tracker, local_tracking_uri
 from spaces.dataset import Dataset
 
 LOCKED = "database is locked"
@@ -26,11 +26,6 @@ TRIALS = 4
 EPOCHS = 2
 STRESS_EPOCHS = 50
 LOG_SUFFIXES = (".log", ".txt", ".out", ".err", ".json", ".csv")
-
-
-def _trial_runs(client: MlflowClient, name: str) -> list[Any]:
-    experiment = client.get_experiment_by_name(name)
-    return list(client.search_runs([experiment.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'"))
 
 
 def _steps(client: MlflowClient, run: Any) -> dict[str, list[int]]:
@@ -59,7 +54,7 @@ def test_four_concurrent_trials_share_the_sqlite_store(tmp_path: Path, synth: Da
 
     assert outcome.tracking_uri == local_tracking_uri(tmp_path / "runs")
     client = MlflowClient(outcome.tracking_uri)
-    runs = _trial_runs(client, "four")
+    runs = runs_of(outcome.tracking_uri, "four")
     trials = ExperimentAnalysis(str(outcome.experiment_dir)).trials
     assert len(runs) == TRIALS and {r.data.tags[TAG_TRIAL] for r in runs} == {t.trial_id for t in trials}
 
@@ -121,7 +116,7 @@ def test_four_processes_with_their_own_trackers_all_land(tmp_path: Path,
     assert LOCKED not in out + err
 
     client = MlflowClient(tracking_uri)
-    runs = _trial_runs(client, "stress")
+    runs = runs_of(tracking_uri, "stress")
     assert sorted(r.data.tags[TAG_TRIAL] for r in runs) == [f"trial{i}" for i in range(TRIALS)]
     for run in runs:
         index = int(run.data.tags[TAG_TRIAL].removeprefix("trial"))

@@ -15,32 +15,26 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import write_space
+from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
 from search.driver import SearchOptions, make_searcher, run_search
 from search.staging import stage_from_store
-from search.tracking import TAG_INHERITED, TAG_ROLE, TAG_STATUS, TAG_TRIAL, Tracker, local_tracking_uri
+from search.tracking import TAG_INHERITED, TAG_STATUS, TAG_TRIAL, Tracker, local_tracking_uri
 from spaces.dataset import Dataset
 from spaces.schema import load_space
 
 METRIC = "val/bbox_mAP_50"  # write_space's metric
 
 
-def _runs(tracking_uri: str, name: str, role: str = "trial") -> list[Any]:
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    return list(client.search_runs([experiment.experiment_id], f"tags.`{TAG_ROLE}` = '{role}'"))
-
-
 def _best_params(tracking_uri: str, name: str) -> list[dict[str, str]]:
     """The params of the completed trials with the best score (all of them if several tie)."""
     client = MlflowClient(tracking_uri)
     scores = {run.info.run_id: max(m.value for m in client.get_metric_history(run.info.run_id, METRIC))
-              for run in _runs(tracking_uri, name) if run.data.tags[TAG_STATUS] == "completed"}
+              for run in runs_of(tracking_uri, name) if run.data.tags[TAG_STATUS] == "completed"}
     top = max(scores.values())
-    return [run.data.params for run in _runs(tracking_uri, name) if scores.get(run.info.run_id) == top]
+    return [run.data.params for run in runs_of(tracking_uri, name) if scores.get(run.info.run_id) == top]
 
 
 def test_inherit_gives_every_trial_the_earlier_best_values_and_fixed_wins(
@@ -57,7 +51,7 @@ def test_inherit_gives_every_trial_the_earlier_best_values_and_fixed_wins(
 
     run_search(SearchOptions(space_file=second, storage=storage))
 
-    trials = _runs(uri, "stage-b")
+    trials = runs_of(uri, "stage-b")
     assert sorted(run.data.params["schedule"] for run in trials) == ["cosine", "step"]
     for run in trials:
         params = run.data.params
@@ -65,7 +59,7 @@ def test_inherit_gives_every_trial_the_earlier_best_values_and_fixed_wins(
         assert {k: params[k] for k in ("backbone", "preset", "scale", "optimizer")} == {
             "backbone": "r18", "preset": "tiny", "scale": "160x160", "optimizer": "sgd"}
         assert params["batch_size"] == "2", "the explicit fixed value must win over stage-a's 4"
-    [parent] = _runs(uri, "stage-b", role="parent")
+    [parent] = runs_of(uri, "stage-b", role="parent")
     assert f"lr = {trials[0].data.params['lr']}  from stage-a-" in parent.data.tags[TAG_INHERITED]
     assert "batch_size" not in parent.data.tags[TAG_INHERITED]
 
@@ -105,7 +99,7 @@ def test_warm_start_puts_earlier_trials_into_the_study_before_the_first_proposal
 
     first = searcher.suggest("t0")
 
-    study = searcher.searcher._ot_study  # Ray's OptunaSearch keeps its study here; no public accessor
+    study = searcher.searcher.study
     told = [(t.state, t.value, t.intermediate_values, t.params) for t in study.trials[:2]]
     assert told == [(optuna.trial.TrialState.COMPLETE, 0.3, {1: 0.1, 2: 0.3}, {"lr": 0.01}),
                     (optuna.trial.TrialState.PRUNED, None, {1: 0.2}, {"lr": 0.02})]
@@ -121,7 +115,7 @@ def _snapshot(tracking_uri: str, name: str, storage: Path) -> dict[str, Any]:
     runs = {run.data.tags[TAG_TRIAL]: (run.info.end_time, run.data.tags[TAG_STATUS],
                                        {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
                                         for k in run.data.metrics})
-            for run in _runs(tracking_uri, name)}
+            for run in runs_of(tracking_uri, name)}
     files = {str(p.relative_to(storage)): p.stat().st_mtime_ns for p in (storage / name / "trials").rglob("*")}
     return {"runs": runs, "files": files}
 
@@ -162,7 +156,7 @@ def test_a_chain_killed_in_its_second_search_continues_without_rerunning_the_fir
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert _snapshot(uri, "chain-a", storage) == before, "the first search changed"
     best_lr = {p["lr"] for p in _best_params(uri, "chain-a")}
-    second = _runs(uri, "chain-b")
+    second = runs_of(uri, "chain-b")
     assert sorted(run.data.params["schedule"] for run in second) == ["cosine", "step"]
     for run in second:
         assert run.data.tags[TAG_STATUS] == "completed" and run.data.params["lr"] in best_lr
@@ -205,4 +199,4 @@ def test_a_grid_search_skips_points_an_earlier_search_trained_to_the_full_budget
 
     run_search(SearchOptions(space_file=later, storage=storage))
 
-    assert sorted(run.data.params["lr"] for run in _runs(uri, "grid-b")) == ["0.02", "0.03"]
+    assert sorted(run.data.params["lr"] for run in runs_of(uri, "grid-b")) == ["0.02", "0.03"]

@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from results.store import Point, TrialRecord
+from search.optuna_search import new_study
 from search.staging import (
     EarlierSearch,
     StagingError,
@@ -19,7 +20,7 @@ from search.staging import (
     remaining_grid,
     stage,
     warm_points,
-    warm_study,
+    warm_trials,
 )
 from spaces.errors import SpaceError
 from spaces.schema import Space, load_space
@@ -153,7 +154,8 @@ def test_the_warm_study_holds_completed_and_pruned_trials_as_optuna_sees_them() 
     later = space("b")
     warm = warm_points(later, [earlier(trials=A_TRIALS)])
 
-    study = optuna.load_study(study_name="b", storage=warm_study(later, warm))
+    study = new_study(later)
+    study.add_trials(warm_trials(later, warm))
 
     states = [(t.state, t.value, t.intermediate_values, t.params) for t in study.trials]
     assert states == [

@@ -1,4 +1,5 @@
-"""The MLflow tracking server goes away during a search: writes are buffered, or the search stops cleanly."""
+"""The MLflow tracking server goes away during a search: writes are buffered, or the search stops cleanly; a reply
+lost after the server committed a write leaves one point, not two."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
-from services import free_port, mlflow_server
+from services import ReplyDroppingProxy, free_port, mlflow_server
 
+from search.callbacks import MlflowCallback
+from search.tracking import TrackingSettings
 from spaces.dataset import Dataset
 
 SECRET = "s3cret-word"
@@ -98,3 +102,28 @@ def test_long_outage_stops_the_search_for_resume(tmp_path: Path, synth: Dataset)
     assert SECRET not in output
     leaks = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == [], "credentials written to files"
+
+
+def test_a_write_the_server_committed_but_whose_reply_was_lost_is_not_recorded_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as in a search: the callback retries, not the client
+    with mlflow_server(tmp_path) as url, ReplyDroppingProxy(url) as proxy:
+        settings = TrackingSettings(uri=proxy.url)
+        settings.save(tmp_path / "search.json")
+        callback = MlflowCallback(settings.tracker(tmp_path, "lost-reply"), settings_file=tmp_path / "search.json",
+                                  params_of=dict, max_epochs=2, failure_of=lambda _: None, retry_every_s=0.0)
+        trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01})  # what the callback reads of a Tune trial
+        callback.on_trial_start(0, [trial], trial)
+        proxy.drop_next_reply("/runs/log-batch")
+        callback.on_trial_result(1, [trial], trial, {"epoch": 1, "val/bbox_mAP": 0.25, "train/loss": 1.5})
+        assert proxy.dropped, "the epoch's write never reached the server"
+        time.sleep(0.05)  # a timestamp taken at the retry would differ from the first write's
+        callback.on_step_end(2, [trial])
+        console = capsys.readouterr().out
+        assert "MLflow unreachable" in console and "buffered writes delivered" in console, console
+
+        client = MlflowClient(url)
+        (run,) = client.search_runs([client.get_experiment_by_name("lost-reply").experiment_id],
+                                    "tags.`dettune.trial_id` = 't0'")
+        for key, value in (("val/bbox_mAP", 0.25), ("train/loss", 1.5)):
+            assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] == [(1, value)], key

@@ -6,7 +6,10 @@ real thing from the config: the model, the dataset pipeline, the lr scheduler.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,9 +24,11 @@ from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.registry import PARAM_SCHEDULERS
 
+from spaces import build as build_module
 from spaces.backbones import backbone, catalog_name, import_mmpretrain_models
 from spaces.build import (
     STEPS,
+    Build,
     BuildError,
     KnobError,
     build_config,
@@ -34,6 +39,7 @@ from spaces.build import (
     step_milestones,
 )
 from spaces.dataset import Dataset
+from spaces.errors import UserError
 from spaces.knobs import BACKBONES, KNOBS, ROI_HEADS
 
 # Every build without a local checkpoint warns once; the tests that count warnings record them explicitly.
@@ -244,7 +250,7 @@ def test_base_backbone_remote_weights_are_dropped_with_one_warning(faster: Confi
 
 
 def test_remote_weights_anywhere_are_dropped(faster: Config, synth: Dataset) -> None:
-    base = faster.copy()
+    base = copy.deepcopy(faster)  # not Config.copy: it shares the nested dicts with the module fixture
     base.load_from = "https://example.org/detector.pth"
     base.model.neck.init_cfg = dict(type="Pretrained", checkpoint="https://example.org/neck.pth")
     base.model.rpn_head.init_cfg = [dict(type="Normal", layer="Conv2d", std=0.01),
@@ -476,7 +482,7 @@ def test_schedule_fits_the_epochs(faster: Config, synth: Dataset, point: dict[st
 
 
 def test_cosine_base_keeps_cosine_when_only_epochs_change(faster: Config, synth: Dataset) -> None:
-    base = faster.copy()
+    base = copy.deepcopy(faster)  # not Config.copy: it shares the nested dicts with the module fixture
     base.param_scheduler = [dict(type="CosineAnnealingLR", begin=0, end=12, T_max=12, by_epoch=True)]
     cfg = build_config(base, {"epochs": 6}, synth)
     assert cfg.param_scheduler[1]["type"] == "CosineAnnealingLR" and cfg.param_scheduler[1]["T_max"] == 6
@@ -519,7 +525,7 @@ def test_freeze_applies_to_the_base_backbone(faster: Config, synth: Dataset) -> 
 
 
 def test_freeze_of_an_unknown_backbone_is_refused(faster: Config, synth: Dataset) -> None:
-    base = faster.copy()
+    base = copy.deepcopy(faster)  # not Config.copy: it shares the nested dicts with the module fixture
     base.model.backbone = dict(type="RegNet", arch="regnetx_3.2gf", out_indices=(0, 1, 2, 3))
     with pytest.raises(KnobError, match="freeze.*RegNet") as caught:
         build_config(base, {"freeze": 1}, synth)
@@ -589,9 +595,52 @@ def test_every_bad_override_is_reported_at_once(cascade: Config, synth: Dataset)
 
 # --- the step registry ------------------------------------------------------------------------------
 
-def test_every_step_sets_a_catalogued_knob_or_every_point() -> None:
-    assert {s.knob for s in STEPS.values()} - {None} <= set(KNOBS)
-    assert all(s.every_point for s in STEPS.values() if s.knob is None)
+# Two values of every knob in the catalog, each a trial would train differently with.
+TWO_VALUES: dict[str, tuple[Any, Any]] = {
+    "backbone": ("r18", "r50"), "roi_head": ("faster", "cascade"), "scale": ([128, 128], [160, 160]),
+    "lr": (0.01, 0.02), "schedule": ("step", "cosine"), "optimizer": ("sgd", "adamw"), "freeze": (0, 2),
+    "epochs": (2, 3), "batch_size": (2, 4), "preset": ("full", "tiny"), "amp": ("fp32", "fp16"),
+}
+
+
+def _as_text(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=repr)
+
+
+@pytest.mark.parametrize("knob", sorted(KNOBS))
+def test_every_knob_in_the_catalog_reaches_the_config(faster: Config, synth: Dataset, knob: str) -> None:
+    """A knob the catalog offers but no step reads would be searched over while every trial trains the same."""
+    assert knob in TWO_VALUES, f"give this test two values of the new knob {knob}"
+    first, second = (build_config(faster, {knob: value}, synth) for value in TWO_VALUES[knob])
+    assert _as_text(first) != _as_text(second)
+
+
+def test_a_bug_in_a_knob_step_keeps_its_type_and_traceback(
+    faster: Config, synth: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build_module, "STEPS", dict(STEPS))
+
+    @step("lr_with_a_bug", knob="lr")
+    def buggy(cfg: Config, build: Build) -> None:
+        cfg.optim_wrapper["optimizer"]["lr"] = build.point["learning_rate"]  # the wrong key: a bug, not bad input
+
+    with pytest.raises(KeyError, match="learning_rate") as caught:
+        build_config(faster, {"lr": 0.01}, synth)
+    assert not isinstance(caught.value, UserError)
+    assert "buggy" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+
+
+def test_a_knob_steps_build_error_names_its_knob(faster: Config, synth: Dataset,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build_module, "STEPS", dict(STEPS))
+
+    @step("lr_refused", knob="lr")
+    def refuse(cfg: Config, build: Build) -> None:
+        raise BuildError("lr 0.01 is too small for this base config: use at least 0.02")
+
+    with pytest.raises(KnobError, match="use at least 0.02") as caught:
+        build_config(faster, {"lr": 0.01}, synth)
+    assert caught.value.knob == "lr"
 
 
 def test_a_step_for_an_unknown_knob_or_a_taken_name_is_refused() -> None:

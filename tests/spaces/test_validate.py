@@ -293,12 +293,12 @@ def test_a_failing_step_is_blamed_on_the_knob_it_is_registered_for(
 
     @build_module.step("lr_check_with_an_unrelated_name", knob="lr")
     def fail(cfg: Any, build: build_module.Build) -> None:
-        raise KeyError("no optim_wrapper")
+        raise build_module.BuildError("lr needs an optim_wrapper in the base config")
 
     problems = problems_of(tmp_path, space_data(data_root))
 
     assert {p.field for p in problems} == {"space.lr"}
-    assert all("KeyError: 'no optim_wrapper'" in p.rule for p in problems)
+    assert all("lr needs an optim_wrapper in the base config" in p.rule for p in problems)
 
 
 def test_model_that_mmdet_cannot_construct(data_root: Path, tmp_path: Path) -> None:
