@@ -33,7 +33,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 90.0, *, healthy: bool = False,
+# A server that starts in seconds on an idle machine took 95 s at load 37: waiting longer costs nothing when it is
+# up sooner, and a serving process that exits still fails the wait at once.
+def wait_for_http(url: str, timeout: float = 240.0, *, healthy: bool = False,
                   process: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
     """Waits until ``url`` answers: at all (an HTTP error such as 401 counts: the server is up), or with
     ``healthy`` with a success. A ``process`` serving it that exits meanwhile fails at once, with its log's tail."""
