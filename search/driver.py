@@ -49,6 +49,7 @@ from search.tracking import (
 )
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
+from spaces.datacheck import check_command
 from spaces.errors import NotFound, SpaceError, UserError
 from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
@@ -387,7 +388,9 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
                                 max_epochs=epochs, failure_of=plan.failure_of),
                  ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=plan.point,
-                                 failure_of=plan.failure_of, log_of=plan.trial_log)]
+                                 failure_of=plan.failure_of, log_of=plan.trial_log,
+                                 data_check=check_command(plan.data_root, space.data.train, space.data.val,
+                                                          space.data.images))]
     return tune.Tuner(
         trainable,
         param_space=param_space,

@@ -9,6 +9,7 @@ appears in val, an image without objects) are shown and the search goes on.
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -117,11 +118,16 @@ class DataCheck:
         return [f"{label:<{width}}  " + "  ".join(f"{cell:>9}" for cell in cells) for label, cells in rows]
 
 
+def check_command(root: str | Path, train: str, val: str, images: str) -> str:
+    """The ``dettune data check`` command line for this dataset."""
+    folder = f" --images {shlex.quote(images)}" if images != "images" else ""
+    return f"dettune data check {shlex.quote(str(root))} --train {shlex.quote(train)} --val {shlex.quote(val)}{folder}"
+
+
 def fix_line(root: str | Path, train: str, val: str, images: str) -> str:
     """The one line that ends a list of errors."""
-    folder = f" --images {images}" if images != "images" else ""
     return (f"correct or remove those entries in the annotation files (or the image files they name), then check "
-            f"again with `dettune data check {root} --train {train} --val {val}{folder}`")
+            f"again with `{check_command(root, train, val, images)}`")
 
 
 def group_line(split: str, kind: str, items: list[str]) -> str:
