@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from spaces.dataset import DatasetError, classes_of, load_coco
+from spaces.dataset import AREA_RANGES, DatasetError, area_range, classes_of, load_coco
 from spaces.imagescan import Decoded, scan_images
 
 BOX_TOLERANCE = 1.0
 """Pixels a box may reach past its image's edge: exporters round coordinates."""
 SHOWN = 3
 """Items named per kind of problem; the count says how many more."""
+CARD_FILE = "dataset-card.json"
+"""The search's parent-run artifact holding the :class:`DatasetCard` of the annotations its trials read."""
 
 ERRORS: dict[str, str] = {
     "image missing": "the file is not in the image folder",
@@ -45,8 +47,6 @@ WARNINGS: dict[str, str] = {
     "image without objects": "mmdet leaves it out of training (filter_empty_gt); in val it is a background image",
     "class absent from val": "its AP is undefined, so the mean is over the other classes",
 }
-AREA_RANGES = (("small", 32.0**2), ("medium", 96.0**2), ("large", math.inf))
-"""COCO's area ranges by the annotation's ``area``: each holds what lies below its bound and above the last."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,55 @@ class SplitCard:
     per_area: Counter[str] = field(default_factory=Counter)
     sizes: Counter[tuple[int, int]] = field(default_factory=Counter)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"images": self.images, "objects": self.objects, "images_without_objects": self.images_without_objects,
+                "per_class": dict(self.per_class), "per_area": dict(self.per_area),
+                "sizes": [[w, h, n] for (w, h), n in self.sizes.items()]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SplitCard:
+        return cls(images=data["images"], objects=data["objects"],
+                   images_without_objects=data["images_without_objects"], per_class=Counter(data["per_class"]),
+                   per_area=Counter(data["per_area"]), sizes=Counter({(w, h): n for w, h, n in data["sizes"]}))
+
+
+@dataclass(frozen=True)
+class DatasetCard:
+    """The dataset card: each split's counts, and the classes in train's order. ``validate`` prints it; the search
+    logs it on its parent run (:data:`CARD_FILE`) for the report."""
+
+    splits: dict[str, SplitCard]
+    classes: tuple[str, ...]
+
+    def rows(self) -> list[tuple[str, list[str]]]:
+        """(label, one cell per split): images, objects, empty images, area ranges, sizes; objects per class."""
+        cards = self.splits.values()
+        return [("images", [str(c.images) for c in cards]),
+                ("objects", [str(c.objects) for c in cards]),
+                ("images without objects", [str(c.images_without_objects) for c in cards]),
+                *((f"{name} objects", [str(c.per_area[name]) for c in cards]) for name in AREA_RANGES),
+                ("image sizes", [_sizes(c.sizes) for c in cards]),
+                *((f"class {name}", [str(c.per_class[name]) for c in cards]) for name in self.classes)]
+
+    def lines(self) -> list[str]:
+        """The rows as aligned text, the splits as column heads."""
+        rows = [("", list(self.splits)), *self.rows()]
+        width = max(len(label) for label, _ in rows)
+        return [f"{label:<{width}}  " + "  ".join(f"{cell:>9}" for cell in cells) for label, cells in rows]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"classes": list(self.classes), "splits": {name: c.to_json() for name, c in self.splits.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DatasetCard:
+        return cls(splits={name: SplitCard.from_json(c) for name, c in data["splits"].items()},
+                   classes=tuple(data["classes"]))
+
+    @classmethod
+    def of(cls, docs: dict[str, dict[str, Any]], classes: tuple[str, ...]) -> DatasetCard:
+        """The card of these annotation files (by name)."""
+        return cls(splits={name: _card(doc) for name, doc in docs.items()}, classes=classes)
+
 
 @dataclass(frozen=True)
 class DataCheck:
@@ -81,6 +130,10 @@ class DataCheck:
     decoded: int
     """Image files decoded by this check (the others came from the cache)."""
     seconds: float
+    docs: dict[str, dict[str, Any]] = field(repr=False, compare=False)
+    """Each annotation file as read, by its name."""
+    files: dict[str, Decoded] = field(repr=False, compare=False)
+    """Each image file's decoding outcome, by its name in the annotation files."""
 
     @property
     def errors(self) -> list[Finding]:
@@ -104,18 +157,12 @@ class DataCheck:
         return [group_line(split, kind, items) for errors in (True, False)
                 for split, kind, items in self.groups(errors=errors)]
 
+    @property
+    def dataset_card(self) -> DatasetCard:
+        return DatasetCard(splits=self.card, classes=self.classes)
+
     def card_lines(self) -> list[str]:
-        """The dataset card: per split images, objects, empty images, area ranges, sizes; objects per class."""
-        splits = list(self.card)
-        rows = [("", splits), ("images", [str(c.images) for c in self.card.values()]),
-                ("objects", [str(c.objects) for c in self.card.values()]),
-                ("images without objects", [str(c.images_without_objects) for c in self.card.values()]),
-                *((f"{name} objects", [str(c.per_area[name]) for c in self.card.values()]) for name, _ in AREA_RANGES),
-                ("image sizes", [_sizes(c.sizes) for c in self.card.values()]),
-                ("objects per class", ["" for _ in splits]),
-                *((f"  {name}", [str(c.per_class[name]) for c in self.card.values()]) for name in self.classes)]
-        width = max(len(label) for label, _ in rows)
-        return [f"{label:<{width}}  " + "  ".join(f"{cell:>9}" for cell in cells) for label, cells in rows]
+        return self.dataset_card.lines()
 
 
 def check_command(root: str | Path, train: str, val: str, images: str) -> str:
@@ -164,8 +211,7 @@ def check_dataset(root: str | Path, train: str, val: str, images: str = "images"
         findings += [Finding(val, "class absent from val", name) for name in classes
                      if not card[val].per_class[name]]
     return DataCheck(root=root, findings=tuple(findings), card=card, classes=classes,
-                     decoded=scan.decoded_now,
-                     seconds=time.perf_counter() - started)
+                     decoded=scan.decoded_now, seconds=time.perf_counter() - started, docs=docs, files=scan.files)
 
 
 def _split_findings(split: str, doc: dict[str, Any], decoded: dict[str, Decoded]) -> Iterator[Finding]:
@@ -189,7 +235,7 @@ def _split_findings(split: str, doc: dict[str, Any], decoded: dict[str, Decoded]
         annotated.add(image["id"])
         if ann["category_id"] not in categories:
             yield Finding(split, "annotation of an unlisted category", f"{where} (category_id {ann['category_id']})")
-        kind = _box_problem(ann["bbox"], image["width"], image["height"])
+        kind = box_problem(ann["bbox"], image["width"], image["height"])
         if kind is not None:
             yield Finding(split, kind, f"{where} [{', '.join(f'{v:g}' for v in ann['bbox'])}]")
     yield from (Finding(split, "image without objects", i["file_name"]) for i in images if i["id"] not in annotated)
@@ -206,17 +252,29 @@ def _duplicates(split: str, kind: str, keyed: list[tuple[Any, str]], label: str)
 
 
 def _image_findings(split: str, image: dict[str, Any], decoded: Decoded) -> Iterator[Finding]:
+    kind = image_problem(image, decoded)
     name = image["file_name"]
+    if kind == "image unreadable":
+        yield Finding(split, kind, f"{name} ({decoded.error})")
+    elif kind == "size differs from the JSON":
+        yield Finding(split, kind, f"{name} (decodes to {decoded.width}x{decoded.height}, "
+                                   f"JSON {image['width']}x{image['height']})")
+    elif kind is not None:
+        yield Finding(split, kind, name)
+
+
+def image_problem(image: dict[str, Any], decoded: Decoded) -> str | None:
+    """The kind of problem of an image entry, given what decoding its file gave, or None."""
     if decoded.error == "missing":
-        yield Finding(split, "image missing", name)
-    elif decoded.error is not None:
-        yield Finding(split, "image unreadable", f"{name} ({decoded.error})")
-    elif (decoded.width, decoded.height) != (image["width"], image["height"]):
-        yield Finding(split, "size differs from the JSON", f"{name} (decodes to {decoded.width}x{decoded.height}, "
-                                                           f"JSON {image['width']}x{image['height']})")
+        return "image missing"
+    if decoded.error is not None:
+        return "image unreadable"
+    if (decoded.width, decoded.height) != (image["width"], image["height"]):
+        return "size differs from the JSON"
+    return None
 
 
-def _box_problem(bbox: list[float], width: int, height: int) -> str | None:
+def box_problem(bbox: list[float], width: int, height: int) -> str | None:
     """The kind of problem of a COCO box ``[x, y, w, h]`` on an image of this size, or None."""
     if not all(math.isfinite(v) for v in bbox):
         return "box not finite"
@@ -245,7 +303,7 @@ def _area_range(ann: dict[str, Any]) -> str:
     if not isinstance(area, int | float) or not math.isfinite(area):
         _, _, w, h = ann["bbox"]
         area = w * h if math.isfinite(w * h) else 0.0
-    return next(name for name, bound in AREA_RANGES if area < bound)
+    return area_range(area)
 
 
 def _sizes(sizes: Counter[tuple[int, int]]) -> str:

@@ -10,6 +10,18 @@ from typing import Any
 
 from spaces.errors import UserError
 
+SMALL_MAX = 32.0**2
+LARGE_MIN = 96.0**2
+"""COCO's area ranges (pycocotools' ``areaRng``): small below 32², medium below 96², large from there on."""
+AREA_RANGES = ("small", "medium", "large")
+
+
+def area_range(area: float) -> str:
+    """The COCO area range (one of :data:`AREA_RANGES`) of an object of this area."""
+    if area < SMALL_MAX:
+        return "small"
+    return "medium" if area < LARGE_MIN else "large"
+
 
 class DatasetError(UserError, ValueError):
     """A dataset that cannot be trained on; the message names the file, the problem and the fix."""
@@ -69,11 +81,8 @@ def open_dataset(root: str | Path, train: str, val: str, images: str = "images")
 
 
 def _area_ranges(doc: dict[str, Any]) -> frozenset[str]:
-    """COCO's area ranges: small < 32², medium < 96², large beyond (by the annotation's ``area``)."""
-    def kind(area: float) -> str:
-        return "s" if area < 32**2 else "m" if area < 96**2 else "l"
-
-    return frozenset(kind(float(a.get("area", 0.0))) for a in doc["annotations"] if not a.get("iscrowd"))
+    """The area ranges' initials (by the annotation's ``area``), as the mAP metrics' suffixes name them."""
+    return frozenset(area_range(float(a.get("area", 0.0)))[0] for a in doc["annotations"] if not a.get("iscrowd"))
 
 
 def load_coco(path: Path) -> dict[str, Any]:

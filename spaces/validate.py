@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from spaces.build import BuildError, KnobError, apply_overrides, build_config, load_base
 from spaces.datacheck import DataCheck, check_dataset, fix_line, group_line
+from spaces.datacleaning import Cleaned, can_clean, clean
 from spaces.dataset import Dataset, DatasetError, open_dataset
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
 from spaces.errors import Problem, SpaceError
@@ -76,6 +77,7 @@ class Validation:
         train_seconds: What those runs cost.
         notes: Things worth knowing that don't stop a search, e.g. backbones training from scratch.
         data_check: Every image and box checked: the dataset card and its warnings.
+        cleaned: With ``data.on_bad: skip``, the annotations without the bad items (``dataset`` reads them).
     """
 
     file: str
@@ -87,6 +89,7 @@ class Validation:
     train_seconds: float = 0.0
     notes: tuple[str, ...] = ()
     data_check: DataCheck | None = None
+    cleaned: Cleaned | None = None
 
 
 def check_file(path: str | Path) -> Validation:
@@ -130,7 +133,7 @@ def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], 
     out = _Problems(file)
     base = _check_base(space.base, out)
     pretrained = _check_pretrained(space, out)
-    dataset, data_check = _check_dataset(space.data, out)
+    dataset, data_check, cleaned = _check_dataset(space.data, out)
     if dataset is not None:
         _check_area_metric(space, dataset, out)
         _check_masks(space, dataset, base, out)
@@ -147,7 +150,7 @@ def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], 
         raise SpaceError(out.items)
     return Validation(file=file, space=space, dataset=dataset, combinations=counts.combinations,
                       models=counts.models, trained=counts.trained, train_seconds=counts.train_seconds,
-                      notes=tuple(_notes(space)), data_check=data_check)
+                      notes=tuple(_notes(space)), data_check=data_check, cleaned=cleaned)
 
 
 def _beside(check: Callable[[], None], alongside: Callable[[], None], out: _Problems) -> None:
@@ -235,23 +238,28 @@ def _check_pretrained(space: Space, out: _Problems) -> dict[str, str]:
     return found
 
 
-def _check_dataset(spec: DataSpec, out: _Problems) -> tuple[Dataset | None, DataCheck | None]:
-    """Checks every image and box, then opens the dataset; its dataset is None (and the problems are added, each
-    at the field to fix) if it can't be used."""
+def _check_dataset(spec: DataSpec, out: _Problems) -> tuple[Dataset | None, DataCheck | None, Cleaned | None]:
+    """Checks every image and box, then opens the dataset (with ``on_bad: skip``, a cleaned copy of its
+    annotations); its dataset is None (and the problems are added, each at the field to fix) if it can't be used."""
     try:
         checked = check_dataset(spec.root, spec.train, spec.val, spec.images, progress=terminal())
+        if checked.errors and spec.skips_bad and can_clean(checked):
+            cleaned = clean(checked, clip=spec.clips_boxes)
+            paths = cleaned.cached()
+            return (open_dataset(spec.root, str(paths[spec.train]), str(paths[spec.val]), spec.images), checked,
+                    cleaned)
         if checked.errors:
             for split, kind, items in checked.groups(errors=True):
                 field = "data.train" if split == spec.train else "data.val"
                 out.add(field, split, group_line(split, kind, items))
             out.add("data", spec.root, fix_line(spec.root, spec.train, spec.val, spec.images))
-            return None, checked
-        return open_dataset(spec.root, spec.train, spec.val, spec.images), checked
+            return None, checked, None
+        return open_dataset(spec.root, spec.train, spec.val, spec.images), checked, None
     except DatasetError as error:
         message = str(error)
         field = _dataset_field(message, spec)
         out.add(field, getattr(spec, field.removeprefix("data.")), message)
-    return None, None
+    return None, None, None
 
 
 def _dataset_field(message: str, spec: DataSpec) -> str:
@@ -543,6 +551,8 @@ def summary(validation: Validation) -> str:
         ("data", _data_line(space.data, dataset)),
         *_labelled("", validation.data_check.card_lines() if validation.data_check else []),
         *_labelled("warning", validation.data_check.problem_lines() if validation.data_check else []),
+        *_labelled("on_bad", [f"skip: {validation.cleaned.summary()}; the search trains on a cleaned copy of the "
+                              "annotations in its storage"] if validation.cleaned else []),
         ("metric", f"{space.metric} ({space.mode})"),
         *_labelled("objectives", [f"{o.metric} ({o.mode})" for o in space.objectives]),
         *_labelled("limits", [_limit_line(metric, limit) for metric, limit in space.constraints.items()]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,3 +100,9 @@ def write_space(path: Path, dataset: Dataset, **sections: Any) -> Path:
     doc.update(sections)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """Each file under ``root`` (relative path) -> its SHA-256: to show a dataset left byte for byte as it was."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

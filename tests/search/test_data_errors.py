@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_space
+from conftest import file_digests, write_space
 from mlflow.tracking import MlflowClient
 from mmdet.datasets import CocoDataset
 from mmdet.utils import register_all_modules
 from ray.tune import ExperimentAnalysis
 
+from results.store import open_search
 from search import driver
 from search.cli import main
 from search.tracking import TAG_FAILURE, TAG_STATUS
 from spaces.datacheck import check_dataset
+from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
 from spaces.dataset import Dataset
+from spaces.defects import apply_defect
 from trainers.trial import sample_read_error
 
 RUNNER_STARTS = "System environment:"  # mmengine logs it once per Runner, so once per attempt
@@ -87,3 +90,48 @@ def test_a_sample_read_in_this_process_is_named_by_its_dataset_index(tmp_path: P
     reason = sample_read_error(raised.value, root)
     assert reason is not None and reason.startswith(f"{victim}: ")
     assert sample_read_error(ValueError("a loss went wrong"), root) is None
+
+
+def test_on_bad_skip_trains_on_a_cleaned_copy_and_says_what_it_left_out(
+        tmp_path: Path, synth: Dataset, ray_local: None, capfd: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synth.root, root)
+    unreadable = apply_defect(root, "truncated", "train", index=1)
+    no_area = apply_defect(root, "box-without-area", "train", index=2)
+    outside = apply_defect(root, "box-outside", "train", index=3)
+    nan = apply_defect(root, "box-nan", "val", index=1)
+    train = json.loads((root / "train.json").read_text())
+    image_id = next(i["id"] for i in train["images"] if i["file_name"] == unreadable)
+    its_boxes = sum(1 for a in train["annotations"] if a["image_id"] == image_id)
+    before = file_digests(root)
+    space_file = write_space(tmp_path / "space.yaml", synth, name="skip",
+                             data={"root": str(root), "train": synth.train, "val": synth.val,
+                                   "on_bad": {"boxes": "clip"}},
+                             budget={"epochs": 1, "trials": 1, "max_concurrent": 1})
+    expected = f"1 image and {its_boxes + 2} boxes left out, 1 box clipped"
+
+    assert main(["validate", str(space_file)]) == 0
+    assert expected in capfd.readouterr().out
+    status = main(["search", str(space_file), "--storage", str(tmp_path / "runs")])
+    console = capfd.readouterr()
+    assert status == 0, console.err[-2000:]
+
+    assert file_digests(root) == before, "the user's dataset changed"
+    cleaned = json.loads((tmp_path / "runs" / "skip" / "data" / "train.json").read_text())
+    assert unreadable not in {i["file_name"] for i in cleaned["images"]}
+    (clipped,) = [a for a in cleaned["annotations"] if a["id"] == int(outside.split()[1])]
+    x, _, w, _ = clipped["bbox"]
+    assert x + w == pytest.approx(next(i["width"] for i in cleaned["images"] if i["id"] == clipped["image_id"]))
+    assert int(no_area.split()[1]) not in {a["id"] for a in cleaned["annotations"]}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    parent = open_search(client, "skip").parent
+    assert parent.data.tags[TAG_LEFT_OUT].startswith(expected)
+    listed = json.loads(Path(client.download_artifacts(parent.info.run_id, LEFT_OUT_FILE, str(tmp_path))).read_text())
+    assert {(i["item"], i["reason"]) for i in listed["left_out"]["images"]} == {(unreadable, "image unreadable")}
+    assert any(b["item"] == nan and b["reason"] == "box not finite" for b in listed["left_out"]["boxes"])
+    assert main(["report", "skip", "--out", str(tmp_path / "report"),
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"]) == 0
+    report = "".join(p.read_text() for p in (tmp_path / "report").glob("*.md"))
+    assert f"data (on_bad: skip): {expected}" in report
+    original = json.loads((root / "train.json").read_text())
+    assert f"| images | {len(original['images']) - 1} |" in report, "the card is of the data the trials read"

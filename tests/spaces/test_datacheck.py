@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import mmcv
 import numpy as np
 import pytest
 from conftest import write_space
+from pycocotools.cocoeval import Params
 
 from search.cli import USAGE_ERROR, main
-from spaces.datacheck import check_dataset
+from spaces.datacheck import DatasetCard, check_dataset
 from spaces.dataset import Dataset, open_dataset
 from spaces.defects import DEFECTS, apply_defect, write_defects
 
@@ -146,3 +148,13 @@ def test_a_clean_dataset_has_a_card(synth: Dataset) -> None:
     card = checked.card[synth.train]
     assert (card.images, card.objects) == (len(train["images"]), len(train["annotations"]))
     assert sum(card.per_class.values()) == card.objects == sum(card.per_area.values())
+
+
+def test_the_card_counts_area_ranges_as_coco_evaluation_does(synth: Dataset) -> None:
+    checked = check_dataset(synth.root, synth.train, synth.val)
+    _, small, medium, large = Params(iouType="bbox").areaRng  # all, then COCOeval's small, medium and large
+    for split, card in checked.card.items():
+        areas = [a["area"] for a in json.loads((synth.root / split).read_text())["annotations"]]
+        assert Counter({name: sum(low <= area < high for area in areas) for name, (low, high)
+                        in (("small", small), ("medium", medium), ("large", large))}) == card.per_area
+    assert DatasetCard.from_json(json.loads(json.dumps(checked.dataset_card.to_json()))) == checked.dataset_card
