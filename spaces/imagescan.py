@@ -7,6 +7,7 @@ decodes in a trial, and the size found is the size the pipeline sees. A truncate
 
 The outcome of each file is cached in the user's cache folder (never in the dataset, which may be read-only or
 shared), keyed by the file's size and modification time: a second check of an unchanged dataset decodes nothing.
+A PNG is checked by its chunks and their CRCs instead of inflated (:func:`_png_outcome`): a fraction of the cost.
 cv2 releases the GIL while it decodes, so threads use every core without the start-up cost of processes.
 """
 
@@ -16,8 +17,10 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ import numpy as np
 
 from spaces.usercache import cache_dir
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_UNDECODABLE = "does not decode (truncated, or not an image)"
 CHUNK = 64
 """Files per task: large enough to keep the pool's overhead small, small enough for a live progress bar."""
 
@@ -43,7 +48,7 @@ class Decoded:
 
 
 def decode_file(path: Path) -> Decoded:
-    """Reads and decodes one image as mmdet's loader does."""
+    """Reads and decodes one image as mmdet's loader does (a PNG: checks what would stop that decoding)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -52,14 +57,45 @@ def decode_file(path: Path) -> Decoded:
         return Decoded(error=f"unreadable ({error.strerror})")
     if not data:
         return Decoded(error="empty file (0 bytes)")
+    if data.startswith(PNG_SIGNATURE):
+        checked = _png_outcome(data)
+        if checked is not None:
+            return checked
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
         image = None
     if image is None:
-        return Decoded(error="does not decode (truncated, or not an image)")
+        return Decoded(error=_UNDECODABLE)
     height, width = image.shape[:2]
     return Decoded(width=int(width), height=int(height))
+
+
+def _png_outcome(data: bytes) -> Decoded | None:
+    """A PNG's outcome from its chunks, without inflating its pixels (the slow part of decoding it).
+
+    libpng, under cv2, refuses a PNG whose critical chunk is cut short or fails its CRC, or that ends before IEND;
+    otherwise its size is IHDR's, and cv2 turns any bit depth or channel count into 8-bit BGR. So walking the
+    chunks and checking their CRCs finds what a full decode finds, at a fraction of its cost. None (decode it
+    in full) for a PNG carrying EXIF (``eXIf``), whose orientation cv2 applies.
+    """
+    position, size = len(PNG_SIGNATURE), (0, 0)
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        end = position + 12 + length
+        if end > len(data):
+            return Decoded(error=_UNDECODABLE)
+        body = data[position + 4:end - 4]
+        if kind[0:1].isupper() and zlib.crc32(body) != struct.unpack(">I", data[end - 4:end])[0]:
+            return Decoded(error=_UNDECODABLE)
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[4:12])
+        elif kind == b"eXIf":
+            return None
+        elif kind == b"IEND":
+            return Decoded(width=size[0], height=size[1]) if size[0] and size[1] else Decoded(error=_UNDECODABLE)
+        position = end
+    return Decoded(error=_UNDECODABLE)
 
 
 @dataclass(frozen=True)
