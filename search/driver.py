@@ -276,7 +276,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     if cleaned is not None:  # data.on_bad: skip: the trials read the cleaned copy, the user's files stay as they are
-        space = with_cleaned_files(space, cleaned.write(experiment_dir / CLEANED_DATA))
+        space = with_cleaned_files(space, cleaned.paths(experiment_dir / CLEANED_DATA))
     plan = make_plan(space, storage)
     # Fail fast per request: the callback buffers and retries, so the client must not block the loop.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -286,6 +286,8 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     quiet_tune_console()
     check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
     _save(experiment_dir, space, options.space_file, settings)
+    if cleaned is not None:
+        cleaned.write(experiment_dir / CLEANED_DATA)
     tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
     tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), TAG_STORAGE: str(experiment_dir)},
                             space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),

@@ -58,12 +58,19 @@ class Cleaned:
                                         "boxes": [vars(b) for b in self.boxes]},
                            "clipped": [vars(c) for c in self.clipped]}, indent=1)
 
+    def paths(self, folder: Path) -> dict[str, Path]:
+        """Where :meth:`write` puts each cleaned file in ``folder``, by its name: under its own file name (numbered
+        when two share one, e.g. ``train/ann.json`` and ``val/ann.json``)."""
+        names = [Path(name).name for name in self.docs]
+        unique = len(set(names)) == len(names)
+        return {name: (folder / (own if unique else f"{index}-{own}")).resolve()
+                for index, (name, own) in enumerate(zip(self.docs, names, strict=True))}
+
     def write(self, folder: Path) -> dict[str, Path]:
-        """Writes each cleaned file into ``folder`` under its own name; returns name -> path."""
+        """Writes each cleaned file into ``folder`` (see :meth:`paths`); returns name -> path."""
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {}
+        paths = self.paths(folder)
         for name, doc in self.docs.items():
-            paths[name] = (folder / Path(name).name).resolve()
             paths[name].write_text(json.dumps(doc))
         return paths
 

@@ -82,3 +82,9 @@ def test_categories_that_differ_between_splits_cannot_be_cleaned(synth: Dataset,
     val["categories"][0]["name"] = "renamed"
     (root / "val.json").write_text(json.dumps(val))
     assert not can_clean(check_dataset(root, "train.json", "val.json"))
+
+
+def test_splits_whose_files_share_a_name_are_written_apart(tmp_path: Path) -> None:
+    docs = {"train/ann.json": {"images": [1]}, "val/ann.json": {"images": [2]}}
+    paths = Cleaned(docs=docs, images=(), boxes=(), clipped=()).write(tmp_path)
+    assert {name: json.loads(path.read_text()) for name, path in paths.items()} == docs
