@@ -103,7 +103,9 @@ class DatasetCard:
         """The rows as aligned text, the splits as column heads."""
         rows = [("", list(self.splits)), *self.rows()]
         width = max(len(label) for label, _ in rows)
-        return [f"{label:<{width}}  " + "  ".join(f"{cell:>9}" for cell in cells) for label, cells in rows]
+        columns = [max(len(cells[i]) for _, cells in rows) for i in range(len(self.splits))]
+        return [f"{label:<{width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(cells, columns, strict=True))
+                for label, cells in rows]
 
     def to_json(self) -> dict[str, Any]:
         return {"classes": list(self.classes), "splits": {name: c.to_json() for name, c in self.splits.items()}}
