@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,17 @@ def plot_knob(path: Path, knob: str, groups: Sequence[Group], *, metric: str, mo
     for position, group in zip(positions, groups, strict=True):
         ax.scatter([position] * len(group.values), group.values, color="black", s=14, zorder=3)
     ax.set_xticks(list(positions), [group.label for group in groups])
+    return _save(figure, ax, path)
+
+
+def plot_class_counts(path: Path, classes: Sequence[str], counts: Mapping[str, Sequence[int]]) -> PlotFile:
+    """Objects per class, one bar per class and split (``counts``: split -> one count per class, in order)."""
+    figure, ax = _figure("objects per class", xlabel="class", ylabel="objects")
+    width = 0.8 / max(len(counts), 1)
+    for index, (split, values) in enumerate(counts.items()):
+        ax.bar([c + index * width for c in range(len(classes))], values, width=width, label=split)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(classes))], list(classes), rotation=30, ha="right")
+    ax.legend(fontsize="small")
     return _save(figure, ax, path)
 
 

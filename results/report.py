@@ -17,11 +17,23 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from results.plots import Axis, Curve, Group, PlotFile, plot_best_so_far, plot_curves, plot_knob, plot_pareto
+from results.plots import (
+    Axis,
+    Curve,
+    Group,
+    PlotFile,
+    plot_best_so_far,
+    plot_class_counts,
+    plot_curves,
+    plot_knob,
+    plot_pareto,
+)
 from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
 from search.tracking import TAG_INHERITED, TAG_PARETO, param_text
 from spaces.backbones import catalog_name
 from spaces.build import BuildError, current_head, load_base
+from spaces.datacheck import DatasetCard
+from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
 from spaces.distributions import Choice, Grid
 from spaces.knobs import show_value
 from spaces.objectives import (
@@ -240,12 +252,31 @@ def _pareto_section(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
             *(f"![{p.path.stem}]({p.path.relative_to(directory).as_posix()})" for p in plots)]
 
 
+# --- the dataset ----------------------------------------------------------------------------------------
+
+def _dataset_section(card: DatasetCard | None, plot: PlotFile | None, directory: Path) -> list[str]:
+    """The dataset card the search logged: a table (rows: counts, columns: splits) and objects per class."""
+    if card is None:
+        return []
+    return ["", "## Dataset", "The annotations the trials read (`dettune validate` prints the same card).", "",
+            *markdown_table(["", *card.splits], [[label, *cells] for label, cells in card.rows()]),
+            *([f"![{plot.path.stem}]({plot.path.relative_to(directory).as_posix()})"] if plot else [])]
+
+
+def draw_card(card: DatasetCard | None, directory: Path) -> PlotFile | None:
+    if card is None:
+        return None
+    return plot_class_counts(directory / "objects_per_class.png", card.classes,
+                             {split: [c.per_class[name] for name in card.classes] for split, c in card.splits.items()})
+
+
 # --- the markdown ---------------------------------------------------------------------------------------
 
 def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: Sequence[PlotFile],
-                    directory: Path, pareto_plots: Sequence[PlotFile] = ()) -> str:
-    """report.md: the write-up, the trial table, failed trials, the Pareto front (with objectives), plots and
-    the leaderboard table."""
+                    directory: Path, pareto_plots: Sequence[PlotFile] = (), card: DatasetCard | None = None,
+                    card_plot: PlotFile | None = None) -> str:
+    """report.md: the write-up, the trial table, failed trials, the Pareto front (with objectives), plots, the
+    dataset card and the leaderboard table."""
     space = search.space
     defaults = base_knobs(space.base)
     rows = [table_row(trial, space, defaults) for trial in ranked(trials, space)]
@@ -254,7 +285,8 @@ def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
              f"(`dettune export {search.name}`).", "", *_writeup(space, trials, search.parent.data.tags), "",
              *markdown_table(COLUMNS, rows),
              *_failed(trials), *(_pareto_section(search, trials, pareto_plots, directory) if space.objectives else []),
-             *_plot_links(plots, directory), "", "## Leader board 결과(제출했을 시)",
+             *_plot_links(plots, directory), *_dataset_section(card, card_plot, directory),
+             "", "## Leader board 결과(제출했을 시)",
              *_leaderboard(trials)]
     return "\n".join(lines) + "\n"
 
@@ -276,6 +308,8 @@ def _writeup(space: Space, trials: Sequence[TrialRecord], tags: Mapping[str, str
             f"- 실험 방법 (method) : {space.method or '~'}",
             f"  - search: {_setup(space)}",
             *([f"  - inherited: {'; '.join(inherited.splitlines())}"] if inherited else []),
+            *([f"  - data (on_bad: skip): {left_out}; the items in the parent run's `{LEFT_OUT_FILE}`"]
+              if (left_out := tags.get(TAG_LEFT_OUT)) else []),
             f"- 결과 (result) : {_best_line(space, trials)}",
             *(f"  - {effect_line(k, g, metric=space.metric, mode=space.mode)}" for k in knobs
               if (g := knob_groups(space, trials, k))),
@@ -342,11 +376,13 @@ def write_report(search: SearchHandle, out: Path, *, fmt: str = "md") -> Path:
         return _write_csv(search, trials, out / "report.csv")
     plots = draw_plots(search, trials, out / "plots")
     pareto_plots = draw_pareto(search.space, trials, out / "plots") if search.space.objectives else []
+    card = search.dataset_card()
+    card_plot = draw_card(card, out / "plots")
     path = out / "report.md"
-    path.write_text(render_markdown(search, trials, plots, out, pareto_plots), encoding="utf-8")
+    path.write_text(render_markdown(search, trials, plots, out, pareto_plots, card, card_plot), encoding="utf-8")
     run_id = search.parent.info.run_id
     search.client.log_artifact(run_id, str(path), REPORT_ARTIFACTS)
-    for plot in [*plots, *pareto_plots]:
+    for plot in [*plots, *pareto_plots, *([card_plot] if card_plot else [])]:
         search.client.log_artifact(run_id, str(plot.path), f"{REPORT_ARTIFACTS}/plots")
     return path
 

@@ -35,6 +35,7 @@ from search.tracking import (
     use_credentials,
     without_credentials,
 )
+from spaces.datacheck import CARD_FILE, DatasetCard
 from spaces.errors import NotFound
 from spaces.schema import NAME_PATTERN, Space
 
@@ -142,6 +143,13 @@ class SearchHandle:
     def trials(self) -> list[TrialRecord]:
         """Every trial of the search with its full metric histories, oldest first."""
         return [trial_record(self.client, run) for run in self.runs()]
+
+    def dataset_card(self) -> DatasetCard | None:
+        """The card of the data the trials read, as the search logged it (None for a search from before cards)."""
+        if CARD_FILE not in {a.path for a in self.client.list_artifacts(self.parent.info.run_id)}:
+            return None
+        text = mlflow.artifacts.load_text(f"{self.parent.info.artifact_uri}/{CARD_FILE}")
+        return DatasetCard.from_json(json.loads(text))
 
     def run_of(self, trial_id: str) -> Run:
         """The MLflow run of Ray trial ``trial_id``.

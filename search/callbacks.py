@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from ray.tune import Callback, Stopper
 
 from search.tracking import Tracker, TrackingSettings, now_ms, outcome_text
+from search.trainable import DATA_ERROR
 from spaces.knobs import show_value
 from trainers.metrics import EPOCH
 
@@ -172,8 +173,11 @@ class ConsoleCallback(Callback):
     experiment state, so stdout is looked up at each print."""
 
     def __init__(self, *, metric: str, max_epochs: int, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 failure_of: FailureOf, log_of: Callable[[str], Path], table_every_s: float = 60.0) -> None:
+                 failure_of: FailureOf, log_of: Callable[[str], Path], data_check: str = "dettune data check",
+                 table_every_s: float = 60.0) -> None:
         self._failure_of = failure_of
+        self._data_check = data_check  # the command that lists every bad file of the search's dataset
+        self._told_data_check = False
         self._log_of = log_of
         self._open: set[str] = set()  # started, end not yet printed
         self._metric = metric
@@ -216,6 +220,17 @@ class ConsoleCallback(Callback):
         if status == "failed":
             text = f"{text} (not retried); traceback in {self._log_of(trial.trial_id)}"
         self._say(trial, text)
+        if failure is not None and failure.startswith(DATA_ERROR) and not self._told_data_check:
+            self._told_data_check = True
+            print(f"a sample could not be read: `{self._data_check}` checks every image and box at once; fix "
+                  "what it lists, then start the search again", flush=True)
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        attempt = trial.run_metadata.num_failures + 1
+        epoch = int((trial.last_result or {}).get(EPOCH, 0))
+        start = f"from its epoch {epoch} checkpoint" if epoch else "from the start (no epoch finished)"
+        self._say(trial, f"retried, attempt {attempt} of {trial.max_failures + 1}, {start}, after: "
+                         f"{failure_reason(trial)}; traceback in {trial.error_file}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._open.discard(trial.trial_id)

@@ -29,6 +29,8 @@ DEMO_IMAGES = 96
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from spaces.synth import check_arguments, write_dataset
 
+    if args.defects:
+        return _synth_defects(args)
     try:
         check_arguments(images=args.images, size=args.size)
     except ValueError as exc:  # argument rules, e.g. --images must be >= 4
@@ -36,6 +38,35 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     summary = write_dataset(Path(args.out), images=args.images, size=args.size, seed=args.seed)
     print(f"wrote {summary.train_images} train + {summary.val_images} val images, "
           f"{summary.annotations} objects {summary.area_counts} to {summary.out}")
+    return 0
+
+
+def _synth_defects(args: argparse.Namespace) -> int:
+    from spaces.defects import write_defects
+
+    try:
+        placed = write_defects(Path(args.out), size=args.size, seed=args.seed)
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
+    print(f"wrote a dataset with one defect per image to {args.out} (`dettune data check {args.out}` lists them):")
+    for defect, outcome, split, item in placed:
+        print(f"  {defect:<24} {outcome:<8} {split}.json: {item}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from spaces.datacheck import check_dataset, fix_line
+    from spaces.imagescan import terminal
+
+    checked = check_dataset(args.root, args.train, args.val, args.images, progress=terminal())
+    print(f"{args.root}: {len(checked.errors)} errors, {len(checked.warnings)} warnings "
+          f"({checked.decoded} images decoded in {checked.seconds:.1f} s)")
+    print("\n".join(f"  {line}" for line in checked.card_lines()))
+    for line in checked.problem_lines():
+        print(f"  {line}", file=sys.stderr if checked.errors else sys.stdout)
+    if checked.errors:
+        print(f"dettune: error: {fix_line(args.root, args.train, args.val, args.images)}", file=sys.stderr)
+        return USAGE_ERROR
     return 0
 
 
@@ -145,7 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images", type=int, default=48, help="number of images (default 48)")
     synth.add_argument("--size", type=int, default=160, help="image side in pixels (default 160)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    synth.add_argument("--defects", action="store_true", help="break one image each way real exports are broken "
+                                                              "(truncated, EXIF-rotated, NaN box, ...; --images "
+                                                              "is ignored) and say which")
     synth.set_defaults(handler=_cmd_data_synth)
+    check = data.add_parser("check", help="decode every image and check every box of a COCO dataset")
+    check.add_argument("root", help="dataset folder")
+    check.add_argument("--train", default="train.json", help="train annotations, relative to ROOT (default: "
+                                                             "train.json)")
+    check.add_argument("--val", default="val.json", help="val annotations, relative to ROOT (default: val.json)")
+    check.add_argument("--images", default="images", help="image folder, relative to ROOT (default: images)")
+    check.set_defaults(handler=_cmd_data_check)
 
     search = commands.add_parser("search", help="run a hyperparameter search over a space file, or a chain of them")
     search.add_argument("space", nargs="+", help="space YAML file; several run as a chain, in order, each free to "

@@ -52,11 +52,13 @@ from search.tracking import (
 )
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
+from spaces.datacheck import CARD_FILE, DatasetCard, check_command
+from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT, with_cleaned_files
 from spaces.errors import NotFound, SpaceError, UserError
 from spaces.knobs import show_value
 from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
-from spaces.validate import check_space
+from spaces.validate import Validation, check_space
 from trainers.metrics import EPOCH
 
 KEPT_REPORTED_CHECKPOINTS = 2
@@ -77,6 +79,7 @@ SEARCH_ENVIRONMENT = {
 SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
 SAVED_SPACE_FILE = "space.yaml"  # the space file as the user wrote it, logged on the parent run
 SAVED_OPTIONS = "search.json"  # the search's TrackingSettings, without credentials
+CLEANED_DATA = "data"  # with data.on_bad: skip, the cleaned annotation files the trials read
 RAY_CONNECT_TIMEOUT_S = 10.0
 
 
@@ -303,19 +306,25 @@ def run_search(options: SearchOptions) -> SearchOutcome:
     check_reachable(tracking_uri)
     staged = staging.stage_from_store(load_for_search(options), tracking_uri)
     space = staged.space  # inherited knobs are fixed in it, and saved so: a resume keeps them
-    _check_while_ray_starts(space, options)  # all of the input is checked before anything is written
+    validation = _check_while_ray_starts(space, options)  # all of the input is checked before anything is written
+    cleaned = validation.cleaned
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
+    if cleaned is not None:  # data.on_bad: skip: the trials read the cleaned copy, the user's files stay as they are
+        space = with_cleaned_files(space, cleaned.paths(experiment_dir / CLEANED_DATA))
     plan = make_plan(space, storage)
     quiet_tune_console()
     with _environment_defaults(SEARCH_ENVIRONMENT), _quiet_trial_errors():
         check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
         _save(experiment_dir, space, options.space_file, settings)
+        if cleaned is not None:
+            cleaned.write(experiment_dir / CLEANED_DATA)
         tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
         tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged),
                                       TAG_STORAGE: str(experiment_dir)},
                                 space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
                                 space_json=json.dumps(space.to_json(), indent=2))
+        _log_data(tracker, validation)
         restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
         results = _tuner(staged, plan, tracker, storage, resume=restorable).fit()
         reconcile(results, space, plan, tracker)
@@ -326,14 +335,26 @@ def run_search(options: SearchOptions) -> SearchOutcome:
                              finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
 
 
-def _check_while_ray_starts(space: Space, options: SearchOptions) -> None:
+def _log_data(tracker: Tracker, validation: Validation) -> None:
+    """The card of the data the trials read and, with ``on_bad: skip``, what was left out: on the parent run."""
+    check, cleaned = validation.data_check, validation.cleaned
+    if check is None:
+        return
+    card = DatasetCard.of(cleaned.docs, check.classes) if cleaned is not None else check.dataset_card
+    tracker.client.log_text(tracker.parent_run_id, json.dumps(card.to_json(), indent=1), CARD_FILE)
+    if cleaned is not None:
+        tracker.client.set_tag(tracker.parent_run_id, TAG_LEFT_OUT, cleaned.summary())
+        tracker.client.log_text(tracker.parent_run_id, cleaned.report(), LEFT_OUT_FILE)
+
+
+def _check_while_ray_starts(space: Space, options: SearchOptions) -> Validation:
     """Checks the space, starting (or joining) Ray while its models build and smoke-train: seconds each.
 
     A space refused by that check leaves no Ray behind that this call started.
     """
     ray_was_up = ray.is_initialized()
     try:
-        check_space(space, str(options.space_file), alongside=lambda: connect_ray(options.address))
+        return check_space(space, str(options.space_file), alongside=lambda: connect_ray(options.address))
     except SpaceError:
         if not ray_was_up:
             ray.shutdown()
@@ -410,7 +431,9 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
                                 max_epochs=epochs, failure_of=plan.failure_of),
                  ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=plan.point,
-                                 failure_of=plan.failure_of, log_of=plan.trial_log)]
+                                 failure_of=plan.failure_of, log_of=plan.trial_log,
+                                 data_check=check_command(plan.data_root, space.data.train, space.data.val,
+                                                          space.data.images))]
     return tune.Tuner(
         trainable,
         param_space=param_space,

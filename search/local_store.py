@@ -16,6 +16,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from spaces.usercache import cache_dir
+
 
 def ensure_store(db: Path) -> None:
     """Creates the SQLite store ``db`` as a copy of an empty one, unless it exists; safe against a racing driver."""
@@ -32,7 +34,7 @@ def ensure_store(db: Path) -> None:
 
 def empty_store() -> Path:
     """An empty store at this MLflow version's schema, built on first use."""
-    template = _cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
+    template = cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
     if not template.exists():
         template.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
@@ -53,7 +55,3 @@ def _copy_beside(source: Path, target: Path) -> Path:
         staged.unlink()
         raise
     return staged
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dettune"

@@ -31,7 +31,7 @@ from spaces.schema import Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.hook import TrialDiverged
 from trainers.inference import fps_settings
-from trainers.trial import TRIAL_LOG, TrialSetupFailed, TrialSpec, run_trial
+from trainers.trial import TRIAL_LOG, TrialDataError, TrialSetupFailed, TrialSpec, run_trial
 
 FAILURE_FILE = "failure.txt"
 # Ray leaves CUDA_VISIBLE_DEVICES alone for a task given no GPU (ray#54868) unless its workers have this set.
@@ -39,7 +39,8 @@ HIDE_UNASSIGNED_GPUS = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 SETUP_FAILURE_FILE = "setup-failure.txt"
 SETUP_FAILED = "setup failed: "
 # Failures that a retry would only repeat: the trial ends at once, marked failed, instead of being retried.
-UNRECOVERABLE: tuple[type[BaseException], ...] = (TrialDiverged, torch.OutOfMemoryError)
+UNRECOVERABLE: tuple[type[BaseException], ...] = (TrialDiverged, torch.OutOfMemoryError, TrialDataError)
+DATA_ERROR = TrialDataError.__name__  # how a failure reason read from failure.txt starts for a bad sample
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -97,6 +97,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class OnBadBoxes(_Section):
+    """``on_bad: {boxes: clip}``: skip bad items, but clip a box that reaches past its image instead of dropping it."""
+
+    boxes: Literal["clip"] = Field(description="clip: boxes outside the image are clipped to it")
+
+
 class DataSpec(_Section):
     """A COCO-format dataset: annotation files and the image folder, relative to ``root``."""
 
@@ -104,6 +110,17 @@ class DataSpec(_Section):
     train: str = Field(description="training annotations (COCO json), relative to root")
     val: str = Field(description="validation annotations (COCO json), relative to root")
     images: str = Field(default="images", description="image folder, relative to root")
+    on_bad: Literal["refuse", "skip"] | OnBadBoxes = Field(
+        default="refuse", description="bad images and boxes: refuse (stop the search), skip (train on a cleaned "
+        "copy of the annotations), or {boxes: clip} (skip, but clip boxes outside their image)")
+
+    @property
+    def skips_bad(self) -> bool:
+        return self.on_bad != "refuse"
+
+    @property
+    def clips_boxes(self) -> bool:
+        return isinstance(self.on_bad, OnBadBoxes)
 
 
 class Budget(_Section):

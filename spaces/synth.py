@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from spaces.dataset import LARGE_MIN, SMALL_MAX, area_range
+
 CLASSES: tuple[str, ...] = (
     "General trash",
     "Paper",
@@ -41,8 +43,6 @@ VAL_FRACTION = 0.25
 _MIN_SIZE = 144
 _MAX_SIZE = 2048
 
-_SMALL_MAX = 32.0**2
-_LARGE_MIN = 96.0**2
 # OpenCV hue (0..179) of each class, in CLASSES order: ten hues 18 apart, shuffled against the shapes.
 _HUES = (0, 90, 36, 126, 18, 108, 54, 144, 72, 162)
 _HUE_JITTER = 3
@@ -233,20 +233,13 @@ def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
-def _area_kind(area: float) -> str:
-    """Returns the COCO area range (``small``, ``medium`` or ``large``) of an annotation area."""
-    if area < _SMALL_MAX:
-        return "small"
-    return "medium" if area < _LARGE_MIN else "large"
-
-
 def _area_bounds(kind: str, size: int) -> tuple[float, float]:
     """Returns the (low, high) target polygon area for objects of one COCO range, with safety margins."""
     if kind == "small":
-        return 180.0, 0.85 * _SMALL_MAX
+        return 180.0, 0.85 * SMALL_MAX
     if kind == "medium":
-        return 1.2 * _SMALL_MAX, min(0.7 * _LARGE_MIN, 0.15 * size * size)
-    low = 1.03 * _LARGE_MIN
+        return 1.2 * SMALL_MAX, min(0.7 * LARGE_MIN, 0.15 * size * size)
+    low = 1.03 * LARGE_MIN
     return low, max(1.05 * low, 0.3 * size * size)
 
 
@@ -284,7 +277,7 @@ def _candidate(rng: np.random.Generator, category_id: int, kind: str, size: int)
         centre = rng.uniform(_EDGE - lo, size - _EDGE - hi)
     polygon = np.round(pts + centre, 2)
     area = _shoelace(polygon)
-    return polygon if low * 0.95 <= area <= high * 1.05 and _area_kind(area) == kind else None
+    return polygon if low * 0.95 <= area <= high * 1.05 and area_range(area) == kind else None
 
 
 def _rasterise(polygon: np.ndarray, size: int) -> tuple[tuple[slice, slice], np.ndarray]:
@@ -519,7 +512,7 @@ def write_dataset(
         for obj in objects:
             ann_id += 1
             split_anns.append(_annotation(obj, ann_id, image_id))
-            counts[_area_kind(obj.area)] += 1
+            counts[area_range(obj.area)] += 1
     for split, (split_images, split_anns) in splits.items():
         _write_json(out / f"{split}.json", _coco(split_images, split_anns))
     return SynthSummary(

@@ -5,7 +5,8 @@
 1. the schema and its rules (:func:`spaces.schema.load_space`);
 2. the base config exists and mmengine can load it;
 3. every ``pretrained`` checkpoint exists;
-4. the dataset opens as COCO (:func:`spaces.dataset.open_dataset`); an area metric (``val/bbox_mAP_s`` ...)
+4. every image decodes and every box fits its image (:func:`spaces.datacheck.check_dataset`), and the dataset
+   opens as COCO (:func:`spaces.dataset.open_dataset`); an area metric (``val/bbox_mAP_s`` ...)
    has val objects of its area range, and a mask head (``roi_head: htc``) has masks to learn from;
 5. every combination of the searched choice/grid values (numeric ranges at their low end) becomes a config,
    and every distinct model among them is constructed on the ``meta`` device: no memory, no weights, a
@@ -41,9 +42,12 @@ from pydantic import ValidationError
 from torch.overrides import TorchFunctionMode
 
 from spaces.build import BuildError, KnobError, apply_overrides, build_config, load_base
+from spaces.datacheck import DataCheck, check_dataset, fix_line, group_line
+from spaces.datacleaning import Cleaned, can_clean, clean
 from spaces.dataset import Dataset, DatasetError, open_dataset
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
 from spaces.errors import Problem, Problems, SpaceError
+from spaces.imagescan import terminal
 from spaces.knobs import show_value
 from spaces.schema import DataSpec, Limit, Space, load_space
 from spaces.smoke import SmokeError, SmokeTrainer
@@ -73,6 +77,8 @@ class Validation:
         trained: Distinct (model, pipeline) combinations that ran one forward + loss.
         train_seconds: What those runs cost.
         notes: Things worth knowing that don't stop a search, e.g. backbones training from scratch.
+        data_check: Every image and box checked: the dataset card and its warnings.
+        cleaned: With ``data.on_bad: skip``, the annotations without the bad items (``dataset`` reads them).
     """
 
     file: str
@@ -83,6 +89,8 @@ class Validation:
     trained: int = 0
     train_seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    data_check: DataCheck | None = None
+    cleaned: Cleaned | None = None
 
 
 def check_file(path: str | Path) -> Validation:
@@ -126,7 +134,7 @@ def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], 
     out = Problems(file, once_per_value=True)
     base = _check_base(space.base, out)
     pretrained = _check_pretrained(space, out)
-    dataset = _check_dataset(space.data, out)
+    dataset, data_check, cleaned = _check_dataset(space.data, out)
     if dataset is not None:
         _check_area_metric(space, dataset, out)
         _check_masks(space, dataset, base, out)
@@ -143,7 +151,7 @@ def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], 
         raise SpaceError(out.items)
     return Validation(file=file, space=space, dataset=dataset, combinations=counts.combinations,
                       models=counts.models, trained=counts.trained, train_seconds=counts.train_seconds,
-                      notes=tuple(_notes(space)))
+                      notes=tuple(_notes(space)), data_check=data_check, cleaned=cleaned)
 
 
 def _beside(check: Callable[[], None], alongside: Callable[[], None], out: Problems) -> None:
@@ -216,15 +224,28 @@ def _check_pretrained(space: Space, out: Problems) -> dict[str, str]:
     return found
 
 
-def _check_dataset(spec: DataSpec, out: Problems) -> Dataset | None:
-    """Opens the dataset; returns None (and adds the problem, at the field to fix) if it can't be used."""
+def _check_dataset(spec: DataSpec, out: Problems) -> tuple[Dataset | None, DataCheck | None, Cleaned | None]:
+    """Checks every image and box, then opens the dataset (with ``on_bad: skip``, a cleaned copy of its
+    annotations); its dataset is None (and the problems are added, each at the field to fix) if it can't be used."""
     try:
-        return open_dataset(spec.root, spec.train, spec.val, spec.images)
+        checked = check_dataset(spec.root, spec.train, spec.val, spec.images, progress=terminal())
+        if checked.errors and spec.skips_bad and can_clean(checked):
+            cleaned = clean(checked, clip=spec.clips_boxes)
+            paths = cleaned.cached()
+            return (open_dataset(spec.root, str(paths[spec.train]), str(paths[spec.val]), spec.images), checked,
+                    cleaned)
+        if checked.errors:
+            for split, kind, items in checked.groups(errors=True):
+                field = "data.train" if split == spec.train else "data.val"
+                out.add(field, split, group_line(split, kind, items))
+            out.add("data", spec.root, fix_line(spec.root, spec.train, spec.val, spec.images))
+            return None, checked, None
+        return open_dataset(spec.root, spec.train, spec.val, spec.images), checked, None
     except DatasetError as error:
         message = str(error)
         field = _dataset_field(message, spec)
         out.add(field, getattr(spec, field.removeprefix("data.")), message)
-    return None
+    return None, None, None
 
 
 def _dataset_field(message: str, spec: DataSpec) -> str:
@@ -514,6 +535,10 @@ def summary(validation: Validation) -> str:
     rows = [
         ("base", space.base),
         ("data", _data_line(space.data, dataset)),
+        *_labelled("", validation.data_check.card_lines() if validation.data_check else []),
+        *_labelled("warning", validation.data_check.problem_lines() if validation.data_check else []),
+        *_labelled("on_bad", [f"skip: {validation.cleaned.summary()}; the search trains on a cleaned copy of the "
+                              "annotations in its storage"] if validation.cleaned else []),
         ("metric", f"{space.metric} ({space.mode})"),
         *_labelled("objectives", [f"{o.metric} ({o.mode})" for o in space.objectives]),
         *_labelled("limits", [_limit_line(metric, limit) for metric, limit in space.constraints.items()]),

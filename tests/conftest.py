@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +110,9 @@ def runs_of(tracking_uri: str, name: str, role: str = "trial") -> list[Run]:
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, f"no experiment {name} in {tracking_uri}"
     return list(client.search_runs([experiment.experiment_id], f"tags.`dettune.role` = '{role}'"))
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """Each file under ``root`` (relative path) -> its SHA-256: to show a dataset left byte for byte as it was."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import traceback
 import uuid
 from collections.abc import Mapping
@@ -43,6 +44,15 @@ class TrialSetupFailed(RuntimeError):
 
     The message is one line (exception type and first line of its message); ``trial.log`` holds the traceback.
     """
+
+
+class TrialDataError(RuntimeError):
+    """Reading a sample failed (an image that does not load, an annotation the pipeline can't take): a retry
+    would read the same file. The message names the file where it is known."""
+
+
+WORKER_ERROR = "in DataLoader worker process"
+"""How torch re-raises an error of a DataLoader worker: the sample's traceback is only text in its message."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +141,9 @@ def run_trial(spec: TrialSpec, *, report: Report | None = None, resume_from: Pat
             runner.train()
         except Exception as error:
             traceback.print_exc()  # into trial.log: the console only names the file
+            reading = sample_read_error(error, spec.dataset.root)
+            if reading is not None:
+                raise TrialDataError(reading) from error
             if resume_from is None and not first_step.done and is_setup_error(error):
                 raise TrialSetupFailed(one_line(error)) from error
             raise
@@ -146,6 +159,36 @@ class _FirstIteration(Hook):
 
     def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
         self.done = True
+
+
+def sample_read_error(error: BaseException, data_root: Path) -> str | None:
+    """``"<file>: <error>"`` when ``error`` was raised reading a sample, here or in a DataLoader worker; else None.
+
+    In this process the innermost dataset ``__getitem__`` on the traceback knows its index, so its file; from a
+    worker only the message is left, and the file is the first path under the dataset's root it names.
+    """
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)
+              if frame.f_code.co_name == "__getitem__"
+              and isinstance(frame.f_locals.get("self"), torch.utils.data.Dataset)]
+    text = str(error)
+    if not frames and WORKER_ERROR not in text:
+        return None
+    last = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = f"{type(error).__name__}: {last[-1] if last else 'no message'}"
+    return f"{_sample_file(frames[-1].f_locals) if frames else _path_in(text, data_root)}: {reason}"
+
+
+def _sample_file(local: Mapping[str, Any]) -> str:
+    dataset, index = local["self"], local.get("idx", local.get("index"))
+    try:
+        return str(dataset.get_data_info(index)["img_path"])
+    except Exception:  # a dataset without mmengine's data infos: the index still tells the user where
+        return f"sample {index} of {type(dataset).__name__}"
+
+
+def _path_in(text: str, data_root: Path) -> str:
+    found = re.search(re.escape(str(data_root)) + r"[^\s'\",:]*", text)
+    return found.group(0) if found else f"a sample under {data_root}"
 
 
 def is_setup_error(error: BaseException) -> bool:

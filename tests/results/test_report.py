@@ -39,6 +39,7 @@ MAP = LOG_COLUMNS.index("val/bbox_mAP")
 FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4,
          "schedule": "cosine"}
 PNG = b"\x89PNG\r\n\x1a\n"
+CARD_PLOT = "objects_per_class.png"
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,24 @@ def test_plots_are_pngs_linked_from_the_report_and_logged(finished: FinishedSear
         assert (report.parent / "plots" / plot.path.name).read_bytes().startswith(PNG)
         assert f"](plots/{plot.path.name})" in report.read_text()
     logged = search.client.list_artifacts(search.parent.info.run_id, "report/plots")
-    assert {Path(a.path).name for a in logged} == set(plots)
+    assert {Path(a.path).name for a in logged} == {*plots, CARD_PLOT}
+
+
+@pytest.mark.slow
+def test_the_dataset_card_is_a_table_and_a_plot(finished: FinishedSearch, report: Path) -> None:
+    text = report.read_text()
+    docs = [json.loads((finished.dataset_root / name).read_text()) for name in ("train.json", "val.json")]
+    section = text[text.index("## Dataset"):text.index("## Leader board")]
+    rows = {cells[0]: cells[1:] for line in section.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert rows[""] == ["train.json", "val.json"]
+    assert rows["images"] == [str(len(doc["images"])) for doc in docs]
+    assert rows["objects"] == [str(len(doc["annotations"])) for doc in docs]
+    for category in docs[0]["categories"]:
+        assert rows[f"class {category['name']}"] == [
+            str(sum(a["category_id"] == category["id"] for a in doc["annotations"])) for doc in docs]
+    assert (report.parent / "plots" / CARD_PLOT).read_bytes().startswith(PNG)
+    assert f"](plots/{CARD_PLOT})" in section
 
 
 @pytest.mark.slow

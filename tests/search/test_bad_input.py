@@ -145,6 +145,14 @@ def _unlisted_category(root: Path, doc: dict[str, Any]) -> None:
     _write_train(root, {**doc, "annotations": annotations})
 
 
+def _not_a_box(root: Path, doc: dict[str, Any]) -> None:
+    _write_train(root, {**doc, "annotations": [dict(doc["annotations"][0], bbox=[1, 2]), *doc["annotations"][1:]]})
+
+
+def _image_id_text(root: Path, doc: dict[str, Any]) -> None:
+    _write_train(root, {**doc, "images": [dict(doc["images"][0], id="1"), *doc["images"][1:]]})
+
+
 def _no_annotations(root: Path, doc: dict[str, Any]) -> None:
     _write_train(root, {**doc, "annotations": []})
 
@@ -158,9 +166,12 @@ DATA_PROBLEMS: dict[str, tuple[Breaker, tuple[str, ...]]] = {
     "json-corrupt": (_corrupt, ("data.train", "train.json is not valid JSON", "re-export the annotations")),
     "not-coco": (_not_coco, ("not a COCO annotation file", "lacks ['images', 'annotations', 'categories']",
                              "a COCO file has 'images', 'annotations' and 'categories'")),
-    "image-missing": (_image_missing, ("data.images", "1 image(s) missing", "fix data.images or copy the images")),
+    "image-missing": (_image_missing, ("data.train", "image missing (1;", "000001.png", "dettune data check")),
     "no-categories": (_no_categories, ("data.train", "lists no categories", "add the class list")),
-    "unlisted-category": (_unlisted_category, ("category ids [999]", "add those categories or drop the annotations")),
+    "unlisted-category": (_unlisted_category, ("annotation of an unlisted category (1;", "category_id 999",
+                                               "correct or remove those entries")),
+    "not-a-box": (_not_a_box, ("data.train", "annotations[0].bbox = [1, 2] is not 4 numbers", "re-export")),
+    "image-id-text": (_image_id_text, ("data.train", "images[0].id = '1' is not an integer", "re-export")),
     "no-annotations": (_no_annotations, ("data.train", "zero annotations", "annotate")),
 }
 

@@ -76,7 +76,8 @@ def _mid_epoch(storage: Path, epoch: int) -> bool:
 
 
 @pytest.mark.slow
-def test_killed_trial_process_resumes_in_the_same_run(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+def test_killed_trial_process_resumes_in_the_same_run(tmp_path: Path, synth: Dataset, ray_local: None,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
     space_file = write_space(tmp_path / "space.yaml", synth, name="kill-trial",
                              budget={"epochs": 3, "trials": 1, "max_retries": 2})
     fixed_logging = tmp_path / "runs"
@@ -86,6 +87,9 @@ def test_killed_trial_process_resumes_in_the_same_run(tmp_path: Path, synth: Dat
 
     (trial,) = ExperimentAnalysis(str(outcome.experiment_dir)).trials
     assert trial.run_metadata.num_failures == 1, "the kill did not happen or was not retried"
+    # The console says so: which attempt, why, and from which epoch (the kill came during epoch 2).
+    (retried,) = [line for line in capfd.readouterr().out.splitlines() if "retried, attempt" in line]
+    assert f"trial {trial.trial_id}: retried, attempt 2 of 3, from its epoch 1 checkpoint, after: " in retried
     (run,) = runs_of(outcome.tracking_uri, "kill-trial")
     assert run.data.tags[TAG_STATUS] == "completed" and run.data.tags[TAG_TRIAL] == trial.trial_id
     for key in ("val/bbox_mAP", "train/loss", "train/lr"):

@@ -164,10 +164,11 @@ def test_missing_images(data_root: Path, tmp_path: Path) -> None:
     first = json.loads((data_root / "train.json").read_text())["images"][0]["file_name"]
     (data_root / "images" / first).unlink()
 
-    problem = only_problem(tmp_path, space_data(data_root))
+    missing, fix = problems_of(tmp_path, space_data(data_root))
 
-    assert (problem.field, problem.value) == ("data.images", "images")
-    assert "missing from" in problem.rule and first in problem.rule
+    assert (missing.field, missing.value) == ("data.train", "train.json")
+    assert "image missing (1;" in missing.rule and first in missing.rule
+    assert fix.field == "data" and f"dettune data check {data_root}" in fix.rule
 
 
 def test_no_categories(data_root: Path, tmp_path: Path) -> None:
@@ -183,10 +184,11 @@ def test_no_categories(data_root: Path, tmp_path: Path) -> None:
 def test_unknown_category_ids(data_root: Path, tmp_path: Path) -> None:
     edit_json(data_root / "train.json", lambda doc: doc["annotations"][0].update(category_id=99))
 
-    problem = only_problem(tmp_path, space_data(data_root))
+    problem, fix = problems_of(tmp_path, space_data(data_root))
 
     assert problem.field == "data.train"
-    assert "category ids [99]" in problem.rule
+    assert "annotation of an unlisted category (1;" in problem.rule and "(category_id 99)" in problem.rule
+    assert fix.field == "data" and "dettune data check" in fix.rule
 
 
 def test_zero_annotations(data_root: Path, tmp_path: Path) -> None:
@@ -399,7 +401,9 @@ def test_command_prints_summary_of_valid_space(
                      "search     Optuna TPE, seed 0", "scheduler  none",
                      "models     2 model variants built on the meta device from 2 knob combinations"):
         assert expected in out
-    assert len(out.splitlines()) <= 24
+    # The dataset card adds a head line, 6 rows of counts and one row per class.
+    classes = len(json.loads((data_root / "train.json").read_text())["categories"])
+    assert len(out.splitlines()) <= 24 + 7 + classes
 
 
 def test_summary_of_a_grid(data_root: Path, tmp_path: Path) -> None:
