@@ -16,6 +16,7 @@ from conftest import make_dataset
 from spaces.dataset import Dataset
 from spaces.errors import SpaceError
 from spaces.validate import check_file
+from trainers.smoke import first_step
 from trainers.trial import TrialSpec, run_trial
 
 SCALE = [128, 128]
@@ -80,10 +81,10 @@ def test_a_zoo_config_validates_and_trains_or_is_refused(name: str, zoo_data: Da
     started = time.perf_counter()
     if refusal is not None:
         with pytest.raises(SpaceError) as refused:
-            check_file(space_file)
+            check_file(space_file, first_step=first_step)
         assert refusal in str(refused.value)
         return
-    validation = check_file(space_file)
+    validation = check_file(space_file, first_step=first_step)
     assert validation.trained == 1
     validated = time.perf_counter()
 
@@ -101,5 +102,5 @@ def test_a_zoo_config_validates_and_trains_or_is_refused(name: str, zoo_data: Da
 def test_a_knob_that_does_not_apply_to_the_family_is_refused(name: str, zoo_data: Dataset, tmp_path: Path) -> None:
     base, fixed, refusal = MISFITS[name]
     with pytest.raises(SpaceError) as refused:
-        check_file(_space(tmp_path / "space.yaml", zoo_data, base, fixed))
+        check_file(_space(tmp_path / "space.yaml", zoo_data, base, fixed), first_step=first_step)
     assert refusal in str(refused.value)
