@@ -343,7 +343,7 @@ def _check_models(space: Space, base: Config, dataset: Dataset | None, pretraine
                 continue
             fits, min_side = _input_size(space, base, cfg, combo, model, out)
             if fits:
-                tried.append((combo, smoke.run(cfg, min_side=min_side)))
+                tried.append((combo, _step_failure(smoke, cfg, min_side)))
     for combo, failure in tried:
         if failure is not None:
             out.add(*_blamed(space, combo, failure, [c for c, f in tried if f is None]))
@@ -528,16 +528,45 @@ _SMOKE_FIXES = {
 }
 
 
+_TOO_SMALL = (
+    "Kernel size can't be greater than actual input size",  # a convolution on a map smaller than its kernel
+    "Output size is too small",  # a pooling layer's
+    "Expected more than 1 value per channel",  # a norm layer on a 1 px map of one image
+    "selected index k out of range",  # a DETR selecting more queries than the encoder has tokens
+)
+"""What torch raises when a feature map is too small for the layer that reads it: a larger image fixes it."""
+
+
+def _too_small(failure: SmokeError) -> bool:
+    text = str(root_cause(failure.error))
+    return any(words in text for words in _TOO_SMALL)
+
+
+def _step_failure(smoke: SmokeTrainer, cfg: Config, min_side: int | None) -> SmokeError | None:
+    """Runs the first step at the smoke scale; a feature map too small there is tried again at the trial's own
+    scale, so that only a failure the trial would meet refuses the space."""
+    failure = smoke.run(cfg, min_side=min_side)
+    trial = test_scale(cfg)
+    if failure is not None and _too_small(failure) and trial is not None:
+        failure = smoke.run(cfg, min_side=min(trial))  # no shrinking below that side: the trial's scale
+    return failure
+
+
 def _blamed(space: Space, combo: dict[str, Any], failure: SmokeError,
             passed: list[dict[str, Any]]) -> tuple[str, Any, str]:
-    """The field, value and rule of a failed first step: the searched values no passing combination has, or none.
+    """The field, value and rule of a failed first step: ``scale`` for a feature map too small, else the searched
+    values no passing combination has, or none.
 
     A value that trains in another combination is not the cause; when every combination tried fails, no knob
     explains the failure and the base config is named.
     """
+    rule = f"the first training step fails at the {failure}"
+    if _too_small(failure) and ("scale" in space.space or "scale" in space.fixed):
+        field, value = _knob_field(space, "scale", {**space.point_defaults(), **combo})
+        return field, value, (f"{rule}: a feature map is too small for the layer that reads it at this scale: "
+                              f"choose a larger scale{_context(space, combo, 'scale')}")
     searched = [name for name in combo if isinstance(space.space[name], Choice | Grid)]
     culprits = [name for name in searched if passed and all(other[name] != combo[name] for other in passed)]
-    rule = f"the first training step fails at the {failure}"
     fix = _SMOKE_FIXES[failure.stage]
     if culprits:
         values = ", ".join(f"{name}={_show(combo[name])}" for name in culprits)

@@ -302,6 +302,17 @@ def test_a_failing_step_is_blamed_on_the_knob_it_is_registered_for(
     assert all("KeyError: 'no optim_wrapper'" in p.rule for p in problems)
 
 
+def test_a_step_that_fails_in_every_combination_is_blamed_on_no_knob(data_root: Path, tmp_path: Path) -> None:
+    # Four anchor strides for the FPN's five levels: the model builds, its first forward fails, whatever the head.
+    data = space_data(data_root, overrides={"model.rpn_head.anchor_generator.strides": [4, 8, 16, 32]})
+
+    problem = only_problem(tmp_path, data)  # faster and cascade fail alike: one problem
+
+    assert (problem.field, problem.value) == ("base", FASTER_BASE)
+    assert "fails at the forward + loss (model): AssertionError" in problem.rule
+    assert "so no knob explains it" in problem.rule and "roi_head=" not in problem.rule
+
+
 def test_model_that_mmdet_cannot_construct(data_root: Path, tmp_path: Path) -> None:
     data = space_data(data_root, space={"backbone": {"choice": ["r18", "swin-t"]}}, fixed={"preset": "tiny"},
                       overrides={"model.backbone.depth": 19})
