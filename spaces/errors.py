@@ -88,7 +88,6 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-
 _DETTUNE_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep for name in
                           ("spaces", "trainers", "search", "results"))
 
