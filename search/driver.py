@@ -60,6 +60,7 @@ from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
 from spaces.validate import Validation, check_space
 from trainers.metrics import EPOCH
+from trainers.smoke import first_step
 
 KEPT_REPORTED_CHECKPOINTS = 2
 """Ray storage keeps each trial's best reported checkpoints, by the space's metric; export picks among them."""
@@ -354,7 +355,8 @@ def _check_while_ray_starts(space: Space, options: SearchOptions) -> Validation:
     """
     ray_was_up = ray.is_initialized()
     try:
-        return check_space(space, str(options.space_file), alongside=lambda: connect_ray(options.address))
+        return check_space(space, str(options.space_file), first_step=first_step,
+                           alongside=lambda: connect_ray(options.address))
     except SpaceError:
         if not ray_was_up:
             ray.shutdown()

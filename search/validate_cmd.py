@@ -49,13 +49,14 @@ def run_validate(args: argparse.Namespace) -> int:
     from search.tracking import local_tracking_uri
     from spaces.errors import SpaceError
     from spaces.validate import check_file, check_space, summary
+    from trainers.smoke import first_step
 
     try:
-        validation = check_file(args.space)
+        validation = check_file(args.space, first_step=first_step)
         tracking_uri = args.tracking_uri or local_tracking_uri(Path(args.storage).resolve())
         staged = stage_from_store(validation.space, tracking_uri, pending_ok=True)
         if staged.inherited:  # the models change with the inherited knobs: build them again
-            validation = check_space(staged.space, args.space)
+            validation = check_space(staged.space, args.space, first_step=first_step)
     except SpaceError as error:
         count = len(error.problems)
         print(f"dettune: error: {args.space} has {count} problem{'' if count == 1 else 's'}:", file=sys.stderr)

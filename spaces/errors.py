@@ -7,8 +7,11 @@ value and the rule it breaks, usually with the fix.
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -108,3 +111,21 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_DETTUNE_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep for name in
+                          ("spaces", "trainers", "search", "results"))
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost chained exception, e.g. the missing module behind mmengine's ``Failed to import``."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return error
+
+
+def raised_by_dettune(error: BaseException) -> bool:
+    """Whether ``error``'s :func:`root_cause` was raised in dettune's own code: a bug, not something a library
+    raised while running the user's config or data (mmengine re-raises a class's error as its own)."""
+    frames = traceback.extract_tb(root_cause(error).__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(_DETTUNE_PACKAGES)

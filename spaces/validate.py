@@ -8,13 +8,17 @@
 4. every image decodes and every box fits its image (:func:`spaces.datacheck.check_dataset`), and the dataset
    opens as COCO (:func:`spaces.dataset.open_dataset`); an area metric (``val/bbox_mAP_s`` ...)
    has val objects of its area range, and a mask head (``roi_head: htc``) has masks to learn from;
-5. every combination of the searched choice/grid values (numeric ranges at their low end) becomes a config,
+5. a base model without a bbox head (SOLO, SOLOv2, Mask2Former, an RPN) is refused: it reports no
+   ``val/bbox_mAP``;
+6. every combination of the searched choice/grid values (numeric ranges at their low end) becomes a config,
    and every distinct model among them is constructed on the ``meta`` device: no memory, no weights, a
    fraction of a second even for Swin-B. Combinations that only change the optimiser, schedule or data
    pipeline give the same model and are constructed once;
-6. a config that needs data the dataset cannot have (semantic maps) is refused with the fix;
-7. every distinct (model, pipeline) combination trains once (:mod:`spaces.smoke`): both datasets built, samples
-   through both pipelines, one forward + loss and one prediction on the CPU, at a small image scale.
+7. a config that needs data the dataset cannot have (semantic maps) is refused with the fix, and a test scale
+   below the smallest input the model's feature maps take (found on the meta device) is a problem of ``scale``;
+8. every distinct (model, pipeline) combination runs a trial's first step (:mod:`spaces.smoke`): a real Runner,
+   one training iteration and one validation pass on a handful of images, on the CPU, at a small image scale.
+   A failure is blamed on the knob values that no passing combination has, or on no knob.
 
 All problems end up in one :class:`~spaces.errors.SpaceError`; a space without problems gives a
 :class:`Validation`, which :func:`summary` prints on one screen.
@@ -28,30 +32,27 @@ import json
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 from mmengine.utils import import_modules_from_strings
 from pydantic import ValidationError
-from torch.overrides import TorchFunctionMode
 
-from spaces.build import BuildError, KnobError, apply_overrides, build_config, load_base
+from spaces.build import BuildError, KnobError, apply_overrides, build_config, load_base, test_scale
 from spaces.datacheck import DataCheck, check_dataset, fix_line, group_line
 from spaces.datacleaning import Cleaned, can_clean, clean
 from spaces.dataset import Dataset, DatasetError, open_dataset
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
-from spaces.errors import Problem, Problems, SpaceError
+from spaces.errors import Problem, Problems, SpaceError, UserError, one_line, raised_by_dettune, root_cause
 from spaces.imagescan import terminal
 from spaces.knobs import show_value
 from spaces.schema import DataSpec, Limit, Space, load_space
-from spaces.smoke import SmokeError, SmokeTrainer
-from spaces.tree import config_dicts
+from spaces.smoke import FirstStep, SmokeError, SmokeTrainer, features_fail, meta_device, smallest_side, smoke_scale
+from spaces.tree import config_dicts, dicts
 
 AREA_METRICS = {
     "val/bbox_mAP_s": ("s", "small", "area < 32²"),
@@ -74,7 +75,7 @@ class Validation:
         dataset: The opened dataset.
         combinations: Knob combinations turned into configs.
         models: Distinct models constructed from them.
-        trained: Distinct (model, pipeline) combinations that ran one forward + loss.
+        trained: Distinct (model, pipeline) combinations that ran a trial's first step.
         train_seconds: What those runs cost.
         notes: Things worth knowing that don't stop a search, e.g. backbones training from scratch.
         data_check: Every image and box checked: the dataset card and its warnings.
@@ -93,11 +94,12 @@ class Validation:
     cleaned: Cleaned | None = None
 
 
-def check_file(path: str | Path) -> Validation:
+def check_file(path: str | Path, *, first_step: FirstStep) -> Validation:
     """Checks a space file: its schema, its base config, its data and every model it can produce.
 
     Args:
         path: The space YAML file.
+        first_step: Runs a trial's first step (``trainers.smoke.first_step``).
 
     Returns:
         What the check found, for :func:`summary`.
@@ -111,15 +113,17 @@ def check_file(path: str | Path) -> Validation:
         space = load_space(path)
     except SpaceError as error:
         raise SpaceError([*error.problems, *_files_of_broken_space(path, file)]) from None
-    return check_space(space, file)
+    return check_space(space, file, first_step=first_step)
 
 
-def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], None] | None = None) -> Validation:
+def check_space(space: Space, file: str = "<space>", *, first_step: FirstStep,
+                alongside: Callable[[], None] | None = None) -> Validation:
     """Checks the files a valid space refers to and builds every model it can produce.
 
     Args:
         space: The space, e.g. from :func:`~spaces.schema.load_space` or ``Space.from_json``.
         file: Names the source in problems.
+        first_step: Runs a trial's first step (``trainers.smoke.first_step``).
         alongside: Run on this thread while the models are built and smoke-trained on another, once the files
             checked clean (the search starts Ray then: both take seconds, and bad files still fail before it).
             Problems the models' check finds are raised rather than what ``alongside`` raises; a space that
@@ -139,9 +143,9 @@ def check_space(space: Space, file: str = "<space>", *, alongside: Callable[[], 
         _check_area_metric(space, dataset, out)
         _check_masks(space, dataset, base, out)
     counts = _Counts()
-    if base is not None:
+    if base is not None and _predicts_boxes(space, base, out):
         def check_models() -> None:
-            _check_models(space, base, dataset, pretrained, out, counts)
+            _check_models(space, base, dataset, pretrained, out, counts, first_step)
 
         if alongside is not None and dataset is not None and not out.items:
             _beside(check_models, alongside, out)
@@ -322,15 +326,16 @@ def _axis(dist: Distribution) -> list[Any]:
 
 
 def _check_models(space: Space, base: Config, dataset: Dataset | None, pretrained: dict[str, str],
-                  out: Problems, counts: _Counts) -> None:
-    """Builds every combination's config, constructs each distinct model and trains each distinct (model,
-    pipeline) once; without a usable dataset (its problem is reported already) it only builds."""
+                  out: Problems, counts: _Counts, first_step: FirstStep) -> None:
+    """Builds every combination's config, constructs each distinct model and runs each distinct (model,
+    pipeline)'s first step once; without a usable dataset (its problem is reported already) it only builds."""
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
     combos = combinations(space)
-    models: dict[str, bool] = {}  # model key -> constructed without a problem
-    smoke = SmokeTrainer()
+    models: dict[str, Any] = {}  # model key -> the model on the meta device, None if it can't be constructed
+    smoke = SmokeTrainer(first_step)
+    tried: list[tuple[dict[str, Any], SmokeError | None]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "training from scratch" and friends, once per combination
         for combo in combos:
@@ -340,8 +345,15 @@ def _check_models(space: Space, base: Config, dataset: Dataset | None, pretraine
             key = _model_key(cfg)
             if key not in models:
                 models[key] = _construct(space, cfg, combo, out)
-            if dataset is not None and models[key] and _has_data_it_needs(space, cfg, combo, out):
-                _smoke_train(smoke, space, cfg, combo, out)
+            model = models[key]
+            if dataset is None or model is None or not _has_data_it_needs(space, cfg, combo, out):
+                continue
+            fits, min_side = _input_size(space, base, cfg, combo, model, out)
+            if fits:
+                tried.append((combo, _step_failure(smoke, cfg, min_side)))
+    for combo, failure in tried:
+        if failure is not None:
+            out.add(*_blamed(space, combo, failure, [c for c, f in tried if f is None]))
     counts.combinations, counts.models = len(combos), len(models)
     counts.trained, counts.train_seconds = smoke.runs, smoke.seconds
 
@@ -353,11 +365,10 @@ def _config_of(
     point = {**space.point_defaults(), **combo}
     try:
         cfg = build_config(base, point, dataset, pretrained=pretrained)
-    except Exception as error:  # BuildError, or whatever a base config of an unexpected shape raises
+    except BuildError as error:
         knob = error.knob if isinstance(error, KnobError) else None  # the registered step that failed
         field, value = _knob_field(space, knob, point)
-        text = str(error) if isinstance(error, BuildError) else f"{type(error).__name__}: {error}"
-        out.add(field, value, text + _context(space, combo, knob))
+        out.add(field, value, str(error) + _context(space, combo, knob))
         return None
     for dotted, value in space.overrides.items():
         try:
@@ -388,11 +399,14 @@ def _model_key(cfg: Config) -> str:
     return json.dumps([cfg.model.to_dict(), cfg.get("custom_imports")], sort_keys=True, default=repr)
 
 
-def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: Problems) -> bool:
+def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: Problems) -> Any:
     """Constructs the model on the meta device; a failure becomes a problem of the knob most likely at fault.
 
     Returns:
-        Whether the model was constructed.
+        The model, or None if it can't be constructed.
+
+    Raises:
+        Exception: what dettune's own code raised (a bug).
     """
     point = {**space.point_defaults(), **combo}
     imports = cfg.get("custom_imports")
@@ -403,16 +417,17 @@ def _construct(space: Space, cfg: Config, combo: dict[str, Any], out: Problems) 
             field, value = _knob_field(space, "backbone" if "backbone" in point else None, point)
             out.add(field, value, f"the model needs custom_imports {list(imports['imports'])}, which can't be "
                     f"imported ({_root_cause(error)}): install what is missing")
-            return False
+            return None
     try:
-        _build_on_meta(cfg)
+        return _build_on_meta(cfg)
     except Exception as error:  # a config that mmdet can't turn into a model
+        if raised_by_dettune(error) and not isinstance(error, UserError):
+            raise
         knob = next((name for name in _MODEL_KNOBS if name in space.space), None)
         field, value = _knob_field(space, knob, point)
         rule = f"mmdet can't build this model ({type(error).__name__}: {error})"
         out.add(field, value, rule + _context(space, combo, knob))
-        return False
-    return True
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -450,64 +465,138 @@ def _has_data_it_needs(space: Space, cfg: Config, combo: dict[str, Any], out: Pr
     return False
 
 
+def _predicts_boxes(space: Space, base: Config, out: Problems) -> bool:
+    """Refuses a base model without a bbox head: it reports no ``val/bbox_mAP``, the metric dettune searches on.
+
+    Instance-segmentation-only models (SOLO, SOLOv2, Mask2Former, MaskFormer) predict masks; an RPN predicts
+    class-free proposals. No knob adds a bbox head (``roi_head`` needs a two-stage detector).
+    """
+    model = base.model
+    if any("bbox_head" in node for node in dicts(model)):
+        return True
+    if any("mask_head" in node or "panoptic_head" in node for node in dicts(model)):
+        predicts = "masks only (instance or panoptic segmentation)"
+    elif "rpn_head" in model:
+        predicts = "region proposals only"
+    else:
+        return True  # a wrapper of another library's model: its own check decides
+    out.add("base", space.base, f"the base model {model.get('type')} has no bbox head: it predicts {predicts}, so "
+            "no trial reports val/bbox_mAP, the box metrics dettune searches on: choose a detector with a bbox "
+            "head (for masks too: Mask R-CNN, Cascade Mask R-CNN, HTC, RTMDet-Ins)")
+    return False
+
+
+def _input_size(space: Space, base: Config, cfg: Config, combo: dict[str, Any], model: Any,
+                out: Problems) -> tuple[bool, int | None]:
+    """Checks the trial's test scale against the smallest input the model's feature maps take.
+
+    Returns:
+        Whether the test scale is large enough (a problem of ``scale`` if not), and that smallest side when
+        the smoke scale is below it (None when the smoke scale fits, or when the features fail at every size:
+        then the first step itself decides).
+    """
+    trial = test_scale(cfg)
+    smoke = smoke_scale(cfg) or trial
+    if trial is None or smoke is None or features_fail(model, min(smoke)) is None:
+        return True, None
+    upper = max(min(trial), min(test_scale(base) or trial))
+    if features_fail(model, upper) is not None:
+        return True, None
+    floor = smallest_side(model, min(smoke), upper)
+    if min(trial) >= floor:
+        return True, floor
+    error = features_fail(model, min(trial))
+    assert error is not None  # trial <= smoke's side < floor
+    field, value = _knob_field(space, "scale", {**space.point_defaults(), **combo})
+    out.add(field, value, f"the model's feature maps vanish on images smaller than {floor}x{floor} px (at the "
+            f"test scale {list(trial)}: {one_line(error)}): choose a scale of at least [{floor}, {floor}] (more "
+            f"for images that are not square: Resize keeps their aspect ratio)" + _context(space, combo, "scale"))
+    return False, None
+
+
 _SMOKE_FIXES = {
     "train dataset": "the base config's train dataset settings don't fit this data: check data.* and the "
                      "base's train_dataloader.dataset",
-    "val dataset": "the base config's val dataset settings don't fit this data: check data.* and the base's "
-                   "val_dataloader.dataset",
+    "val dataset": "the base config's val dataset or evaluator settings don't fit this data: check data.* and the "
+                   "base's val_dataloader.dataset and val_evaluator",
     "train pipeline": "a step of the base's train pipeline needs a file or annotation this dataset lacks: remove "
                       "or replace that step in the base config, or choose a base made for box/polygon data",
     "val pipeline": "a step of the base's val pipeline needs a file or annotation this dataset lacks: remove or "
                     "replace that step in the base config",
-    "model": "the model cannot be built on the CPU with these knobs: change the knob values named here",
-    "forward + loss": "the model and its inputs don't fit (channels, shapes or keys): change the knob values "
-                      "named here, or the base config's model",
+    "model": "mmdet can't build this model on the CPU: check the base config's model",
+    "optimizer": "the optimiser or lr schedule can't be built for this model: check the base's optim_wrapper "
+                 "(paramwise_cfg) and param_scheduler",
+    "hooks": "a hook of the base config, or the model's weight init, fails before training: check custom_hooks "
+             "and the model's init_cfg",
+    "forward + loss": "the model and its inputs don't fit (channels, shapes or keys): check the base config's "
+                      "model and its train pipeline",
     "prediction": "the model's test settings don't fit its heads: check the base config's model.test_cfg",
+    "evaluation": "the val_evaluator can't score this model's predictions: check the base's val_evaluator",
 }
 
 
-def _smoke_train(smoke: SmokeTrainer, space: Space, cfg: Config, combo: dict[str, Any], out: Problems) -> None:
-    """One smoke training of ``cfg``; a failure becomes a problem naming the stage, the key and the fix."""
-    try:
-        smoke.run(cfg)
-    except SmokeError as error:
-        where = ", ".join(f"{name}={show_value(value)}" for name, value in combo.items())
-        out.add("base", space.base, f"one training step fails at the {error}"
-                f"{f' (with {where})' if where else ''}: {_SMOKE_FIXES[error.stage]}")
+_TOO_SMALL = (
+    "Kernel size can't be greater than actual input size",  # a convolution on a map smaller than its kernel
+    "Output size is too small",  # a pooling layer's
+    "Expected more than 1 value per channel",  # a norm layer on a 1 px map of one image
+    "selected index k out of range",  # a DETR selecting more queries than the encoder has tokens
+)
+"""What torch raises when a feature map is too small for the layer that reads it: a larger image fixes it."""
+
+
+def _too_small(failure: SmokeError) -> bool:
+    text = str(root_cause(failure.error))
+    return any(words in text for words in _TOO_SMALL)
+
+
+def _step_failure(smoke: SmokeTrainer, cfg: Config, min_side: int | None) -> SmokeError | None:
+    """Runs the first step at the smoke scale; a feature map too small there is tried again at the trial's own
+    scale, so that only a failure the trial would meet refuses the space."""
+    failure = smoke.run(cfg, min_side=min_side)
+    trial = test_scale(cfg)
+    if failure is not None and _too_small(failure) and trial is not None:
+        failure = smoke.run(cfg, min_side=min(trial))  # no shrinking below that side: the trial's scale
+    return failure
+
+
+def _blamed(space: Space, combo: dict[str, Any], failure: SmokeError,
+            passed: list[dict[str, Any]]) -> tuple[str, Any, str]:
+    """The field, value and rule of a failed first step: ``scale`` for a feature map too small, else the searched
+    values no passing combination has, or none.
+
+    A value that trains in another combination is not the cause; when every combination tried fails, no knob
+    explains the failure and the base config is named.
+    """
+    rule = f"the first training step fails at the {failure}"
+    if _too_small(failure) and ("scale" in space.space or "scale" in space.fixed):
+        field, value = _knob_field(space, "scale", {**space.point_defaults(), **combo})
+        return field, value, (f"{rule}: a feature map is too small for the layer that reads it at this scale: "
+                              f"choose a larger scale{_context(space, combo, 'scale')}")
+    searched = [name for name in combo if isinstance(space.space[name], Choice | Grid)]
+    culprits = [name for name in searched if passed and all(other[name] != combo[name] for other in passed)]
+    fix = _SMOKE_FIXES[failure.stage]
+    if culprits:
+        values = ", ".join(f"{name}={show_value(combo[name])}" for name in culprits)
+        return (f"space.{culprits[0]}", combo[culprits[0]],
+                f"{rule} with {values}, which no combination that trains has: {fix}")
+    if passed:
+        values = ", ".join(f"{name}={show_value(combo[name])}" for name in searched)
+        return "base", space.base, f"{rule} with {values} together, each of which trains in another combination: {fix}"
+    return "base", space.base, f"{rule} in every combination of knob values tried, so no knob explains it: {fix}"
 
 
 def _root_cause(error: BaseException) -> str:
-    """The innermost chained exception, e.g. the missing module behind mmengine's ``Failed to import``."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
-    return f"{type(error).__name__}: {error}"
+    cause = root_cause(error)
+    return f"{type(cause).__name__}: {cause}"
 
 
-class _HostLinspace(TorchFunctionMode):
-    """Keeps ``torch.linspace`` on the CPU: Swin and ConvNeXt read drop-path rates from it with ``.item()``."""
-
-    def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = dict(kwargs or {})
-        if func is torch.linspace and kwargs.get("device") is None:
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-
-
-@contextmanager
-def _meta_device() -> Iterator[None]:
-    """Tensors made inside have shapes but no storage, so constructing even a large model is quick."""
-    with torch.device("meta"), _HostLinspace():
-        yield
-
-
-def _build_on_meta(cfg: Config) -> None:
+def _build_on_meta(cfg: Config) -> Any:
     """Constructs the detector of ``cfg`` without allocating its weights."""
     from mmdet.registry import MODELS
 
-    with DefaultScope.overwrite_default_scope("mmdet"), _meta_device():
-        MODELS.build(copy.deepcopy(cfg.model))  # some detectors (DETR) write into the dict they are built from
+    with DefaultScope.overwrite_default_scope("mmdet"), meta_device():
+        model = MODELS.build(copy.deepcopy(cfg.model))  # some detectors (DETR) write into the dict they are built from
+    return model.to("meta")  # a parameter made with the legacy torch.Tensor(n) (SSD's L2Norm) is on the CPU
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -551,8 +640,8 @@ def summary(validation: Validation) -> str:
         ("resources", _resources_line(space)),
         ("models", f"{_count(validation.models, 'model variant')} built on the meta device from "
                    f"{_count(validation.combinations, 'knob combination')}"),
-        ("training", f"{_count(validation.trained, '(model, pipeline) combination')} trained one step on the "
-                     f"CPU (samples through both pipelines, forward + loss, one prediction) in "
+        ("training", f"{_count(validation.trained, '(model, pipeline) combination')} ran a trial's first step "
+                     f"on the CPU (a Runner: one training iteration, one validation pass) in "
                      f"{validation.train_seconds:.1f} s"),
         *_labelled("note", list(validation.notes)),
     ]

@@ -75,9 +75,20 @@ def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | N
     """The full config the Runner gets: the knobs' config plus this trial's runtime settings."""
     cfg = build_config(spec.base, spec.point, spec.dataset, pretrained=spec.pretrained,
                        overrides=spec.overrides, workers=spec.workers)
+    set_runtime(cfg, work_dir=spec.work_dir, experiment_name=experiment_name, seed=spec.seed,
+                dataloader_workers=spec.dataloader_workers, device=spec.device, resume_from=resume_from)
+    return cfg
+
+
+def set_runtime(cfg: Config, *, work_dir: Path, experiment_name: str, seed: int, dataloader_workers: int = 0,
+                device: str = "cpu", resume_from: Path | None = None) -> None:
+    """Gives a knobs' config the runtime settings of a trial: where it writes, its seed, device and loaders.
+
+    Every Runner dettune builds gets them here: a trial's and validate's first step (:mod:`trainers.smoke`).
+    """
     distributed = dist.is_available() and dist.is_initialized()
-    cuda = spec.device.startswith("cuda")
-    cfg.work_dir = str(spec.work_dir)
+    cuda = device.startswith("cuda")
+    cfg.work_dir = str(work_dir)
     cfg.experiment_name = experiment_name
     # Ray Train has already built the process group: 'pytorch' makes mmengine use it (and wrap DDP).
     cfg.launcher = "pytorch" if distributed else "none"
@@ -88,9 +99,9 @@ def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | N
     if distributed:
         # mmengine's default wrapper passes device_ids=[LOCAL_RANK]: torch refuses any for CPU modules, and under
         # Ray Train the local rank need not index the GPU this worker was given.
-        device_ids = [torch.device(spec.device).index] if cuda else None
+        device_ids = [torch.device(device).index] if cuda else None
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False, device_ids=device_ids)
-    cfg.randomness = dict(seed=spec.seed)
+    cfg.randomness = dict(seed=seed)
     full_precision(cfg.get("val_evaluator"))  # the trial's scores unrounded: ASHA and TPE rank them
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True,
                                         max_keep_ckpts=KEPT_LOCAL_CHECKPOINTS)
@@ -100,11 +111,10 @@ def trial_config(spec: TrialSpec, *, experiment_name: str, resume_from: Path | N
                           name=experiment_name)
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         if cfg.get(key) is not None:
-            cfg[key].num_workers = spec.dataloader_workers
-            cfg[key].persistent_workers = spec.dataloader_workers > 0
+            cfg[key].num_workers = dataloader_workers
+            cfg[key].persistent_workers = dataloader_workers > 0
     cfg.resume = resume_from is not None
     cfg.load_from = str(resume_from) if resume_from is not None else None
-    return cfg
 
 
 def run_trial(spec: TrialSpec, *, report: Report | None = None, resume_from: Path | None = None

@@ -14,6 +14,7 @@ from spaces.errors import SpaceError
 from spaces.schema import Space, load_space
 from spaces.synth import write_dataset
 from spaces.validate import check_file, check_space
+from trainers.smoke import first_step
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 READY = sorted(SPACES_DIR.glob("*.yaml"))
@@ -43,7 +44,7 @@ def test_the_logs_experiments_are_ready() -> None:
 def test_ready_space_validates_and_every_combination_builds(path: Path, synthetic_root: Path) -> None:
     space = on_synthetic_data(path, synthetic_root)
 
-    validation = check_space(space, str(path))
+    validation = check_space(space, str(path), first_step=first_step)
 
     categorical = [dist for dist in space.space.values() if isinstance(dist, Choice | Grid)]
     assert validation.combinations == math.prod(len(dist.values) for dist in categorical)
@@ -77,7 +78,7 @@ def test_missing_real_data_is_reported_clearly(
     monkeypatch.chdir(tmp_path)  # where data/trash does not exist
 
     with pytest.raises(SpaceError) as caught:
-        check_file(SPACES_DIR / f"{name}.yaml")
+        check_file(SPACES_DIR / f"{name}.yaml", first_step=first_step)
 
     [problem] = caught.value.problems
     assert (problem.field, problem.value) == ("data.root", "data/trash")

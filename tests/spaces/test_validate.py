@@ -23,6 +23,7 @@ from spaces.errors import Problem, SpaceError
 from spaces.schema import load_space
 from spaces.synth import write_dataset
 from spaces.validate import check_file, check_space, summary
+from trainers.smoke import first_step
 
 FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
 
@@ -65,7 +66,7 @@ def write_space(tmp_path: Path, data: dict[str, Any]) -> Path:
 
 def problems_of(tmp_path: Path, data: dict[str, Any]) -> list[Problem]:
     with pytest.raises(SpaceError) as caught:
-        check_file(write_space(tmp_path, data))
+        check_file(write_space(tmp_path, data), first_step=first_step)
     return caught.value.problems
 
 
@@ -84,7 +85,7 @@ def edit_json(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 def test_valid_space_passes_and_counts_each_distinct_model_once(data_root: Path, tmp_path: Path) -> None:
     space = {"roi_head": {"choice": ["faster", "cascade"]}, "schedule": {"choice": ["step", "cosine"]},
              "lr": {"loguniform": [0.001, 0.01]}}
-    validation = check_file(write_space(tmp_path, space_data(data_root, space=space)))
+    validation = check_file(write_space(tmp_path, space_data(data_root, space=space)), first_step=first_step)
 
     assert validation.combinations == 4
     assert validation.models == 2  # the schedule doesn't change the model
@@ -102,7 +103,7 @@ def test_the_training_step_is_seeded_quiet_and_leaves_the_callers_random_state(
     np.random.seed(7)
     torch.manual_seed(7)
 
-    assert check_file(space_file).trained == 2  # two roi heads: two (model, pipeline) combinations
+    assert check_file(space_file, first_step=first_step).trained == 2  # two roi heads: two (model, pipeline)s
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     printed = capfd.readouterr()
     assert "init_weights" not in printed.out + printed.err  # mmengine logs each parameter's init otherwise
@@ -261,7 +262,7 @@ def test_summary_of_a_constrained_multi_objective_search(data_root: Path, tmp_pa
                       constraints={"model/params_M": {"max": 60}}, search={"algorithm": "nsga2"},
                       scheduler={"type": "asha", "grace_epochs": 1})
 
-    text = summary(check_file(write_space(tmp_path, data)))
+    text = summary(check_file(write_space(tmp_path, data), first_step=first_step))
 
     assert "objectives inference/fps (max)" in text
     assert "limits     model/params_M <= 60: a trial outside it is never the best" in text
@@ -301,6 +302,17 @@ def test_a_failing_step_is_blamed_on_the_knob_it_is_registered_for(
 
     assert {p.field for p in problems} == {"space.lr"}
     assert all("lr needs an optim_wrapper in the base config" in p.rule for p in problems)
+
+
+def test_a_step_that_fails_in_every_combination_is_blamed_on_no_knob(data_root: Path, tmp_path: Path) -> None:
+    # Four anchor strides for the FPN's five levels: the model builds, its first forward fails, whatever the head.
+    data = space_data(data_root, overrides={"model.rpn_head.anchor_generator.strides": [4, 8, 16, 32]})
+
+    problem = only_problem(tmp_path, data)  # faster and cascade fail alike: one problem
+
+    assert (problem.field, problem.value) == ("base", FASTER_BASE)
+    assert "fails at the forward + loss (model): AssertionError" in problem.rule
+    assert "so no knob explains it" in problem.rule and "roi_head=" not in problem.rule
 
 
 def test_model_that_mmdet_cannot_construct(data_root: Path, tmp_path: Path) -> None:
@@ -411,7 +423,7 @@ def test_summary_of_a_grid(data_root: Path, tmp_path: Path) -> None:
                       space={"roi_head": {"grid": ["faster", "cascade"]}, "scale": {"grid": [[128, 128], [160, 160]]}},
                       fixed={"backbone": "r18", "preset": "tiny"})
 
-    text = summary(check_file(write_space(tmp_path, data)))
+    text = summary(check_file(write_space(tmp_path, data), first_step=first_step))
 
     assert "grid       4 points" in text
     assert "trials     4, one per grid point" in text
@@ -448,7 +460,7 @@ def test_alongside_runs_on_the_calling_thread_while_the_models_are_checked(
         seen["a model was built while alongside ran"] = model_built.wait(WAIT_S)
 
     space = load_space(write_space(tmp_path, space_data(data_root)))
-    check_space(space, alongside=alongside)
+    check_space(space, alongside=alongside, first_step=first_step)
 
     assert seen == {"thread": threading.current_thread(), "alongside began before a model was built": True,
                     "a model was built while alongside ran": True}
@@ -460,7 +472,7 @@ def test_bad_files_are_refused_before_alongside_runs(data_root: Path, tmp_path: 
     ran: list[bool] = []
 
     with pytest.raises(SpaceError, match="val.json does not exist"):
-        check_space(space, alongside=lambda: ran.append(True))
+        check_space(space, alongside=lambda: ran.append(True), first_step=first_step)
 
     assert ran == []
 
@@ -469,7 +481,7 @@ def test_a_model_problem_wins_over_what_alongside_raises(data_root: Path, tmp_pa
     space = load_space(write_space(tmp_path, space_data(data_root, overrides={"model.backbone.depth": 19})))
 
     with pytest.raises(SpaceError) as caught:
-        check_space(space, alongside=unreachable)
+        check_space(space, alongside=unreachable, first_step=first_step)
 
     assert any("invalid depth 19 for resnet" in problem.rule for problem in caught.value.problems)
 
@@ -478,4 +490,4 @@ def test_what_alongside_raises_comes_through_when_the_models_are_fine(data_root:
     space = load_space(write_space(tmp_path, space_data(data_root)))
 
     with pytest.raises(ConnectionError, match="no cluster"):
-        check_space(space, alongside=unreachable)
+        check_space(space, alongside=unreachable, first_step=first_step)
