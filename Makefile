@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint install bench image-test clean
 
-$(STAMP): pyproject.toml scripts/install.sh
+$(STAMP): pyproject.toml requirements/lock.txt scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
 	touch $@
 

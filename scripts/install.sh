@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
+PYTHONS="3.11 3.12 3.13"
+# Exact versions of everything else (scripts/lock.sh writes it); pyproject.toml keeps ranges for library users.
+LOCK=requirements/lock.txt
 TORCH_VERSION=2.13.0
 MMCV=mmcv==2.1.0
 MMCV_VERSION=${MMCV#mmcv==}
@@ -37,11 +40,15 @@ pip_step() {
 }
 
 check_python() {
+  local version
   command -v "$PY" >/dev/null 2>&1 ||
-    fail "finding Python" "no '$PY' on this machine; install Python 3.11 or set PYTHON=/path/to/python3.11"
-  "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
-    fail "finding Python" "'$PY' is Python $("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null \
-|| echo '?'), dettune needs 3.11; set PYTHON=/path/to/python3.11"
+    fail "finding Python" "no '$PY' on this machine; install Python 3.11 or set PYTHON=/path/to/python3.12 (or 3.13)"
+  version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || version=""
+  case " $PYTHONS " in
+    *" $version "*) PY_VERSION=$version PY_TAG=cp${version/./} ;;
+    *) fail "finding Python" "'$PY' is Python $("$PY" -c 'import platform; print(platform.python_version())' \
+2>/dev/null || echo '?'), dettune needs ${PYTHONS// /, }; set PYTHON=/path/to/python3.12 (for example)" ;;
+  esac
 }
 
 check_compiler() {
@@ -52,7 +59,7 @@ check_compiler() {
 
 make_venv() {
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV" ||
-    fail "creating $VENV" "'$PY -m venv' did not work; on Debian/Ubuntu install python3.11-venv"
+    fail "creating $VENV" "'$PY -m venv' did not work; on Debian/Ubuntu install python$PY_VERSION-venv"
 }
 
 mmcv_loads() { "$VENV/bin/python" -c "import mmcv.ops" >/dev/null 2>&1; }
@@ -77,7 +84,7 @@ find_mmcv_wheel() {
   local dir whl
   for dir in "${DETTUNE_WHEELHOUSE:-}" "$CACHE"; do
     [ -n "$dir" ] || continue
-    for whl in "$dir/mmcv-$MMCV_VERSION"-cp311-*.whl; do
+    for whl in "$dir/mmcv-$MMCV_VERSION-$PY_TAG"-*.whl; do
       [ -f "$whl" ] && { echo "$whl"; return 0; }
     done
   done
@@ -85,11 +92,17 @@ find_mmcv_wheel() {
 }
 
 install_torch() {
-  # torch first, alone: on these machines `torch==2.13.0` resolves to a local CPU wheel.
-  pip_step "installing torch $TORCH_VERSION" "$VENV" install "torch==$TORCH_VERSION" numpy wheel
-  [ "$DETTUNE_GPU" = 0 ] || "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' ||
-    fail "installing torch $TORCH_VERSION for CUDA" "pip installed the CPU-only build; the CUDA build is PyPI's \
-default on Linux: check pip's find-links and index (\`pip config list\`)"
+  # torch first, alone: on these machines `torch==2.13.0` resolves to a local CPU wheel for Python 3.11; for 3.12 and
+  # 3.13 to PyPI's (the CUDA build).
+  pip_step "installing torch $TORCH_VERSION" "$VENV" install -c "$LOCK" "torch==$TORCH_VERSION" numpy wheel
+  if "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+    [ "$DETTUNE_GPU" = 1 ] || say "torch $TORCH_VERSION is the CUDA build (PyPI's Linux wheel, several GB with its \
+CUDA libraries); it runs on the CPU too. For the CPU build, install it into $VENV from PyTorch's CPU index first \
+(README, Set-up)"
+  else
+    [ "$DETTUNE_GPU" = 0 ] || fail "installing torch $TORCH_VERSION for CUDA" "pip installed the CPU-only build; \
+the CUDA build is PyPI's default on Linux: check pip's find-links and index (\`pip config list\`)"
+  fi
 }
 
 # mmcv's setup.py needs pkg_resources (setuptools<70) while torch 2.13 requires setuptools>=77,
@@ -116,8 +129,9 @@ build_mmcv_wheel() {
 build_cpu_wheel() {
   local venv=$1
   say "no mmcv $MMCV_VERSION wheel in DETTUNE_WHEELHOUSE or $CACHE; building from source (~11 min on 2 cores)"
-  "$PY" -m venv "$venv" || fail "building mmcv" "'$PY -m venv' did not work; on Debian/Ubuntu install python3.11-venv"
-  pip_step "building mmcv (installing its build tools)" "$venv" install "torch==$TORCH_VERSION" numpy ninja psutil wheel
+  "$PY" -m venv "$venv" || fail "building mmcv" "'$PY -m venv' did not work; on Debian/Ubuntu install python$PY_VERSION-venv"
+  pip_step "building mmcv (installing its build tools)" "$venv" install -c "$LOCK" "torch==$TORCH_VERSION" numpy ninja \
+    psutil wheel
   pip_step "building mmcv (installing setuptools<70)" "$venv" install --no-warn-conflicts "setuptools<70"
   pip_step "building mmcv (downloading its source)" "$venv" download --no-deps --no-build-isolation "$MMCV" \
     -d "$BUILD_DIR/src"
@@ -147,7 +161,7 @@ main() {
     [ -n "$WHEEL" ] || build_mmcv_wheel
     install_mmcv "$WHEEL"
   fi
-  pip_step "installing dettune and its dependencies" "$VENV" install -e ".[dev]"
+  pip_step "installing dettune and its dependencies" "$VENV" install -c "$LOCK" -e ".[dev]"
   mmcv_loads || fail "importing mmcv.ops" "run '$VENV/bin/python -c \"import mmcv.ops\"' to see why; \
 removing $VENV and re-running installs everything afresh"
 }

@@ -164,10 +164,14 @@ def test_mmcv_build_script_builds_the_installed_release() -> None:
 @pytest.mark.parametrize("target", ["gpu", "cpu"])
 def test_ray_images_install_pyprojects_pins(target: str, dockerfile: tuple[dict[str, str], dict[str, Stage]],
                                             pyproject: dict) -> None:
-    """Everything but torch (and mmcv) comes from pyproject.toml through docker/requirements.py."""
-    runs = " ".join(dockerfile[1][target].commands("RUN"))
+    """Everything but torch (and mmcv) comes from pyproject.toml through docker/requirements.py, at the lock's
+    versions (the venv's)."""
+    stage = dockerfile[1][target]
+    runs = " ".join(stage.commands("RUN"))
     assert "requirements.py --pyproject /tmp/dettune/pyproject.toml --exclude torch" in runs
-    assert "pip install -r /tmp/requirements.txt -c /opt/" in runs
+    assert f"pip install -r /tmp/requirements.txt -c /opt/{target}-constraints.txt " \
+           "-c /tmp/dettune/requirements/lock.txt" in runs
+    assert "requirements/lock.txt /tmp/dettune/requirements/" in stage.commands("COPY")
     assert "pip install --no-deps /tmp/dettune" in runs
     listed = requirements.requirements(REPO / "pyproject.toml", {"torch"})
     assert listed == [dep for dep in pyproject["project"]["dependencies"] if not dep.startswith("torch")]
