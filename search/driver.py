@@ -47,7 +47,7 @@ from search.tracking import (
     outcome_text,
     use_credentials,
 )
-from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
+from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
 from spaces.errors import NotFound, SpaceError, UserError
 from spaces.objectives import best_trial, feasible_front, trial_values
@@ -259,8 +259,11 @@ def _searches(storage: Path) -> list[str]:
     return sorted(p.parent.name for p in storage.glob(f"*/{SAVED_OPTIONS}"))
 
 
-def run_search(options: SearchOptions) -> SearchOutcome:
-    """Runs (or resumes) a search to its end and returns where its results are."""
+def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> SearchOutcome:
+    """Runs (or resumes) a search to its end and returns where its results are.
+
+    ``train`` is the Tune function each trial runs; only a benchmark's stand-in for training replaces it.
+    """
     storage = options.storage.resolve()
     settings = TrackingSettings(uri=use_credentials(options.tracking_uri) if options.tracking_uri else None,
                                 down_timeout_s=options.tracking_timeout_s)
@@ -285,7 +288,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
                             space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
                             space_json=json.dumps(space.to_json(), indent=2))
     restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-    tuner = _tuner(staged, plan, tracker, storage, resume=restorable)
+    tuner = _tuner(staged, plan, tracker, storage, resume=restorable, train=train)
     with _quiet_trial_errors():
         results = tuner.fit()
     reconcile(results, space, plan, tracker)
@@ -377,9 +380,10 @@ def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(experiment_dir)
 
 
-def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool) -> tune.Tuner:
+def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool,
+           train: TrialFunction) -> tune.Tuner:
     space = staged.space
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, plan=plan), trial_resources(plan))
+    trainable = tune.with_resources(tune.with_parameters(train, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
     searcher, param_space, samples = make_searcher(space, staged)
