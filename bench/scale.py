@@ -5,8 +5,9 @@ and ``--nodes`` worker nodes (`ray start --address`), each declaring ``--gpus-pe
 resource; a throw-away PostgreSQL and an `mlflow server` on it; and the real search driver (its searcher, ASHA,
 callbacks and Tracker) in its own process. Only training is replaced, by bench/standin.py's stand-in.
 
-With ``--chaos``: every ``--kill-every-s`` seconds a random worker node's raylet and its processes are SIGKILLed
-and the node started again ``--node-down-s`` later; once a quarter of the trials started, the MLflow server goes
+With ``--chaos``: once a quarter of the trials started, every ``--kill-every-s`` seconds a random worker node's
+raylet and its processes are SIGKILLed (a node running trials, where one is), and the node started again
+``--node-down-s`` later; once a quarter of the trials started, the MLflow server goes
 down for ``--outage-s``; once half started, the driver is SIGKILLed and the search continued as `dettune resume`
 continues it. At the end MLflow is checked against the stand-in's record (:mod:`bench.scale_check`).
 
@@ -194,6 +195,11 @@ class Cluster:
         start_worker_node(self.head, node_manager_port=port, num_cpus=self.settings.concurrent // self.settings.nodes,
                           num_gpus=self.settings.gpus_per_node, object_store_mb=NODE_OBJECT_STORE_MB)
 
+    def busy_workers(self, port: int) -> int:
+        """The node's worker processes running a task or actor (Ray titles an idle pooled worker ``ray::IDLE``)."""
+        titles = [_cmdline(pid) for pid in node_processes(port)]
+        return sum(1 for title in titles if title.startswith(b"ray::") and not title.startswith(b"ray::IDLE"))
+
     def kill_node(self, port: int) -> int:
         pids = node_processes(port)
         for pid in pids:
@@ -202,6 +208,13 @@ class Cluster:
             except ProcessLookupError:
                 continue
         return len(pids)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
 
 
 @contextmanager
@@ -338,9 +351,12 @@ def _watch(driver: Driver, nodes: Cluster, server: TrackingServer, settings: Set
         now, started = time.monotonic(), started_trials(record)
         if not settings.chaos:
             continue
-        if now >= next_kill and sum("SIGKILL node" in event for event in events) < settings.node_kills:
+        # kills start once a quarter of the trials started (the driver's own start takes a minute or more here),
+        # and hit a node running trials where one is: a kill of an idle node proves nothing
+        if (now >= next_kill and started >= settings.trials // 4
+                and sum("SIGKILL node" in event for event in events) < settings.node_kills):
             up = [port for port in nodes.ports if port not in {p for _, p in down}]
-            port = rng.choice(up)
+            port = rng.choice([port for port in up if nodes.busy_workers(port)] or up)
             say(f"SIGKILL node {port}'s raylet and its {nodes.kill_node(port)} processes")
             down.append((now + settings.node_down_s, port))
             next_kill = now + settings.kill_every_s
