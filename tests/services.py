@@ -17,7 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket is held until all are bound (one at a time, the OS may hand
+    the same just-released port out twice)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def wait_for_http(url: str, timeout: float = 90.0) -> None:
@@ -48,9 +58,9 @@ def wait_for_http(url: str, timeout: float = 90.0) -> None:
 def agent_ports() -> list[str]:
     """Free ports for a node's agents: the defaults (52365, ...) may be held by another Ray on this machine,
     and a node whose job agent can't bind answers every submission with "No available agent"."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}"]
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port", "--ray-client-server-port"]
+    return [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)), strict=True)]
 
 
 @dataclass(frozen=True)
