@@ -13,6 +13,7 @@ continues it. At the end MLflow is checked against the stand-in's record (:mod:`
 
     PYTHONPATH=. .venv/bin/python -m bench.scale [--trials 100] [--nodes 8] [--gpus-per-node 8]
         [--gpus-per-trial 4] [--epochs 9] [--epoch-s 1.0] [--objectives] [--chaos]
+    PYTHONPATH=. .venv/bin/python -m bench.scale --trials 1000 [--objectives] searcher  # the searcher alone
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def replay_searcher(settings: Settings) -> dict[str, float]:
         config = searcher.suggest(trial_id)
         timings.append((finished, time.perf_counter() - start))
         for epoch in range(1, settings.epochs + 1):
-            row = curve_row(config, epoch, settings.epochs)
+            row = {**curve_row(config, epoch, settings.epochs), "training_iteration": epoch}  # as Tune adds it
             searcher.on_trial_result(trial_id, row)
         searcher.on_trial_complete(trial_id, row)
     return suggest_by_finished(timings)
