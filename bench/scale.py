@@ -142,7 +142,8 @@ def _instrument(metrics: Path) -> None:
     suggest, save, fit = ObjectiveSearch.suggest, TuneController.save_to_dir, Tuner.fit
 
     def timed_suggest(self: Any, trial_id: str) -> Any:
-        finished = len(self._ot_study.get_trials(deepcopy=False)) - len(self._ot_trials)
+        # Ray's OptunaSearch keeps ended trials in _ot_trials: count the study's finished ones
+        finished = sum(1 for trial in self._ot_study.get_trials(deepcopy=False) if trial.state.is_finished())
         start = time.perf_counter()
         found = suggest(self, trial_id)
         note({"suggest_s": time.perf_counter() - start, "finished": finished})
