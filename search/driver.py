@@ -50,7 +50,7 @@ from search.tracking import (
     outcome_text,
     use_credentials,
 )
-from search.trainable import HIDE_UNASSIGNED_GPUS, TrialPlan, tune_trial
+from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
 from spaces.datacheck import CARD_FILE, DatasetCard, check_command
 from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT, with_cleaned_files
@@ -298,8 +298,11 @@ def _searches(storage: Path) -> list[str]:
     return sorted(p.parent.name for p in storage.glob(f"*/{SAVED_OPTIONS}"))
 
 
-def run_search(options: SearchOptions) -> SearchOutcome:
-    """Runs (or resumes) a search to its end and returns where its results are."""
+def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> SearchOutcome:
+    """Runs (or resumes) a search to its end and returns where its results are.
+
+    ``train`` is the Tune function each trial runs; only a benchmark's stand-in for training replaces it.
+    """
     storage = options.storage.resolve()
     settings = TrackingSettings(uri=use_credentials(options.tracking_uri) if options.tracking_uri else None,
                                 down_timeout_s=options.tracking_timeout_s)
@@ -327,7 +330,7 @@ def run_search(options: SearchOptions) -> SearchOutcome:
                                 space_json=json.dumps(space.to_json(), indent=2))
         _log_data(tracker, validation)
         restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-        results = _tuner(staged, plan, tracker, storage, resume=restorable).fit()
+        results = _tuner(staged, plan, tracker, storage, resume=restorable, train=train).fit()
         reconcile(results, space, plan, tracker)
         best_id = _record_best(results, space, plan, tracker)
         tracker.finish_search()
@@ -423,9 +426,10 @@ def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(experiment_dir)
 
 
-def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool) -> tune.Tuner:
+def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool,
+           train: TrialFunction) -> tune.Tuner:
     space = staged.space
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, plan=plan), trial_resources(plan))
+    trainable = tune.with_resources(tune.with_parameters(train, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
     searcher, param_space, samples = make_searcher(space, staged)

@@ -324,11 +324,15 @@ class Tracker:
         The claim is the parent's param ``exp_num.<n>`` = the run's id: MLflow refuses to change a param, so of
         two drivers claiming one n at the same moment exactly one succeeds and the other tries the next.
         """
-        claims = {k: v for k, v in self.client.get_run(self.parent_run_id).data.params.items()
-                  if k.startswith(EXP_NUM_CLAIM)}
-        mine = [int(k.removeprefix(EXP_NUM_CLAIM)) for k, v in claims.items() if v == run_id]
-        numbered = [r for r in self.trial_runs() if TAG_EXP_NUM in r.data.tags]  # a store older than claims
-        n = mine[0] - 1 if mine else max(len(claims), len(numbered))
+        claims = {int(k.removeprefix(EXP_NUM_CLAIM)): v for k, v in
+                  self.client.get_run(self.parent_run_id).data.params.items() if k.startswith(EXP_NUM_CLAIM)}
+        mine = [k for k, v in claims.items() if v == run_id]
+        if mine:
+            n = mine[0] - 1
+        elif claims:  # the first claim came after every run numbered before claims: above them all
+            n = max(claims)
+        else:  # the search's first claim: after the runs a store older than claims numbered
+            n = sum(1 for r in self.trial_runs() if TAG_EXP_NUM in r.data.tags)
         while True:
             n += 1
             try:

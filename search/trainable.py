@@ -105,6 +105,10 @@ class TrialPlan:
         return max(0, self.cpus_per_worker - 1)
 
 
+TrialFunction = Callable[[dict[str, Any], TrialPlan], None]
+"""What a trial runs: the Tune function trainable's signature, bound to the search's plan."""
+
+
 def tune_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """The Tune function trainable (bound to ``plan`` with ``tune.with_parameters``)."""
     trial_id = ray.tune.get_context().get_trial_id()

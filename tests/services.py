@@ -1,11 +1,12 @@
-"""Real services on 127.0.0.1 for tests: a Ray head started with `ray start`, an `mlflow server`, and a proxy
-that loses a reply."""
+"""Real services on 127.0.0.1 for tests and benchmarks: a Ray head and worker nodes started with `ray start`,
+a throw-away PostgreSQL, an `mlflow server`, and a proxy that loses a reply."""
 
 from __future__ import annotations
 
 import http.client
 import http.server
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -19,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket is held until all are bound (one at a time, the OS may hand
+    the same just-released port out twice)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 # A server that starts in seconds on an idle machine took 95 s at load 37: waiting longer costs nothing when it is
@@ -65,9 +76,9 @@ def tail(log: Path | None, chars: int = 4000) -> str:
 def agent_ports() -> list[str]:
     """Free ports for a node's agents: the defaults (52365, ...) may be held by another Ray on this machine,
     and a node whose job agent can't bind answers every submission with "No available agent"."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}"]
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port", "--ray-client-server-port"]
+    return [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)), strict=True)]
 
 
 @dataclass(frozen=True)
@@ -79,8 +90,9 @@ class RayHead:
 
 
 @contextmanager
-def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
-    """`ray start --head` on 127.0.0.1 with token authentication, stopped with `ray stop` afterwards."""
+def ray_head(*, num_cpus: int = 2, object_store_mb: int | None = None) -> Iterator[RayHead]:
+    """`ray start --head` on 127.0.0.1 with token authentication; afterwards its processes, and those of the
+    worker nodes joined to it (:func:`start_worker_node`), are killed by its temp dir."""
     # PATH first lists this venv, so job entrypoints find `dettune` and `python` as on a cluster image.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -90,7 +102,8 @@ def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-                    f"--temp-dir={temp_dir}", *agent_ports()], check=True, env=env, capture_output=True, text=True)
+                    f"--temp-dir={temp_dir}", *_object_store(object_store_mb), *agent_ports()],
+                   check=True, env=env, capture_output=True, text=True)
     try:
         dashboard = f"http://127.0.0.1:{dash}"
         wait_for_http(f"{dashboard}/api/version")
@@ -98,6 +111,31 @@ def ray_head(*, num_cpus: int = 2) -> Iterator[RayHead]:
     finally:
         _kill_processes_using(temp_dir)  # not `ray stop`: it would stop every Ray on the machine
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _object_store(megabytes: int | None) -> list[str]:
+    return [] if megabytes is None else [f"--object-store-memory={megabytes * 1024**2}"]
+
+
+def start_worker_node(head: RayHead, *, node_manager_port: int, num_cpus: int = 1, num_gpus: int = 0,
+                      object_store_mb: int | None = None) -> None:
+    """`ray start --address` joining ``head``; GPUs are logical (a resource count), so no device is needed.
+
+    The node's processes are found by its ``node_manager_port`` (:func:`node_processes`); they share the
+    head's temp dir, so the head's clean-up ends them too.
+    """
+    subprocess.run([str(BIN / "ray"), "start", f"--address={head.gcs_address}", "--node-ip-address=127.0.0.1",
+                    f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--node-manager-port={node_manager_port}",
+                    "--disable-usage-stats", *_object_store(object_store_mb), *agent_ports()],
+                   check=True, env=head.env, capture_output=True, text=True)
+
+
+def node_processes(node_manager_port: int) -> list[int]:
+    """A worker node's raylet (started with this --node-manager-port) and every process it started."""
+    raylets = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+               if proc_bytes(p).startswith(b"/") and b"raylet" in proc_bytes(p).split(b"\0")[0]
+               and f"--node_manager_port={node_manager_port}".encode() in proc_bytes(p)]
+    return raylets + [pid for raylet in raylets for pid in descendants(raylet)]
 
 
 def submit_job(head: RayHead, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -146,16 +184,17 @@ def descendants(root: int) -> list[int]:
 
 
 @contextmanager
-def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts in ``tmp``; yields its URL.
+def mlflow_server(tmp: Path, port: int | None = None, *, backend_uri: str | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with served artifacts in ``tmp`` and a store at ``backend_uri`` (by default
+    SQLite in ``tmp``); yields its URL.
 
-    Starting it again with the same ``tmp`` and ``port`` brings the same store back.
+    Starting it again with the same ``tmp`` (or ``backend_uri``) and ``port`` brings the same store back.
     """
     port = port or free_port()
     log = open(tmp / "mlflow-server.log", "a")  # noqa: SIM115 - closed below, after the server
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp / 'mlflow-server.db'}",
+         "--backend-store-uri", backend_uri or f"sqlite:///{tmp / 'mlflow-server.db'}",
          "--artifacts-destination", str(tmp / "mlflow-artifacts")],
         stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -224,3 +263,69 @@ class ReplyDroppingProxy:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@dataclass(frozen=True)
+class Postgres:
+    port: int
+    user: str
+    password: str
+    database: str
+
+    @property
+    def uri(self) -> str:
+        """The SQLAlchemy URI of its database, as `mlflow server --backend-store-uri` takes it."""
+        return (f"postgresql+psycopg://{self.user}:{urllib.parse.quote(self.password, safe='')}"
+                f"@127.0.0.1:{self.port}/{self.database}")
+
+    def psql(self, database: str, sql: str) -> list[list[str]]:
+        env = {**os.environ, "PGPASSWORD": self.password}
+        done = subprocess.run([pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
+                               "-d", database, "-v", "ON_ERROR_STOP=1", "-AtF", "\t", "-c", sql],
+                              env=env, capture_output=True, text=True, timeout=60, check=True)
+        return [line.split("\t") for line in done.stdout.splitlines()]
+
+
+def pg_bin(name: str) -> str:
+    """A PostgreSQL program: on PATH, or in Debian's /usr/lib/postgresql/<major>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    raise FileNotFoundError(f"PostgreSQL's {name} is missing: apt-get install -y postgresql")
+
+
+@contextmanager
+def postgres(*, user: str = "mlflow", password: str | None = None, database: str = "mlflow") -> Iterator[Postgres]:
+    """A throw-away PostgreSQL cluster in a temp dir on 127.0.0.1 (password auth), holding ``database``.
+
+    Run as the ``postgres`` user when we are root: postgres refuses to run as root.
+    """
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    run_as: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="dettune-pg-"))
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+    root.chmod(0o700)
+    pg = Postgres(port=free_port(), user=user, password=password or secrets.token_hex(12), database=database)
+    password_file = root / "pwfile"
+    password_file.write_text(pg.password + "\n")
+    if run_as:
+        os.chown(password_file, owner.pw_uid, owner.pw_gid)
+    data, log = root / "data", root / "server.log"
+    subprocess.run([*run_as, initdb, "-D", str(data), "-U", pg.user, f"--pwfile={password_file}",
+                    "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
+    password_file.unlink()
+    server_options = f"-p {pg.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-l", str(log), "-o", server_options, "-w", "-t", "60",
+                    "start"], check=True, capture_output=True, timeout=120)
+    try:
+        pg.psql("postgres", f"CREATE DATABASE {pg.database}")
+        yield pg
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
+                       timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,6 @@ import base64
 import contextlib
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -33,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from services import BIN, free_port, tail, wait_for_http
+import services
+from services import BIN, Postgres, free_port, tail, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -113,79 +113,27 @@ def _pids_with(marker: str) -> list[int]:
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Postgres:
-    port: int
-    user: str
-    password: str
-    database: str
-    auth_database: str
-
-    def psql(self, database: str, sql: str) -> list[list[str]]:
-        env = {**os.environ, "PGPASSWORD": self.password}
-        done = subprocess.run([_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
-                               "-d", database, "-v", "ON_ERROR_STOP=1", "-AtF", "\t", "-c", sql],
-                              env=env, capture_output=True, text=True, timeout=60, check=True)
-        return [line.split("\t") for line in done.stdout.splitlines()]
-
-
-def _pg_bin(name: str) -> str:
-    """A PostgreSQL program: on PATH, or in Debian's /usr/lib/postgresql/<major>/bin."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
-        return str(candidate)
-    pytest.skip(f"PostgreSQL's {name} is missing: apt-get install -y postgresql")
+AUTH_DATABASE = "mlflow_auth"
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    _pg_bin("psql")
-    run_as: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="dettune-pg-"))
-    if os.geteuid() == 0:  # postgres refuses to run as root: run the server as the postgres user
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no postgres user to run the server")
-        run_as = ["runuser", "-u", "postgres", "--"]
-        os.chown(root, owner.pw_uid, owner.pw_gid)
-    root.chmod(0o700)
-    pg = Postgres(port=free_port(), user="mlflow", password=PG_PASSWORD, database="mlflow",
-                  auth_database="mlflow_auth")
-    password_file = root / "pwfile"
-    password_file.write_text(pg.password + "\n")
-    if run_as:
-        os.chown(password_file, owner.pw_uid, owner.pw_gid)
-    data, log = root / "data", root / "server.log"
-    subprocess.run([*run_as, initdb, "-D", str(data), "-U", pg.user, f"--pwfile={password_file}",
-                    "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
-    password_file.unlink()
-    server_options = f"-p {pg.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-l", str(log), "-o", server_options, "-w", "-t", "60",
-                    "start"], check=True, capture_output=True, timeout=120)
-    try:
-        pg.psql("postgres", f"CREATE DATABASE {pg.database}")  # what the image does for POSTGRES_DB
-        # ...and then the init script compose mounts into /docker-entrypoint-initdb.d, twice: it must be idempotent
+    with services.postgres(user="mlflow", password=PG_PASSWORD, database="mlflow") as pg:
+        # what the image does for POSTGRES_DB, then the init script compose mounts into
+        # /docker-entrypoint-initdb.d, twice: it must be idempotent
         init_env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(pg.port), "PGPASSWORD": pg.password,
-                    "POSTGRES_USER": pg.user, "POSTGRES_DB": pg.database, "MLFLOW_AUTH_DB": pg.auth_database}
+                    "POSTGRES_USER": pg.user, "POSTGRES_DB": pg.database, "MLFLOW_AUTH_DB": AUTH_DATABASE}
         init_script = REPO / "docker" / "postgres" / "initdb.d" / "10-mlflow-auth-db.sh"
         for _ in range(2):
             subprocess.run([str(init_script)], env=init_env, check=True, capture_output=True, timeout=60)
         yield pg
-    finally:
-        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
-                       timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_init_script_made_the_auth_database(postgres: Postgres) -> None:
     databases = {row[0] for row in postgres.psql("postgres", "SELECT datname FROM pg_database")}
-    assert {postgres.database, postgres.auth_database} <= databases
+    assert {postgres.database, AUTH_DATABASE} <= databases
     owner = postgres.psql("postgres", f"SELECT pg_get_userbyid(datdba) FROM pg_database "
-                                      f"WHERE datname = '{postgres.auth_database}'")
+                                      f"WHERE datname = '{AUTH_DATABASE}'")
     assert owner == [[postgres.user]]
 
 
@@ -205,7 +153,7 @@ def mlflow(postgres: Postgres) -> Iterator[Mlflow]:
     env = {"PATH": f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(root), "TMPDIR": str(root),
            "POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(postgres.port), "POSTGRES_USER": postgres.user,
            "POSTGRES_PASSWORD": postgres.password, "POSTGRES_DB": postgres.database,
-           "MLFLOW_AUTH_DB": postgres.auth_database, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           "MLFLOW_AUTH_DB": AUTH_DATABASE, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(24),
            "MLFLOW_ARTIFACTS_DESTINATION": (root / "artifacts").as_uri(),
            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
@@ -350,6 +298,6 @@ def test_search_job_with_the_token_logs_to_mlflow_on_postgres(ray_head: RayHead,
         SELECT (SELECT count(*) FROM params WHERE value LIKE '%{user[1]}%')
              + (SELECT count(*) FROM tags WHERE value LIKE '%{user[1]}%')""")
     assert leaked == [["0"]]
-    users = postgres.psql(postgres.auth_database, "SELECT username, is_admin FROM users ORDER BY username")
+    users = postgres.psql(AUTH_DATABASE, "SELECT username, is_admin FROM users ORDER BY username")
     assert users == [["admin", "t"], ["dettune", "f"]]
     assert list(mlflow.artifacts.rglob("space.yaml")), "the parent run's space.yaml should be in the artifact store"

@@ -12,24 +12,9 @@ import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
-from services import BIN, agent_ports, descendants, free_port, proc_bytes, ray_head
+from services import free_port, node_processes, ray_head, start_worker_node
 
 from spaces.dataset import Dataset
-
-
-def _start_worker_node(head_address: str, env: dict[str, str], port: int) -> None:
-    subprocess.run([str(BIN / "ray"), "start", f"--address={head_address}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=1", "--num-gpus=0", f"--node-manager-port={port}", "--disable-usage-stats",
-                    *agent_ports()],
-                   check=True, env=env, capture_output=True, text=True)
-
-
-def _node_processes(node_manager_port: int) -> list[int]:
-    """The worker node's raylet (started with our --node-manager-port) and every process it started."""
-    raylets = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
-               if proc_bytes(p).startswith(b"/") and b"raylet" in proc_bytes(p).split(b"\0")[0]
-               and f"--node_manager_port={node_manager_port}".encode() in proc_bytes(p)]
-    return raylets + [pid for raylet in raylets for pid in descendants(raylet)]
 
 
 @pytest.mark.slow
@@ -37,7 +22,7 @@ def test_trial_moves_off_a_lost_node(tmp_path: Path, synth: Dataset, no_local_ra
     # The head has 1 CPU and the worker node 1 CPU: two concurrent 1-CPU trials occupy both nodes.
     with ray_head(num_cpus=1) as head:
         port = free_port()
-        _start_worker_node(head.gcs_address, head.env, port)
+        start_worker_node(head, node_manager_port=port)
         space_file = write_space(tmp_path / "space.yaml", synth, name="node-loss",
                                  search={"algorithm": "grid", "seed": 0},
                                  budget={"epochs": 3, "trials": 1, "max_concurrent": 2, "max_retries": 2},
@@ -52,7 +37,7 @@ def test_trial_moves_off_a_lost_node(tmp_path: Path, synth: Dataset, no_local_ra
             seen.append(line)
             if sum("epoch 1/3" in s for s in seen) == 2:
                 break
-        killed = _node_processes(port)
+        killed = node_processes(port)
         assert killed, "the worker node's raylet was not found"
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
