@@ -25,6 +25,7 @@ from typing import Any
 import ray.tune
 from ray.tune import Checkpoint
 
+from search.rung import with_rung_score
 from search.trainable import TrialFunction, TrialPlan
 
 SETUP_PER_EPOCH = 2.2 / 3.0
@@ -46,7 +47,7 @@ def make_standin(epoch_s: float, record: Path) -> TrialFunction:
         time.sleep(SETUP_PER_EPOCH * epoch_s)
         for epoch in range(done + 1, epochs + 1):
             time.sleep(epoch_s)
-            row = curve_row(config, epoch, epochs)
+            row = with_rung_score(curve_row(config, epoch, epochs), plan.parsed_space)  # as the real trial reports
             _append(log, {"event": "epoch", "time": time.time(), "epoch": epoch, "row": row})
             with tempfile.TemporaryDirectory(prefix="standin-") as directory:
                 (Path(directory) / EPOCH_FILE).write_text(json.dumps(epoch))
