@@ -64,7 +64,8 @@ def test_ready_space_is_named_after_its_file_and_explains_itself(path: Path) -> 
 def test_log_experiment_targets_the_real_setting(name: str) -> None:
     space = load_space(SPACES_DIR / f"{name}.yaml")
 
-    assert space.data.model_dump() == {**REAL_DATA, "images": "images"}
+    # the real export, refused if anything in it is broken (the default: the user decides to skip)
+    assert space.data.model_dump() == {**REAL_DATA, "images": "images", "on_bad": "refuse"}
     assert space.base == "mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py"
     assert (space.budget.epochs, space.budget.gpus_per_trial) == (12, 1)
     assert space.budget.max_concurrent > 1
