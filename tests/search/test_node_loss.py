@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,5 +55,10 @@ def test_trial_moves_off_a_lost_node(tmp_path: Path, synth: Dataset, no_local_ra
         assert steps == [1, 2, 3], steps
     trials = ExperimentAnalysis(str(tmp_path / "runs" / "node-loss")).trials
     assert sorted(t.run_metadata.num_failures for t in trials) == [0, 1], "the lost node's trial was not retried"
-    logs = "".join(p.read_text() for p in (tmp_path / "runs" / "node-loss" / "trials").glob("*/rank0/trial.log"))
-    assert "resumed epoch: 1" in logs, "the retried trial did not resume from its epoch-1 checkpoint"
+    (retried,) = [t for t in trials if t.run_metadata.num_failures == 1]
+    log = (tmp_path / "runs" / "node-loss" / "trials" / retried.trial_id / "rank0" / "trial.log").read_text()
+    # The console shows a trial's epoch 1 only once its result reached the driver: on a loaded machine the lost
+    # node's trial may have checkpointed later epochs (even its last) before the kill. Whichever it was, the
+    # retried trial continues from its latest checkpoint, never from scratch.
+    resumed = re.findall(r"resumed epoch: (\d+)", log)
+    assert resumed and int(resumed[-1]) >= 1, "the retried trial did not resume from a checkpoint"
