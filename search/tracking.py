@@ -30,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from search.local_store import ensure_store
 from search.rung import RUNG_SCORE
 from spaces.errors import BadArgument, DamagedFile, UserError
+from spaces.knobs import param_text
 
 TAG_SEARCH = "dettune.search"
 TAG_ROLE = "dettune.role"
@@ -49,6 +50,7 @@ EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp 
 TAG_BEST_KNOB = "dettune.best."  # + knob name: the best trial's value (a tag, since params can't change)
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
 LOCAL_STORE = "mlflow.db"  # the embedded default store, in the storage folder
+STUDY_STORE = "optuna.db"  # the Optuna storage optuna-dashboard opens, beside it
 DEFAULT_STORAGE = Path("runs")
 """Every command's default ``--storage``: its SQLite store is the default tracking URI too."""
 DEFAULT_TRACKING_TIMEOUT_S = 600.0
@@ -68,6 +70,11 @@ def is_tracked(key: str) -> bool:
 def local_tracking_uri(storage: Path) -> str:
     """The embedded default: a SQLite store next to the search's Ray storage."""
     return f"sqlite:///{(storage / LOCAL_STORE).resolve()}"
+
+
+def local_study_uri(storage: Path) -> str:
+    """The Optuna storage where the searches kept in ``storage`` copy their studies: SQLite beside MLflow's."""
+    return f"sqlite:///{(storage / STUDY_STORE).resolve()}"
 
 
 def without_credentials(uri: str) -> str:
@@ -133,11 +140,6 @@ class TrackingSettings:
             reason = str(error)
         raise DamagedFile(f"{path} is damaged ({reason}): it holds the search's tracking settings; restore it from "
                           f"a copy, or start the search again with `dettune search SPACE --overwrite`")
-
-
-def param_text(value: Any) -> str:
-    """A knob value as an MLflow param and wherever params are compared: ``[800, 800]`` -> ``800x800``."""
-    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None) -> str:
