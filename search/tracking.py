@@ -44,6 +44,9 @@ TAG_FRONT = "dettune.pareto_front"  # on the parent: the front's Exp nums
 TAG_STORAGE = "dettune.storage"  # the search's Ray experiment directory (trial checkpoints live there)
 TAG_INHERITED = "dettune.inherited"  # one line per knob taken from an earlier search's best trial
 TAG_WARM_START = "dettune.warm_start"  # which earlier trials the searcher was told before it started
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow's UI opens an experiment without this tag in its GenAI view (traces, prompts); with it, in the
+model-training view: runs, metrics, charts."""
 TAG_BEST_TRIAL = "dettune.best_trial"
 TAG_BEST_EPOCH = "dettune.best_epoch"
 EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp num <search>-<n>
@@ -223,7 +226,7 @@ class Tracker:
             return experiment.experiment_id, False
         location = artifact_root.resolve().as_uri() if artifact_root is not None else None
         try:
-            return self.client.create_experiment(self.search, artifact_location=location), True
+            return self.client.create_experiment(self.search, artifact_location=location, tags=EXPERIMENT_TAGS), True
         except MlflowException as error:  # another driver created it since we looked
             experiment = self.client.get_experiment_by_name(self.search)
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or experiment is None:
