@@ -108,7 +108,7 @@ def drive(args: argparse.Namespace) -> int:
     searcher's suggestions and Tune's snapshots; the timings go to ``--metrics`` as they happen."""
     from bench.standin import make_standin
     from search.driver import SearchOptions, resume_options, run_search
-    from search.tracking import use_credentials
+    from tracking_names import use_credentials
 
     metrics = Path(args.metrics)
     _instrument(metrics)

@@ -29,7 +29,6 @@ from results.plots import (
     plot_pareto,
 )
 from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
-from search.tracking import TAG_INHERITED, TAG_PARETO, param_text
 from spaces.backbones import catalog_name
 from spaces.build import BuildError, current_head, load_base
 from spaces.datacheck import DatasetCard
@@ -46,6 +45,7 @@ from spaces.objectives import (
     trial_values,
 )
 from spaces.schema import Space
+from tracking_names import TAG_INHERITED, TAG_PARETO, param_text
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
                 "Optimizer": "optimizer"}

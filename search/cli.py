@@ -18,8 +18,8 @@ from search import validate_cmd
 from search.callbacks import TrackingDown
 from search.driver import SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
 from search.staging import check_chain
-from search.tracking import DEFAULT_STORAGE, DEFAULT_TRACKING_TIMEOUT_S, local_tracking_uri, without_credentials
 from spaces.errors import USAGE_ERROR, BadArgument, UserError
+from tracking_names import DEFAULT_STORAGE, DEFAULT_TRACKING_TIMEOUT_S, local_tracking_uri, without_credentials
 
 NO_TRIAL_FINISHED = 1
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed

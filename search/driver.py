@@ -36,20 +36,7 @@ from search.callbacks import (
 )
 from search.resources import check_cluster
 from search.rung import RUNG_SCORE
-from search.tracking import (
-    DEFAULT_STORAGE,
-    DEFAULT_TRACKING_TIMEOUT_S,
-    TAG_EXP_NUM,
-    TAG_FAILURE,
-    TAG_STATUS,
-    TAG_STOPPED_AT,
-    TAG_STORAGE,
-    Tracker,
-    TrackingSettings,
-    check_reachable,
-    outcome_text,
-    use_credentials,
-)
+from search.tracking import Tracker, TrackingSettings
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
 from spaces.build import MMDET_PREFIX, resolve_base
 from spaces.datacheck import CARD_FILE, DatasetCard, check_command
@@ -59,6 +46,18 @@ from spaces.knobs import show_value
 from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
 from spaces.validate import Validation, check_space
+from tracking_names import (
+    DEFAULT_STORAGE,
+    DEFAULT_TRACKING_TIMEOUT_S,
+    TAG_EXP_NUM,
+    TAG_FAILURE,
+    TAG_STATUS,
+    TAG_STOPPED_AT,
+    TAG_STORAGE,
+    check_reachable,
+    outcome_text,
+    use_credentials,
+)
 from trainers.metrics import EPOCH
 from trainers.smoke import first_step
 

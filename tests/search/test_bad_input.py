@@ -23,9 +23,10 @@ from mlflow.tracking import MlflowClient
 from services import free_port
 
 from search.cli import USAGE_ERROR, main
-from search.tracking import TAG_ROLE, TAG_STATUS, Tracker, local_tracking_uri
+from search.tracking import Tracker
 from spaces import synth
 from spaces.dataset import Dataset
+from tracking_names import TAG_ROLE, TAG_STATUS, local_tracking_uri
 
 STORAGE = "runs"
 NAME = "t"  # the name write_space gives a space

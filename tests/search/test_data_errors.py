@@ -18,11 +18,11 @@ from ray.tune import ExperimentAnalysis
 from results.store import open_search
 from search import driver
 from search.cli import main
-from search.tracking import TAG_FAILURE, TAG_STATUS
 from spaces.datacheck import check_dataset
 from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
 from spaces.dataset import Dataset
 from spaces.defects import apply_defect
+from tracking_names import TAG_FAILURE, TAG_STATUS
 from trainers.trial import sample_read_error
 
 RUNNER_STARTS = "System environment:"  # mmengine logs it once per Runner, so once per attempt

@@ -18,8 +18,8 @@ from ray.tune import ExperimentAnalysis
 from services import descendants, proc_bytes
 
 from search.driver import SearchOptions, run_search
-from search.tracking import TAG_FAILURE, TAG_STATUS, TAG_TRIAL
 from spaces.dataset import Dataset
+from tracking_names import TAG_FAILURE, TAG_STATUS, TAG_TRIAL
 
 
 def _steps(tracking_uri: str, run: Any, key: str) -> list[int]:

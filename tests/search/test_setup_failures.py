@@ -11,8 +11,8 @@ from ray.tune import ExperimentAnalysis
 
 from search.callbacks import repeated_setup_failure
 from search.cli import main
-from search.tracking import TAG_FAILURE, TAG_STATUS
 from spaces.dataset import Dataset
+from tracking_names import TAG_FAILURE, TAG_STATUS
 
 RUNNER_STARTS = "System environment:"  # mmengine logs it once per Runner, so once per attempt
 

@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from search.driver import SearchOptions, run_search
-from search.tracking import TAG_STATUS, TAG_TRIAL, Tracker, local_tracking_uri
+from search.tracking import Tracker
 from spaces.dataset import Dataset
+from tracking_names import TAG_STATUS, TAG_TRIAL, local_tracking_uri
 
 LOCKED = "database is locked"
 TRIALS = 4
