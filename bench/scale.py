@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from bench.scale_check import Figures, check_exactly_once, figures, suggest_by_finished
-from spaces.synth import write_dataset
+from cocodata.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))

@@ -36,9 +36,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from mmconfigs.build import load_config
 from results.report import format_value, record_values
 from results.store import SearchHandle, add_tracking_flag, open_search, open_tracking
-from spaces.build import load_config
 from spaces.errors import BadArgument, NotFound, UserError
 from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, is_feasible, shortfall
 from spaces.schema import Limit, Space

@@ -17,6 +17,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from cocodata.datacheck import DatasetCard
+from cocodata.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
+from mmconfigs.backbones import catalog_name
+from mmconfigs.build import BuildError, current_head, load_base
 from results.plots import (
     Axis,
     Curve,
@@ -29,10 +33,6 @@ from results.plots import (
     plot_pareto,
 )
 from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
-from spaces.backbones import catalog_name
-from spaces.build import BuildError, current_head, load_base
-from spaces.datacheck import DatasetCard
-from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
 from spaces.distributions import Choice, Grid
 from spaces.knobs import show_value
 from spaces.objectives import (

@@ -19,7 +19,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from spaces.datacheck import CARD_FILE, DatasetCard
+from cocodata.datacheck import CARD_FILE, DatasetCard
 from spaces.errors import NotFound
 from spaces.schema import NAME_PATTERN, Space
 from tracking_names import (

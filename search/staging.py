@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
+from mmconfigs.validate import combinations
 from results.store import SearchHandle, TrialRecord, open_search
 from spaces.distributions import Choice, Distribution, Grid, QUniform, RandInt
 from spaces.errors import NotFound, UserError
 from spaces.schema import Space
-from spaces.validate import combinations
 from tracking_names import TAG_INHERITED, TAG_WARM_START, check_reachable, param_text
 
 if TYPE_CHECKING:

@@ -45,9 +45,9 @@ def run_validate(args: argparse.Namespace) -> int:
     Returns:
         0 for a valid space, 2 if it has problems.
     """
+    from mmconfigs.validate import check_file, check_space, summary
     from search.staging import stage_from_store
     from spaces.errors import SpaceError
-    from spaces.validate import check_file, check_space, summary
     from tracking_names import local_tracking_uri
     from trainers.smoke import first_step
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from spaces.errors import DETTUNE_PACKAGES
+
 REPO = Path(__file__).resolve().parents[1]
 TABLE = re.compile(r"```text\npackage +imports of ours\n(?P<rows>.*?)```", re.DOTALL)
 
@@ -41,6 +43,11 @@ def our_packages() -> set[str]:
 
 def test_the_table_names_every_package() -> None:
     assert set(allowed_imports()) == our_packages()
+
+
+def test_every_package_counts_as_ours_when_blaming_a_bug() -> None:
+    """``raised_by_dettune`` tells a bug from a library's error by these packages' folders."""
+    assert set(DETTUNE_PACKAGES) == our_packages()
 
 
 def test_the_table_has_no_back_arrow() -> None:

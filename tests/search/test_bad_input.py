@@ -22,10 +22,10 @@ from conftest import write_space
 from mlflow.tracking import MlflowClient
 from services import free_port
 
+from cocodata import synth
+from cocodata.dataset import Dataset
 from search.cli import USAGE_ERROR, main
 from search.tracking import Tracker
-from spaces import synth
-from spaces.dataset import Dataset
 from tracking_names import TAG_ROLE, TAG_STATUS, local_tracking_uri
 
 STORAGE = "runs"

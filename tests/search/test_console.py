@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
 from tracking_names import TAG_ROLE
 
 TUNE_INTERNALS = ["Configuration for experiment", "TensorBoard", "Experiment state snapshotting",

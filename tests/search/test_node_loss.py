@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 from services import free_port, node_processes, ray_head, start_worker_node
 
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
+from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
 from search.rung import RUNG_SCORE, rung_score
-from spaces.dataset import Dataset
 from tracking_names import TAG_ROLE, TAG_STATUS
 
 

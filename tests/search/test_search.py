@@ -13,9 +13,9 @@ from conftest import write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
+from cocodata.dataset import Dataset
 from search.driver import SearchOptions, SearchOutcome, make_searcher, run_search
 from search.tracking import is_tracked
-from spaces.dataset import Dataset
 from spaces.schema import SearchSpec, load_space
 from tracking_names import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL
 from trainers.hook import FIRST_ITER_MARK

@@ -17,9 +17,9 @@ from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
+from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
 from search.tracking import Tracker
-from spaces.dataset import Dataset
 from tracking_names import TAG_STATUS, TAG_TRIAL, local_tracking_uri
 
 LOCKED = "database is locked"
