@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(PY) -m search demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check search trainers spaces results tests bench docker
+	$(VENV)/bin/ruff check search trainers spaces mmconfigs cocodata results tracking_names tests bench docker
 	$(VENV)/bin/mypy
 
 test: lint

@@ -26,11 +26,11 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cocodata.synth import write_dataset
 from search.cli import DEMO_SPACE
 from search.driver import SearchOptions, run_search
 from search.rung import rung_score
-from search.tracking import TAG_ROLE
-from spaces.synth import write_dataset
+from tracking_names import TAG_ROLE
 
 EPOCHS = 6
 GRIDS = {

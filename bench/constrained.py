@@ -27,12 +27,12 @@ from typing import Any
 from mmdet.registry import DATASETS, MODELS
 from mmengine.registry import init_default_scope
 
+from cocodata.dataset import Dataset, open_dataset
+from cocodata.synth import write_dataset
+from mmconfigs.build import build_config
 from search.optuna_search import ObjectiveSearch
-from spaces.build import build_config
-from spaces.dataset import Dataset, open_dataset
 from spaces.objectives import GFLOPS_METRIC
 from spaces.schema import Space
-from spaces.synth import write_dataset
 from trainers.cost import model_cost
 
 BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"

@@ -31,10 +31,10 @@ import mmcv
 from mmdet.registry import DATASETS, METRICS
 from mmdet.utils import register_all_modules
 
-from spaces.build import build_config
-from spaces.datacheck import check_dataset
-from spaces.dataset import open_dataset
-from spaces.synth import write_dataset
+from cocodata.datacheck import check_dataset
+from cocodata.dataset import open_dataset
+from cocodata.synth import write_dataset
+from mmconfigs.build import build_config
 
 BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
 POINT = {"backbone": "r18", "preset": "tiny", "scale": [160, 160]}

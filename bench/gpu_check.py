@@ -29,13 +29,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 from mmengine.hooks import Hook
 
+from cocodata.dataset import Dataset, open_dataset
+from cocodata.synth import write_dataset
+from mmconfigs.build import load_config
 from results.export import export_best
 from results.store import open_search, open_tracking
 from search.driver import SearchOptions, run_search
-from spaces.build import load_config
-from spaces.dataset import Dataset, open_dataset
 from spaces.objectives import FPS_METRIC
-from spaces.synth import write_dataset
 from trainers.checkpoint import CHECKPOINT_FILE
 from trainers.runner import build_runner, release_globals
 from trainers.trial import TRIAL_CONFIG, TrialSpec, trial_config

@@ -31,12 +31,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
+from cocodata.dataset import Dataset, open_dataset
+from cocodata.synth import write_dataset
 from search import driver, staging
 from search.callbacks import ConsoleCallback, MlflowCallback
 from search.driver import SearchOptions, run_search
 from search.tracking import Tracker, TrackingSettings
-from spaces.dataset import Dataset, open_dataset
-from spaces.synth import write_dataset
 from trainers.hook import FIRST_ITER_MARK
 from trainers.trial import TRIAL_LOG, TrialSpec, run_trial
 

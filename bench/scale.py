@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from bench.scale_check import Figures, check_exactly_once, figures, suggest_by_finished
-from spaces.synth import write_dataset
+from cocodata.synth import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -108,7 +108,7 @@ def drive(args: argparse.Namespace) -> int:
     searcher's suggestions and Tune's snapshots; the timings go to ``--metrics`` as they happen."""
     from bench.standin import make_standin
     from search.driver import SearchOptions, resume_options, run_search
-    from search.tracking import use_credentials
+    from tracking_names import use_credentials
 
     metrics = Path(args.metrics)
     _instrument(metrics)

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cocodata.synth import write_dataset
 from search.driver import SearchOptions, run_search
-from spaces.synth import write_dataset
 
 BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
 FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4}

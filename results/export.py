@@ -36,13 +36,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from mmconfigs.build import load_config
 from results.report import format_value, record_values
 from results.store import SearchHandle, add_tracking_flag, open_search, open_tracking
-from search.tracking import TAG_EXP_NUM, TAG_STORAGE, is_log_column
-from spaces.build import load_config
 from spaces.errors import BadArgument, NotFound, UserError
 from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, is_feasible, shortfall
 from spaces.schema import Limit, Space
+from tracking_names import TAG_EXP_NUM, TAG_STORAGE, is_log_column
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.coco_metric import plain_mmdet
 from trainers.metrics import EPOCH, known_mode

@@ -15,8 +15,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from results.store import LB_METRIC, TAG_LB_NOTE, add_tracking_flag, find_trial_run, open_tracking
-from search.tracking import TAG_EXP_NUM
 from spaces.errors import BadArgument
+from tracking_names import TAG_EXP_NUM
 
 
 def record_score(client: MlflowClient, run: Run, score: float, *, note: str | None = None) -> int:

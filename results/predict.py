@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import torch
 
-from spaces.build import load_config
+from mmconfigs.build import load_config
 from spaces.errors import BadArgument, NotFound
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.inference import WARMUP_IMAGES, timed_inference

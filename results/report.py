@@ -20,6 +20,10 @@ from pathlib import Path
 
 from mlflow.entities import Metric
 
+from cocodata.datacheck import DatasetCard
+from cocodata.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
+from mmconfigs.backbones import catalog_name
+from mmconfigs.build import BuildError, current_head, load_base
 from results.importance import MIN_TRIALS, Importances, knob_importances
 from results.plots import (
     Axis,
@@ -34,11 +38,6 @@ from results.plots import (
     plot_pareto,
 )
 from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
-from search.tracking import TAG_INHERITED, TAG_PARETO
-from spaces.backbones import catalog_name
-from spaces.build import BuildError, current_head, load_base
-from spaces.datacheck import DatasetCard
-from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
 from spaces.distributions import Choice, Grid
 from spaces.knobs import param_text, show_value
 from spaces.objectives import (
@@ -51,6 +50,7 @@ from spaces.objectives import (
     trial_values,
 )
 from spaces.schema import Space
+from tracking_names import TAG_INHERITED, TAG_PARETO
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
                 "Optimizer": "optimizer"}

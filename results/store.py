@@ -19,7 +19,10 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from search.tracking import (
+from cocodata.datacheck import CARD_FILE, DatasetCard
+from spaces.errors import NotFound
+from spaces.schema import NAME_PATTERN, Space
+from tracking_names import (
     DEFAULT_STORAGE,
     TAG_EXP_NUM,
     TAG_FAILURE,
@@ -35,9 +38,6 @@ from search.tracking import (
     use_credentials,
     without_credentials,
 )
-from spaces.datacheck import CARD_FILE, DatasetCard
-from spaces.errors import NotFound
-from spaces.schema import NAME_PATTERN, Space
 
 LB_METRIC = "lb/public_mAP"
 """A public leaderboard score, in percent (0..100) as the leaderboard shows it; see :mod:`results.leaderboard`."""

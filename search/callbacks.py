@@ -15,9 +15,10 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback, Stopper
 
-from search.tracking import Tracker, TrackingSettings, now_ms, outcome_text
+from search.tracking import Tracker, TrackingSettings, now_ms
 from search.trainable import DATA_ERROR
 from spaces.knobs import show_value
+from tracking_names import outcome_text
 from trainers.metrics import EPOCH
 
 FailureOf = Callable[[str], "str | None"]

@@ -18,8 +18,8 @@ from search import submit, validate_cmd
 from search.callbacks import TrackingDown
 from search.driver import SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
 from search.staging import check_chain
-from search.tracking import DEFAULT_STORAGE, DEFAULT_TRACKING_TIMEOUT_S, local_tracking_uri, without_credentials
 from spaces.errors import USAGE_ERROR, BadArgument, UserError
+from tracking_names import DEFAULT_STORAGE, DEFAULT_TRACKING_TIMEOUT_S, local_tracking_uri, without_credentials
 
 NO_TRIAL_FINISHED = 1
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed
@@ -27,7 +27,7 @@ DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
 DEMO_IMAGES = 96
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from spaces.synth import check_arguments, write_dataset
+    from cocodata.synth import check_arguments, write_dataset
 
     if args.defects:
         return _synth_defects(args)
@@ -42,7 +42,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _synth_defects(args: argparse.Namespace) -> int:
-    from spaces.defects import write_defects
+    from cocodata.defects import write_defects
 
     try:
         placed = write_defects(Path(args.out), size=args.size, seed=args.seed)
@@ -55,8 +55,8 @@ def _synth_defects(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from spaces.datacheck import check_dataset, fix_line
-    from spaces.imagescan import terminal
+    from cocodata.datacheck import check_dataset, fix_line
+    from cocodata.imagescan import terminal
 
     checked = check_dataset(args.root, args.train, args.val, args.images, progress=terminal())
     print(f"{args.root}: {len(checked.errors)} errors, {len(checked.warnings)} warnings "
@@ -140,7 +140,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from spaces.synth import write_dataset
+    from cocodata.synth import write_dataset
 
     if not (DEMO_DATA / "train.json").is_file():
         write_dataset(DEMO_DATA, images=DEMO_IMAGES, size=160, seed=0)

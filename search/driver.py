@@ -25,6 +25,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from cocodata.datacheck import CARD_FILE, DatasetCard, check_command
+from cocodata.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT, with_cleaned_files
+from mmconfigs.build import MMDET_PREFIX, resolve_base
+from mmconfigs.validate import Validation, check_space
 from search import staging
 from search.callbacks import (
     SETUP_FAILURES_TO_STOP,
@@ -36,7 +40,13 @@ from search.callbacks import (
 )
 from search.resources import check_cluster
 from search.rung import RUNG_SCORE
-from search.tracking import (
+from search.tracking import Tracker, TrackingSettings
+from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
+from spaces.errors import NotFound, SpaceError, UserError
+from spaces.knobs import show_value
+from spaces.objectives import best_trial, feasible_front, trial_values
+from spaces.schema import Space, load_space
+from tracking_names import (
     DEFAULT_STORAGE,
     DEFAULT_TRACKING_TIMEOUT_S,
     TAG_EXP_NUM,
@@ -44,22 +54,11 @@ from search.tracking import (
     TAG_STATUS,
     TAG_STOPPED_AT,
     TAG_STORAGE,
-    Tracker,
-    TrackingSettings,
     check_reachable,
     local_study_uri,
     outcome_text,
     use_credentials,
 )
-from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
-from spaces.build import MMDET_PREFIX, resolve_base
-from spaces.datacheck import CARD_FILE, DatasetCard, check_command
-from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT, with_cleaned_files
-from spaces.errors import NotFound, SpaceError, UserError
-from spaces.knobs import show_value
-from spaces.objectives import best_trial, feasible_front, trial_values
-from spaces.schema import Space, load_space
-from spaces.validate import Validation, check_space
 from trainers.metrics import EPOCH
 from trainers.smoke import first_step
 

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
+from mmconfigs.validate import combinations
 from results.store import SearchHandle, TrialRecord, open_search
-from search.tracking import TAG_INHERITED, TAG_WARM_START, check_reachable
 from spaces.distributions import Choice, Distribution, Grid, QUniform, RandInt
 from spaces.errors import NotFound, UserError
 from spaces.knobs import param_text
 from spaces.schema import Space
-from spaces.validate import combinations
+from tracking_names import TAG_INHERITED, TAG_WARM_START, check_reachable
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial

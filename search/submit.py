@@ -2,7 +2,7 @@
 
 One command instead of ``ray job submit --address … --working-dir . --runtime-env-json … -- python -m search …``:
 the space files are checked on this machine (schema and knob values, not data or training: the data lives on the
-cluster), then only what the job needs is uploaded: dettune's four packages and the space files, never ``data/``,
+cluster), then only what the job needs is uploaded: dettune's packages and the space files, never ``data/``,
 ``runs/`` or a virtualenv. Credentials (a ``user:password@`` in ``--tracking-uri``, MLflow's and the standard AWS
 variables set here) travel as the job's environment variables, never in its entrypoint, which Ray shows to anyone
 who lists jobs. Built on Ray's ``JobSubmissionClient``, which sends the cluster's token (``RAY_AUTH_TOKEN``) itself.
@@ -21,11 +21,11 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from search.tracking import DEFAULT_STORAGE, without_credentials
-from spaces.errors import BadArgument, NotFound
+from spaces.errors import DETTUNE_PACKAGES, BadArgument, NotFound
 from spaces.schema import load_space
+from tracking_names import DEFAULT_STORAGE, without_credentials
 
-PACKAGES = ("search", "spaces", "trainers", "results")
+PACKAGES = DETTUNE_PACKAGES
 """What the job imports from the upload; the cluster's image provides the dependencies."""
 SUBMITTED = "submitted"
 """The upload's folder for the space files, in the order given."""

@@ -11,11 +11,7 @@ parent run, and each trial number (``<search>-<n>``) is claimed as a parent para
 from __future__ import annotations
 
 import json
-import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,77 +25,35 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from search.local_store import ensure_store
 from search.rung import RUNG_SCORE
-from spaces.errors import BadArgument, DamagedFile, UserError
+from spaces.errors import DamagedFile
 from spaces.knobs import param_text
-
-TAG_SEARCH = "dettune.search"
-TAG_ROLE = "dettune.role"
-TAG_TRIAL = "dettune.trial_id"
-TAG_EXP_NUM = "dettune.exp_num"
-TAG_STATUS = "dettune.status"
-TAG_STOPPED_AT = "dettune.stopped_at_epoch"
-TAG_FAILURE = "dettune.failure"
-TAG_PARETO = "dettune.pareto"  # "true" on the trials of the Pareto front, "false" on the others
-TAG_FRONT = "dettune.pareto_front"  # on the parent: the front's Exp nums
-TAG_STORAGE = "dettune.storage"  # the search's Ray experiment directory (trial checkpoints live there)
-TAG_INHERITED = "dettune.inherited"  # one line per knob taken from an earlier search's best trial
-TAG_WARM_START = "dettune.warm_start"  # which earlier trials the searcher was told before it started
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-"""MLflow's UI opens an experiment without this tag in its GenAI view (traces, prompts); with it, in the
-model-training view: runs, metrics, charts."""
-TAG_BEST_TRIAL = "dettune.best_trial"
-TAG_BEST_EPOCH = "dettune.best_epoch"
-EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp num <search>-<n>
-TAG_BEST_KNOB = "dettune.best."  # + knob name: the best trial's value (a tag, since params can't change)
-LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
-LOCAL_STORE = "mlflow.db"  # the embedded default store, in the storage folder
-STUDY_STORE = "optuna.db"  # the Optuna storage optuna-dashboard opens, beside it
-DEFAULT_STORAGE = Path("runs")
-"""Every command's default ``--storage``: its SQLite store is the default tracking URI too."""
-DEFAULT_TRACKING_TIMEOUT_S = 600.0
-"""How long MLflow may stay unreachable before a search stops to be resumed (``--tracking-timeout``)."""
-
-
-def is_log_column(key: str) -> bool:
-    """Whether a result key is one of the experiment log's metric columns."""
-    return key.startswith(LOGGED_PREFIXES)
+from tracking_names import (
+    DEFAULT_TRACKING_TIMEOUT_S,
+    EXP_NUM_CLAIM,
+    EXPERIMENT_TAGS,
+    LOCAL_STORE,
+    TAG_BEST_EPOCH,
+    TAG_BEST_KNOB,
+    TAG_BEST_TRIAL,
+    TAG_EXP_NUM,
+    TAG_FAILURE,
+    TAG_FRONT,
+    TAG_PARETO,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_STATUS,
+    TAG_STOPPED_AT,
+    TAG_TRIAL,
+    find_runs,
+    is_log_column,
+    local_tracking_uri,
+    without_credentials,
+)
 
 
 def is_tracked(key: str) -> bool:
     """Whether a result key is written to the trial's run: the log's columns, and the score ASHA ranked it by."""
     return is_log_column(key) or key == RUNG_SCORE
-
-
-def local_tracking_uri(storage: Path) -> str:
-    """The embedded default: a SQLite store next to the search's Ray storage."""
-    return f"sqlite:///{(storage / LOCAL_STORE).resolve()}"
-
-
-def local_study_uri(storage: Path) -> str:
-    """The Optuna storage where the searches kept in ``storage`` copy their studies: SQLite beside MLflow's."""
-    return f"sqlite:///{(storage / STUDY_STORE).resolve()}"
-
-
-def without_credentials(uri: str) -> str:
-    """``uri`` without a ``user:password@`` part, for anything printed or written to a file."""
-    parts = urllib.parse.urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
-
-
-def use_credentials(uri: str) -> str:
-    """Moves a ``user:password@`` in ``uri`` to MLflow's credential variables; returns the URI without it.
-
-    Only this process and its children see the variables, so no file, pickled state or message carries the
-    credentials.
-    """
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
-    if parts.password:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
-    return without_credentials(uri)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,59 +98,6 @@ class TrackingSettings:
         raise DamagedFile(f"{path} is damaged ({reason}): it holds the search's tracking settings; restore it from "
                           f"a copy, or start the search again with `dettune search SPACE --overwrite`")
 
-
-def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None) -> str:
-    """How a trial ended, as the console, the end-of-search table and the report say it."""
-    if status == "stopped" and stopped_at == 0:  # the search stopped before this trial trained an epoch
-        return "stopped before its first epoch"
-    if status == "stopped":
-        return f"stopped by ASHA at epoch {stopped_at if stopped_at is not None else '?'}"
-    if status == "failed":
-        return f"failed: {failure or 'no reason recorded'}"
-    return status
-
-
-def run_filter(tags: Mapping[str, str]) -> str:
-    """An MLflow filter string matching runs with exactly these tag values.
-
-    MLflow's filter grammar has no escape for a quote inside a value, so such a value is refused.
-
-    Raises:
-        BadArgument: a value holds a quote or backtick.
-    """
-    for value in tags.values():
-        if any(quote in value for quote in "'\"`"):
-            raise BadArgument(f"{value!r} holds a quote: search, trial and run names are letters, digits, "
-                              "'_', '.' and '-'")
-    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-
-
-def find_runs(client: MlflowClient, experiment_id: str, tags: Mapping[str, str], *,
-              max_results: int = 10000) -> list[Run]:
-    """The experiment's live runs with these tag values, oldest first."""
-    return list(client.search_runs([experiment_id], filter_string=run_filter(tags), max_results=max_results,
-                                   order_by=["attributes.start_time ASC"]))
-
-
-class TrackingUnreachable(UserError, ConnectionError):
-    """The MLflow tracking server does not answer; the message names it and what to check."""
-
-
-def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Fails fast when an HTTP tracking server does not answer (MLflow's client would retry for minutes).
-
-    Any HTTP answer counts, 401 included: credentials are the client's business.
-    """
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return
-    except OSError as exc:
-        raise TrackingUnreachable(f"MLflow tracking server {without_credentials(tracking_uri)} is unreachable "
-                                  f"({exc}): start it, or fix --tracking-uri (omit it to use a local SQLite "
-                                  "store)") from None
 
 
 @dataclass

@@ -25,8 +25,8 @@ import ray.tune
 import torch
 from ray.train import Checkpoint
 
+from cocodata.dataset import open_dataset
 from search.rung import with_rung_score
-from spaces.dataset import open_dataset
 from spaces.schema import Space
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.hook import TrialDiverged

@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from search.tracking import DEFAULT_STORAGE
 from spaces.errors import USAGE_ERROR
+from tracking_names import DEFAULT_STORAGE
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,10 +45,10 @@ def run_validate(args: argparse.Namespace) -> int:
     Returns:
         0 for a valid space, 2 if it has problems.
     """
+    from mmconfigs.validate import check_file, check_space, summary
     from search.staging import stage_from_store
-    from search.tracking import local_tracking_uri
     from spaces.errors import SpaceError
-    from spaces.validate import check_file, check_space, summary
+    from tracking_names import local_tracking_uri
     from trainers.smoke import first_step
 
     try:

@@ -113,8 +113,9 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-_DETTUNE_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep for name in
-                          ("spaces", "trainers", "search", "results"))
+DETTUNE_PACKAGES = ("spaces", "tracking_names", "cocodata", "mmconfigs", "trainers", "results", "search")
+"""Our top-level packages: an error raised in their code is a bug (tests/test_layout.py keeps the list whole)."""
+_PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep for name in DETTUNE_PACKAGES)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -128,4 +129,4 @@ def raised_by_dettune(error: BaseException) -> bool:
     """Whether ``error``'s :func:`root_cause` was raised in dettune's own code: a bug, not something a library
     raised while running the user's config or data (mmengine re-raises a class's error as its own)."""
     frames = traceback.extract_tb(root_cause(error).__traceback__)
-    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(_DETTUNE_PACKAGES)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE_DIRS)

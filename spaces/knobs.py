@@ -1,7 +1,7 @@
 """The knob catalog: every hyperparameter a space may search or fix, and the values it accepts.
 
 Each knob knows how to check a value (``Knob.check``); how a value turns into MMDetection config
-edits lives in :mod:`spaces.build`; :func:`show_value` is how every command shows a value.
+edits lives in :mod:`mmconfigs.build`; :func:`show_value` is how every command shows a value.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from spaces.dataset import Dataset, open_dataset
-from spaces.synth import write_dataset
+from cocodata.dataset import Dataset, open_dataset
+from cocodata.synth import write_dataset
 
 CASCADE_BASE = "mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py"
 FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import make_dataset
 
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
+from mmconfigs.validate import check_file
 from spaces.errors import SpaceError
-from spaces.validate import check_file
 from trainers.smoke import first_step
 from trainers.trial import TrialSpec, run_trial
 

@@ -16,7 +16,7 @@ from typing import Any
 from mmdet.evaluation.metrics import coco_metric
 from mmdet.registry import METRICS
 
-from spaces.tree import as_list
+from mmconfigs.tree import as_list
 
 COCO_METRIC = "CocoMetric"
 FULL_PRECISION_COCO_METRIC = "FullPrecisionCocoMetric"

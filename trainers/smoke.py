@@ -1,10 +1,10 @@
 """validate's training step: a trial's first step, on a handful of images.
 
 :func:`first_step` builds the Runner a trial builds (:func:`~trainers.trial.set_runtime`,
-:func:`~trainers.runner.build_runner`) from a :func:`spaces.smoke.smoke_config`, so the config's hooks, dataset
+:func:`~trainers.runner.build_runner`) from a :func:`mmconfigs.smoke.smoke_config`, so the config's hooks, dataset
 wrappers, collate function and batch augments all take part, and runs one training iteration and one validation
 pass on the CPU, seeded, quietly, in a temporary work dir; then pulls a sample through every pipeline a hook
-switches to later in training. A failure the config or the data causes is a :class:`~spaces.smoke.SmokeError`
+switches to later in training. A failure the config or the data causes is a :class:`~mmconfigs.smoke.SmokeError`
 naming the stage and the config key it reads; a failure raised in dettune's own code is a bug and stays itself.
 """
 
@@ -28,14 +28,14 @@ from mmengine.config import Config
 from mmengine.dataset import Compose
 from mmengine.hooks import Hook
 
+from mmconfigs.smoke import SMOKE_SEED, SmokeError, switched_pipelines
 from spaces.errors import UserError, raised_by_dettune
-from spaces.smoke import SMOKE_SEED, SmokeError, switched_pipelines
 from trainers.runner import build_runner, release_globals
 from trainers.trial import is_setup_error, set_runtime
 
 
 def first_step(cfg: Config) -> None:
-    """Trains ``cfg`` (a :func:`~spaces.smoke.smoke_config`) one iteration and validates it once, as a trial would.
+    """Trains ``cfg`` (a :func:`~mmconfigs.smoke.smoke_config`) one iteration and validates it once, as a trial would.
 
     Raises:
         SmokeError: the config or the data fails at a stage; any other failure is raised as it is.

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from mmengine.config import Config
 from mmengine.hooks import Hook
 
-from spaces.build import build_config, single_scale_training
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
+from mmconfigs.build import build_config, single_scale_training
 from spaces.errors import UserError, one_line
 from trainers.checkpoint import TRIAL_CONFIG
 from trainers.coco_metric import full_precision

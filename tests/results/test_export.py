@@ -14,6 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_report import FinishedSearch, finished_search, raw_best, trial_runs
 
+from cocodata.dataset import Dataset
+from cocodata.synth import CLASSES
 from results.export import (
     EXPORTED_FILES,
     Candidate,
@@ -25,10 +27,8 @@ from results.export import (
     trial_params,
 )
 from results.store import open_search, open_tracking
-from spaces.dataset import Dataset
 from spaces.errors import BadArgument
 from spaces.schema import Objective, load_space
-from spaces.synth import CLASSES
 
 VAL = ["val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_s", "val/bbox_mAP_m", "val/bbox_mAP_l"]
 

@@ -9,10 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_report import FinishedSearch, finished_search
 
+from cocodata.dataset import Dataset
 from results.leaderboard import add_parser, record_score
 from results.report import write_report
 from results.store import LB_METRIC, TAG_LB_NOTE, find_trial_run, open_search, open_tracking
-from spaces.dataset import Dataset
 from spaces.errors import BadArgument, NotFound
 
 

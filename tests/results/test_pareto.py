@@ -18,13 +18,14 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from cocodata.dataset import Dataset
 from results.report import draw_pareto, open_search, open_tracking, write_report
 from search.cli import main
 from search.driver import SAVED_SPACE, SearchOptions, SearchOutcome, run_search
 from search.optuna_search import TRIAL_ATTR, ObjectiveSearch
-from search.tracking import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_STATUS, TAG_TRIAL, Tracker
-from spaces.dataset import Dataset
+from search.tracking import Tracker
 from spaces.schema import Space, load_space
+from tracking_names import TAG_EXP_NUM, TAG_FRONT, TAG_PARETO, TAG_STATUS, TAG_TRIAL
 
 NAME = "pareto"
 PRIMARY = "val/bbox_mAP_50"

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from test_report import FinishedSearch, finished_search
 
+from cocodata.dataset import Dataset
+from cocodata.synth import CLASSES
+from mmconfigs.build import load_config
 from results.export import export_best
 from results.predict import PREDICTIONS_FILE, predict
 from results.store import open_search, open_tracking
-from spaces.build import load_config
-from spaces.dataset import Dataset
 from spaces.errors import BadArgument, NotFound
-from spaces.synth import CLASSES
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 
 PNG = b"\x89PNG\r\n\x1a\n"

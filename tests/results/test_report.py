@@ -19,11 +19,11 @@ import pytest
 from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 
+from cocodata.dataset import Dataset
 from results.report import add_parser, draw_plots, write_report
 from results.store import open_search, open_tracking
 from search.driver import SearchOptions, run_search
 from search.tracking import Tracker
-from spaces.dataset import Dataset
 from spaces.errors import NotFound
 
 NAME = "results"

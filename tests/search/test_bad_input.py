@@ -1,10 +1,12 @@
 """Bad input through the real ``dettune`` command: one line naming the problem and the fix, exit status 2.
 
-Each test runs :func:`search.cli.main` in this process with the working directory in ``tmp_path`` and asserts
-four things: status 2, a message that names the problem (and the fix, where there is one), no traceback, and
-nothing written: the files under ``tmp_path`` are exactly those the test put there, and an MLflow store that
-existed holds the same experiments and runs. Data problems are made by copying the synthetic dataset and
-breaking one thing in it; they go through ``dettune search``, the command users run.
+Each test runs the console entry (:func:`search.entry.main`, what ``dettune`` runs) in this process with the
+working directory in ``tmp_path`` and asserts four things: status 2, a message that names the problem (and the
+fix, where there is one), no traceback, and nothing written: the files under ``tmp_path`` are exactly those the
+test put there, and an MLflow store that existed holds the same experiments and runs. Data problems are made by
+copying the synthetic dataset and breaking one thing in it; they go through ``dettune search``, the command users
+run. One sweep feeds every dataset defect and every space problem the suite knows through it; the reverse, a bug
+injected into a knob's build step, must keep its traceback.
 """
 
 from __future__ import annotations
@@ -12,20 +14,26 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
+import yaml
+from bad_spaces import BAD_FIELDS, BAD_OBJECTIVES, edited, valid
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 from services import free_port
 
-from search.cli import USAGE_ERROR, main
-from search.tracking import TAG_ROLE, TAG_STATUS, Tracker, local_tracking_uri
-from spaces import synth
-from spaces.dataset import Dataset
+from cocodata import synth
+from cocodata.dataset import Dataset
+from cocodata.defects import DEFECTS, apply_defect
+from mmconfigs import build as build_module
+from search.entry import main
+from search.tracking import Tracker
+from spaces.errors import USAGE_ERROR
+from tracking_names import TAG_ROLE, TAG_STATUS, local_tracking_uri
 
 STORAGE = "runs"
 NAME = "t"  # the name write_space gives a space
@@ -104,17 +112,6 @@ SPACE_PROBLEMS: dict[str, tuple[dict[str, Any] | str, tuple[str, ...]]] = {
 }
 
 
-@pytest.mark.parametrize("problem", list(SPACE_PROBLEMS))
-def test_broken_space_file(problem: str, cwd: Path, synth: Dataset, capfd: pytest.CaptureFixture[str]) -> None:
-    content, words = SPACE_PROBLEMS[problem]
-    space_file = cwd / "space.yaml"
-    if isinstance(content, str):
-        space_file.write_text(content)
-    else:
-        write_space(space_file, synth, **content)
-    search_refused(capfd, cwd, space_file).assert_refused(str(space_file), *words)
-
-
 # --- the data ------------------------------------------------------------------------------------------
 
 Breaker = Callable[[Path, dict[str, Any]], None]
@@ -176,15 +173,92 @@ DATA_PROBLEMS: dict[str, tuple[Breaker, tuple[str, ...]]] = {
 }
 
 
-@pytest.mark.parametrize("problem", list(DATA_PROBLEMS))
-def test_broken_dataset(problem: str, cwd: Path, synth: Dataset, capfd: pytest.CaptureFixture[str]) -> None:
-    breaker, words = DATA_PROBLEMS[problem]
-    root = cwd / "data"
-    shutil.copytree(synth.root, root)
-    breaker(root, json.loads((synth.root / synth.train).read_text()))
-    space_file = write_space(cwd / "space.yaml", synth,
-                             data={"root": str(root), "train": synth.train, "val": synth.val})
-    search_refused(capfd, cwd, space_file).assert_refused(str(root), *words)
+# --- every defect the suite knows, through the command users run ---------------------------------------
+
+Case = Callable[[Path, Dataset], tuple[Path, tuple[str, ...]]]
+"""Writes a broken input under the working directory: the space file to search, and the words the refusal holds."""
+
+
+def _space_problem(problem: str) -> Case:
+    def make(cwd: Path, synth: Dataset) -> tuple[Path, tuple[str, ...]]:
+        content, words = SPACE_PROBLEMS[problem]
+        space_file = cwd / "space.yaml"
+        if isinstance(content, str):
+            space_file.write_text(content)
+        else:
+            write_space(space_file, synth, **content)
+        return space_file, (str(space_file), *words)
+    return make
+
+
+def _data_problem(problem: str) -> Case:
+    def make(cwd: Path, synth: Dataset) -> tuple[Path, tuple[str, ...]]:
+        breaker, words = DATA_PROBLEMS[problem]
+        root = cwd / "data"
+        shutil.copytree(synth.root, root)
+        breaker(root, json.loads((synth.root / synth.train).read_text()))
+        return _space_over(cwd, synth, root), (str(root), *words)
+    return make
+
+
+def _dataset_defect(defect: str) -> Case:
+    """One of :data:`cocodata.defects.DEFECTS` that the check refuses, on the second training image."""
+    def make(cwd: Path, synth: Dataset) -> tuple[Path, tuple[str, ...]]:
+        root = cwd / "data"
+        shutil.copytree(synth.root, root)
+        item = apply_defect(root, defect, "train", index=1)
+        return _space_over(cwd, synth, root), ("data.train", DEFECTS[defect][1], item.split(" of ")[-1])
+    return make
+
+
+def _schema_problem(content: dict[str, Any], field: str, fragment: str) -> Case:
+    """A row of the schema tests' tables: the valid file of ``bad_spaces`` with one field broken."""
+    def make(cwd: Path, synth: Dataset) -> tuple[Path, tuple[str, ...]]:
+        space_file = cwd / "space.yaml"
+        space_file.write_text(yaml.safe_dump(content, sort_keys=False))
+        return space_file, (f"{field} = ", fragment)
+    return make
+
+
+def _space_over(cwd: Path, synth: Dataset, root: Path) -> Path:
+    return write_space(cwd / "space.yaml", synth, data={"root": str(root), "train": synth.train, "val": synth.val})
+
+
+KNOWN_DEFECTS: dict[str, Case] = {
+    **{f"space-{problem}": _space_problem(problem) for problem in SPACE_PROBLEMS},
+    **{f"data-{problem}": _data_problem(problem) for problem in DATA_PROBLEMS},
+    **{f"defect-{defect}": _dataset_defect(defect) for defect, (outcome, _, _) in DEFECTS.items()
+       if outcome == "error"},
+    **{f"field-{path}={value!r}": _schema_problem(edited(path, value), field, fragment)
+       for path, value, field, fragment in BAD_FIELDS},
+    **{f"objective-{field}={value!r}": _schema_problem({**valid(), **sections}, field, fragment)
+       for sections, field, value, fragment in BAD_OBJECTIVES},
+}
+
+
+@pytest.mark.parametrize("case", list(KNOWN_DEFECTS))
+def test_every_known_defect_is_refused_by_the_console_command(case: str, cwd: Path, synth: Dataset,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    """Every dataset defect :mod:`cocodata.defects` makes and every space and data problem the suite knows."""
+    space_file, words = KNOWN_DEFECTS[case](cwd, synth)
+    search_refused(capfd, cwd, space_file).assert_refused(*words)
+    assert not (cwd / STORAGE).exists()
+
+
+def test_a_bug_in_a_knob_step_keeps_its_traceback(cwd: Path, synth: Dataset, no_local_ray: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reverse: an exception dettune's own step did not mean (here a KeyError) is a bug, never status 2."""
+    def broken_scale(cfg: Any, build: build_module.Build) -> None:
+        raise KeyError("a bug in the scale step")
+
+    monkeypatch.setitem(build_module.STEPS, "scale", replace(build_module.STEPS["scale"], edit=broken_scale))
+    space_file = write_space(cwd / "space.yaml", synth)
+    try:
+        with pytest.raises(KeyError, match="a bug in the scale step") as caught:
+            main(["search", str(space_file), "--storage", STORAGE])
+    finally:
+        ray.shutdown()  # started beside the check; the crashed command's process would have taken it along
+    assert caught.traceback[-1].name == "broken_scale"
 
 
 def test_a_model_problem_is_refused_and_stops_the_ray_it_started(cwd: Path, synth: Dataset, no_local_ray: None,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from services import mlflow_server, ray_head, submit_job
 
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,9 +19,9 @@ import pytest
 from conftest import write_space
 from services import free_port
 
+from cocodata.dataset import Dataset
 from search.cli import main
 from search.driver import RayUnreachable, _check_ray_answers
-from spaces.dataset import Dataset
 from spaces.errors import USAGE_ERROR
 
 RAY_STARTUP_S = 300

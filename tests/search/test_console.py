@@ -10,8 +10,8 @@ from pathlib import Path
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
-from search.tracking import TAG_ROLE
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
+from tracking_names import TAG_ROLE
 
 TUNE_INTERNALS = ["Configuration for experiment", "TensorBoard", "Experiment state snapshotting",
                   "View detailed results here", "Trial status:", "Wrote the latest version of all result files",

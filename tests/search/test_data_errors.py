@@ -15,14 +15,14 @@ from mmdet.datasets import CocoDataset
 from mmdet.utils import register_all_modules
 from ray.tune import ExperimentAnalysis
 
+from cocodata.datacheck import check_dataset
+from cocodata.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
+from cocodata.dataset import Dataset
+from cocodata.defects import apply_defect
 from results.store import open_search
 from search import driver
 from search.cli import main
-from search.tracking import TAG_FAILURE, TAG_STATUS
-from spaces.datacheck import check_dataset
-from spaces.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
-from spaces.dataset import Dataset
-from spaces.defects import apply_defect
+from tracking_names import TAG_FAILURE, TAG_STATUS
 from trainers.trial import sample_read_error
 
 RUNNER_STARTS = "System environment:"  # mmengine logs it once per Runner, so once per attempt

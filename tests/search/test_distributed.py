@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 from mmengine.hooks import Hook
 from ray.train.torch import TorchTrainer
 
+from cocodata.dataset import Dataset, open_dataset
 from search.driver import SearchOptions, make_plan, run_search
 from search.trainable import _worker_loop, fit_to_end_or_failure
-from spaces.dataset import Dataset, open_dataset
 from spaces.schema import load_space
 from trainers.runner import build_runner, release_globals
 from trainers.trial import TrialSpec, trial_config

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 from services import free_port, node_processes, ray_head, start_worker_node
 
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
 
 EPOCHS = 4
 KILL_AFTER_EPOCH = 2

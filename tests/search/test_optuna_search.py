@@ -10,8 +10,8 @@ from conftest import write_space
 from optuna.samplers import NSGAIISampler, TPESampler
 from optuna.trial import TrialState
 
+from cocodata.dataset import Dataset
 from search.optuna_search import ObjectiveSearch, make_sampler
-from spaces.dataset import Dataset
 from spaces.schema import Space, load_space
 
 ROWS = [  # an ASHA-stopped trial: FPS after epoch 1 only, its best mAP at epoch 2, stopped after epoch 3

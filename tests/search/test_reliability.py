@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 from services import descendants, proc_bytes
 
+from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
-from search.tracking import TAG_FAILURE, TAG_STATUS, TAG_TRIAL
-from spaces.dataset import Dataset
+from tracking_names import TAG_FAILURE, TAG_STATUS, TAG_TRIAL
 
 
 def _steps(tracking_uri: str, run: Any, key: str) -> list[int]:

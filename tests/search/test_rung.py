@@ -10,10 +10,10 @@ import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
 
+from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
 from search.rung import RUNG_SCORE, rung_score
-from search.tracking import TAG_ROLE, TAG_STATUS
-from spaces.dataset import Dataset
+from tracking_names import TAG_ROLE, TAG_STATUS
 
 
 def _row(strict: float, loose: float, loss: float) -> dict[str, float]:

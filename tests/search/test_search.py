@@ -14,10 +14,11 @@ from conftest import write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
+from cocodata.dataset import Dataset
 from search.driver import SearchOptions, SearchOutcome, make_searcher, run_search
-from search.tracking import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL, is_tracked
-from spaces.dataset import Dataset
+from search.tracking import is_tracked
 from spaces.schema import SearchSpec, load_space
+from tracking_names import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL
 from trainers.hook import FIRST_ITER_MARK
 from trainers.trial import TRIAL_LOG
 

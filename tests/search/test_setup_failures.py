@@ -9,10 +9,10 @@ from conftest import write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
+from cocodata.dataset import Dataset
 from search.callbacks import repeated_setup_failure
 from search.cli import main
-from search.tracking import TAG_FAILURE, TAG_STATUS
-from spaces.dataset import Dataset
+from tracking_names import TAG_FAILURE, TAG_STATUS
 
 RUNNER_STARTS = "System environment:"  # mmengine logs it once per Runner, so once per attempt
 

@@ -17,9 +17,10 @@ from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
+from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
-from search.tracking import TAG_STATUS, TAG_TRIAL, Tracker, local_tracking_uri
-from spaces.dataset import Dataset
+from search.tracking import Tracker
+from tracking_names import TAG_STATUS, TAG_TRIAL, local_tracking_uri
 
 LOCKED = "database is locked"
 TRIALS = 4

@@ -18,12 +18,13 @@ import pytest
 from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 
+from cocodata.dataset import Dataset
 from search.cli import main
 from search.driver import SearchOptions, make_searcher, run_search
 from search.staging import stage_from_store
-from search.tracking import TAG_INHERITED, TAG_STATUS, TAG_TRIAL, Tracker, local_tracking_uri
-from spaces.dataset import Dataset
+from search.tracking import Tracker
 from spaces.schema import load_space
+from tracking_names import TAG_INHERITED, TAG_STATUS, TAG_TRIAL, local_tracking_uri
 
 METRIC = "val/bbox_mAP_50"  # write_space's metric
 

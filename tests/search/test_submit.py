@@ -14,8 +14,8 @@ import pytest
 from conftest import runs_of, write_space
 from services import RayHead, ray_head
 
+from cocodata.dataset import Dataset
 from search.submit import PACKAGES, SUBMITTED, stage_upload
-from spaces.dataset import Dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,18 +12,9 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.tracking import (
-    TAG_EXP_NUM,
-    TAG_ROLE,
-    TAG_SEARCH,
-    TAG_TRIAL,
-    Tracker,
-    TrackingSettings,
-    local_tracking_uri,
-    run_filter,
-    use_credentials,
-)
+from search.tracking import Tracker, TrackingSettings
 from spaces.errors import BadArgument
+from tracking_names import TAG_EXP_NUM, TAG_ROLE, TAG_SEARCH, TAG_TRIAL, local_tracking_uri, run_filter, use_credentials
 
 TRIALS_PER_DRIVER = 4
 

@@ -15,9 +15,9 @@ from conftest import write_space
 from mlflow.tracking import MlflowClient
 from services import ReplyDroppingProxy, free_port, mlflow_server
 
+from cocodata.dataset import Dataset
 from search.callbacks import MlflowCallback
 from search.tracking import TrackingSettings
-from spaces.dataset import Dataset
 
 SECRET = "s3cret-word"
 

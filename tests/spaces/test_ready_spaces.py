@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
+from cocodata.synth import write_dataset
+from mmconfigs.validate import check_file, check_space
 from spaces.distributions import Choice, Grid
 from spaces.errors import SpaceError
 from spaces.schema import Space, load_space
-from spaces.synth import write_dataset
-from spaces.validate import check_file, check_space
 from trainers.smoke import first_step
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from conftest import FASTER_BASE, tiny_point
 
-from spaces.build import load_config
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
+from mmconfigs.build import load_config
 from spaces.objectives import FPS_METRIC
 from trainers.checkpoint import TRIAL_CONFIG, trusted_checkpoint_globals
 from trainers.inference import measure_fps, timed_inference

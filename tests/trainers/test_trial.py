@@ -17,8 +17,8 @@ from mmengine.logging import MessageHub, MMLogger
 from mmengine.registry import DefaultScope
 from mmengine.visualization import Visualizer
 
-from spaces.backbones import backbone
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
+from mmconfigs.backbones import backbone
 from spaces.objectives import FPS_METRIC
 from trainers.checkpoint import load_checkpoint
 from trainers.runner import build_runner, release_globals
@@ -143,7 +143,7 @@ def _metrics_alone(dataset: Dataset, work_dir: Path) -> list[dict[str, float]]:
     """Runs a trial in a fresh interpreter and returns its rows."""
     code = (
         "import json, sys; from pathlib import Path; from conftest import tiny_point;"
-        "from spaces.dataset import open_dataset; from trainers.trial import TrialSpec, run_trial;"
+        "from cocodata.dataset import open_dataset; from trainers.trial import TrialSpec, run_trial;"
         f"ds = open_dataset({str(dataset.root)!r}, 'train.json', 'val.json');"
         f"rows = run_trial(TrialSpec(base={CASCADE_BASE!r}, dataset=ds, point=tiny_point(epochs=1, lr=0.01),"
         f" work_dir=Path({str(work_dir)!r})));"

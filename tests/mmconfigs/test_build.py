@@ -24,9 +24,10 @@ from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.registry import PARAM_SCHEDULERS
 
-from spaces import build as build_module
-from spaces.backbones import backbone, catalog_name, import_mmpretrain_models
-from spaces.build import (
+from cocodata.dataset import Dataset
+from mmconfigs import build as build_module
+from mmconfigs.backbones import backbone, catalog_name, import_mmpretrain_models
+from mmconfigs.build import (
     STEPS,
     Build,
     BuildError,
@@ -38,7 +39,6 @@ from spaces.build import (
     step,
     step_milestones,
 )
-from spaces.dataset import Dataset
 from spaces.errors import UserError
 from spaces.knobs import BACKBONES, KNOBS, ROI_HEADS
 

@@ -17,8 +17,8 @@ from mmdet.utils import register_all_modules
 from mmengine.optim import build_optim_wrapper
 from mmengine.runner import Runner
 
-from spaces.build import build_config
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
+from mmconfigs.build import build_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .*training from scratch:UserWarning")
 

@@ -5,7 +5,7 @@ its annotations lack, or hand the model shapes it does not expect; a head may ne
 epoch), a dataset wrapper or a batch augment may shape the batch (YOLOX). So each distinct (model, pipeline)
 combination runs a trial's first step once: :class:`SmokeTrainer` hands :func:`smoke_config` (the trial's config
 on a handful of images, at a small image scale, no checkpoint read) to a :data:`FirstStep`, which trains it one
-iteration and validates it once with a real Runner (``trainers.smoke.first_step``: ``spaces`` imports nothing of
+iteration and validates it once with a real Runner (``trainers.smoke.first_step``: ``mmconfigs`` imports nothing of
 ``trainers``, so the caller passes it in). Images are resized to at most :data:`SMOKE_SIDE` pixels first (DETRs:
 :data:`SMOKE_SIDE_DETR`), never below the smallest input the model's features take, so a large model costs
 seconds: the point is files, keys and shapes, not speed.
@@ -25,9 +25,9 @@ import torch
 from mmengine.config import Config
 from torch.overrides import TorchFunctionMode
 
+from mmconfigs.families import is_detr_family
+from mmconfigs.tree import dicts, drop_init_cfgs
 from spaces.errors import one_line
-from spaces.families import is_detr_family
-from spaces.tree import dicts, drop_init_cfgs
 
 SMOKE_SIDE = 256
 """The longest image side of the smoke run; larger test scales are scaled down to it."""
@@ -99,7 +99,7 @@ class SmokeTrainer:
 def smoke_config(cfg: Config, min_side: int | None = None) -> Config:
     """A copy of ``cfg`` that trains on :data:`TRAIN_BATCH` images and validates on :data:`VAL_IMAGES`, at
     :func:`smoke_scale`, with no checkpoint read (weights start as a trial's do without ``pretrained``)."""
-    from spaces.build import rescale
+    from mmconfigs.build import rescale
 
     cfg = copy.deepcopy(cfg)
     scale = smoke_scale(cfg, min_side)
@@ -117,7 +117,7 @@ def smoke_config(cfg: Config, min_side: int | None = None) -> Config:
 def smoke_scale(cfg: Config, min_side: int | None = None) -> tuple[int, int] | None:
     """The test scale the smoke run resizes to: at most :data:`SMOKE_SIDE` (DETRs: :data:`SMOKE_SIDE_DETR`)
     on the longest side, at least ``min_side`` on the shortest; None to keep the trial's."""
-    from spaces.build import test_scale
+    from mmconfigs.build import test_scale
 
     scale = test_scale(cfg)
     if scale is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spaces.datacheck import DataCheck, box_problem, image_problem
+from cocodata.datacheck import DataCheck, box_problem, image_problem
 from spaces.schema import Space
 from spaces.usercache import cache_dir
 

@@ -1,7 +1,7 @@
 """``data: {on_bad: skip}``: each defect the check refuses, alone, in train and in val, is left out of the cleaned
 annotation files (or its box clipped), said why, and nothing else goes; the user's files are not touched.
 
-The expectations come from the defect table (:mod:`spaces.defects`: which item, which kind) and from checking
+The expectations come from the defect table (:mod:`cocodata.defects`: which item, which kind) and from checking
 the cleaned files again, not from the cleaning itself.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import file_digests
 
-from spaces.datacheck import check_dataset
-from spaces.datacleaning import Cleaned, can_clean, clean
-from spaces.dataset import Dataset
-from spaces.defects import DEFECTS, apply_defect
+from cocodata.datacheck import check_dataset
+from cocodata.datacleaning import Cleaned, can_clean, clean
+from cocodata.dataset import Dataset
+from cocodata.defects import DEFECTS, apply_defect
 
 ERRORS = [name for name, (outcome, _, _) in DEFECTS.items() if outcome == "error"]
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from spaces.dataset import LARGE_MIN, SMALL_MAX, area_range
+from cocodata.dataset import LARGE_MIN, SMALL_MAX, area_range
 
 CLASSES: tuple[str, ...] = (
     "General trash",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from spaces.synth import CLASSES, SynthSummary, write_dataset
+from cocodata.synth import CLASSES, SynthSummary, write_dataset
 
 SPLITS = ("train", "val")
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from spaces.build import build_config
-from spaces.dataset import Dataset
+from cocodata.dataset import Dataset
+from mmconfigs.build import build_config
 
 DETR = "mmdet::detr/detr_r50_8xb2-150e_coco.py"
 DINO = "mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py"

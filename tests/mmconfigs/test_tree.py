@@ -7,7 +7,7 @@ from typing import Any
 
 from mmengine.config import ConfigDict
 
-from spaces.tree import drop_init_cfgs
+from mmconfigs.tree import drop_init_cfgs
 
 
 def _is_pretrained(init: Mapping[str, Any]) -> bool:

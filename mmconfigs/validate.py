@@ -5,8 +5,8 @@
 1. the schema and its rules (:func:`spaces.schema.load_space`);
 2. the base config exists and mmengine can load it;
 3. every ``pretrained`` checkpoint exists;
-4. every image decodes and every box fits its image (:func:`spaces.datacheck.check_dataset`), and the dataset
-   opens as COCO (:func:`spaces.dataset.open_dataset`); an area metric (``val/bbox_mAP_s`` ...)
+4. every image decodes and every box fits its image (:func:`cocodata.datacheck.check_dataset`), and the dataset
+   opens as COCO (:func:`cocodata.dataset.open_dataset`); an area metric (``val/bbox_mAP_s`` ...)
    has val objects of its area range, and a mask head (``roi_head: htc``) has masks to learn from;
 5. a base model without a bbox head (SOLO, SOLOv2, Mask2Former, an RPN) is refused: it reports no
    ``val/bbox_mAP``;
@@ -16,7 +16,7 @@
    pipeline give the same model and are constructed once;
 7. a config that needs data the dataset cannot have (semantic maps) is refused with the fix, and a test scale
    below the smallest input the model's feature maps take (found on the meta device) is a problem of ``scale``;
-8. every distinct (model, pipeline) combination runs a trial's first step (:mod:`spaces.smoke`): a real Runner,
+8. every distinct (model, pipeline) combination runs a trial's first step (:mod:`mmconfigs.smoke`): a real Runner,
    one training iteration and one validation pass on a handful of images, on the CPU, at a small image scale.
    A failure is blamed on the knob values that no passing combination has, or on no knob.
 
@@ -42,17 +42,17 @@ from mmengine.registry import DefaultScope
 from mmengine.utils import import_modules_from_strings
 from pydantic import ValidationError
 
-from spaces.build import BuildError, KnobError, apply_overrides, build_config, load_base, test_scale
-from spaces.datacheck import DataCheck, check_dataset, fix_line, group_line
-from spaces.datacleaning import Cleaned, can_clean, clean
-from spaces.dataset import Dataset, DatasetError, open_dataset
+from cocodata.datacheck import DataCheck, check_dataset, fix_line, group_line
+from cocodata.datacleaning import Cleaned, can_clean, clean
+from cocodata.dataset import Dataset, DatasetError, open_dataset
+from cocodata.imagescan import terminal
+from mmconfigs.build import BuildError, KnobError, apply_overrides, build_config, load_base, test_scale
+from mmconfigs.smoke import FirstStep, SmokeError, SmokeTrainer, features_fail, meta_device, smallest_side, smoke_scale
+from mmconfigs.tree import config_dicts, dicts
 from spaces.distributions import Choice, Distribution, Grid, LogUniform, QUniform, RandInt, Uniform
 from spaces.errors import Problem, Problems, SpaceError, UserError, one_line, raised_by_dettune, root_cause
-from spaces.imagescan import terminal
 from spaces.knobs import show_value
 from spaces.schema import DataSpec, Limit, Space, load_space
-from spaces.smoke import FirstStep, SmokeError, SmokeTrainer, features_fail, meta_device, smallest_side, smoke_scale
-from spaces.tree import config_dicts, dicts
 
 AREA_METRICS = {
     "val/bbox_mAP_s": ("s", "small", "area < 32²"),

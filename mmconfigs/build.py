@@ -4,7 +4,7 @@ The config is edited by registered steps, applied in registration order (this mo
 backbone, weights, preset, classes, scale, batch size, optimisation, freeze) so later steps see the structure
 earlier ones set up; raw ``overrides`` come last. A step registered for a knob runs when the point sets that knob
 (or always, with ``every_point=True``); a :class:`BuildError` it raises (a point or base config it cannot take) is
-raised again as a :class:`KnobError` naming the knob, which is how :mod:`spaces.validate` blames a problem on the
+raised again as a :class:`KnobError` naming the knob, which is how :mod:`mmconfigs.validate` blames a problem on the
 space field that caused it. Any other exception is a bug and keeps its own type and traceback.
 
 Adding a knob takes two entries:
@@ -37,10 +37,9 @@ from typing import Any
 
 from mmengine.config import Config, ConfigDict
 
-from spaces.backbones import backbone, catalog_name, family_of, import_mmpretrain_models
-from spaces.dataset import Dataset
-from spaces.errors import UserError
-from spaces.families import (
+from cocodata.dataset import Dataset
+from mmconfigs.backbones import backbone, catalog_name, family_of, import_mmpretrain_models
+from mmconfigs.families import (
     SIZE_KEYS,
     is_detr_family,
     is_pair,
@@ -51,8 +50,9 @@ from spaces.families import (
     scale_sizes,
     stage_indices,
 )
+from mmconfigs.tree import as_list, config_dicts, dicts, drop_init_cfgs
+from spaces.errors import UserError
 from spaces.knobs import KNOBS
-from spaces.tree import as_list, config_dicts, dicts, drop_init_cfgs
 
 MMDET_PREFIX = "mmdet::"
 

@@ -1,7 +1,7 @@
 """Every image and every box of a COCO dataset checked before a search: all problems at once, grouped by kind.
 
-:func:`check_dataset` reads both annotation files (a malformed one is a :class:`~spaces.dataset.DatasetError`
-naming the file and the field), decodes every image as the training pipeline will (:mod:`spaces.imagescan`,
+:func:`check_dataset` reads both annotation files (a malformed one is a :class:`~cocodata.dataset.DatasetError`
+naming the file and the field), decodes every image as the training pipeline will (:mod:`cocodata.imagescan`,
 cached per file) and checks each box against its image. Errors stop a search; warnings (a class that never
 appears in val, an image without objects) are shown and the search goes on.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from spaces.dataset import AREA_RANGES, DatasetError, area_range, classes_of, load_coco
-from spaces.imagescan import Decoded, scan_images
+from cocodata.dataset import AREA_RANGES, DatasetError, area_range, classes_of, load_coco
+from cocodata.imagescan import Decoded, scan_images
 
 BOX_TOLERANCE = 1.0
 """Pixels a box may reach past its image's edge: exporters round coordinates."""

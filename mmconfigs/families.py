@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from spaces.tree import as_list, config_dicts
+from mmconfigs.tree import as_list, config_dicts
 
 if TYPE_CHECKING:
     from mmengine.config import Config

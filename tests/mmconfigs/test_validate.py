@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
+from cocodata.synth import write_dataset
+from mmconfigs import build as build_module
+from mmconfigs import validate as validate_module
+from mmconfigs.validate import check_file, check_space, summary
 from search.validate_cmd import add_parser
-from spaces import build as build_module
-from spaces import validate as validate_module
 from spaces.errors import Problem, SpaceError
 from spaces.schema import load_space
-from spaces.synth import write_dataset
-from spaces.validate import check_file, check_space, summary
 from trainers.smoke import first_step
 
 FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"

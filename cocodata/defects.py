@@ -1,6 +1,6 @@
 """Breaks a synthetic dataset the ways real annotation exports are broken: one defect per image, named.
 
-:func:`apply_defect` puts one defect into a split of a clean dataset (written by :mod:`spaces.synth`) and returns
+:func:`apply_defect` puts one defect into a split of a clean dataset (written by :mod:`cocodata.synth`) and returns
 the item it touched; :func:`write_defects` writes a dataset carrying every defect at once. Each defect is one
 of three outcomes for a trial, which :data:`DEFECTS` records and the tests hold the check to:
 
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from spaces.synth import write_dataset
+from cocodata.synth import write_dataset
 
 Doc = dict[str, Any]
 EXIF_ORIENTATION = 0x0112

@@ -13,7 +13,7 @@ import mmcv
 import numpy as np
 import pytest
 
-from spaces.imagescan import decode_file
+from cocodata.imagescan import decode_file
 
 
 def encoded(pixels: np.ndarray) -> bytes:

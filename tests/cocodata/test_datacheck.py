@@ -1,6 +1,6 @@
 """The dataset check: every defect a real export carries, alone, in train and in val, through `dettune validate`.
 
-Each test copies a clean synthetic dataset and breaks one thing in it with :mod:`spaces.defects`; the
+Each test copies a clean synthetic dataset and breaks one thing in it with :mod:`cocodata.defects`; the
 expectations (which item, which kind, refused or not) come from the defect table and from decoding the files
 with mmcv, the loader training uses, not from the check itself.
 """
@@ -19,10 +19,10 @@ import pytest
 from conftest import write_space
 from pycocotools.cocoeval import Params
 
+from cocodata.datacheck import DatasetCard, check_dataset
+from cocodata.dataset import Dataset, open_dataset
+from cocodata.defects import DEFECTS, apply_defect, write_defects
 from search.cli import USAGE_ERROR, main
-from spaces.datacheck import DatasetCard, check_dataset
-from spaces.dataset import Dataset, open_dataset
-from spaces.defects import DEFECTS, apply_defect, write_defects
 
 ERRORS = [name for name, (outcome, _, _) in DEFECTS.items() if outcome == "error"]
 FINE = [name for name, (outcome, _, _) in DEFECTS.items() if outcome == "fine"]
