@@ -50,7 +50,6 @@ def is_log_column(key: str) -> bool:
     return key.startswith(LOGGED_PREFIXES)
 
 
-
 def local_tracking_uri(storage: Path) -> str:
     """The embedded default: a SQLite store next to the search's Ray storage."""
     return f"sqlite:///{(storage / LOCAL_STORE).resolve()}"
@@ -76,7 +75,6 @@ def use_credentials(uri: str) -> str:
     if parts.password:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
     return without_credentials(uri)
-
 
 
 def param_text(value: Any) -> str:
