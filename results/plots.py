@@ -95,6 +95,16 @@ def plot_knob(path: Path, knob: str, groups: Sequence[Group], *, metric: str, mo
     return _save(figure, ax, path)
 
 
+def plot_importances(path: Path, shares: Mapping[str, float], *, metric: str, trials: int) -> PlotFile:
+    """One bar per searched knob: its share of the metric's variance (fANOVA)."""
+    figure, ax = _figure(f"which knobs mattered for {metric} ({trials} trials)", xlabel="knob",
+                         ylabel="share of the variance (fANOVA)")
+    positions = range(len(shares))
+    ax.bar(positions, list(shares.values()), width=0.6, alpha=0.7)
+    ax.set_xticks(list(positions), list(shares))
+    return _save(figure, ax, path)
+
+
 def plot_class_counts(path: Path, classes: Sequence[str], counts: Mapping[str, Sequence[int]]) -> PlotFile:
     """Objects per class, one bar per class and split (``counts``: split -> one count per class, in order)."""
     figure, ax = _figure("objects per class", xlabel="class", ylabel="objects")

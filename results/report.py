@@ -14,13 +14,17 @@ import argparse
 import csv
 import itertools
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from mlflow.entities import Metric
 
 from cocodata.datacheck import DatasetCard
 from cocodata.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
 from mmconfigs.backbones import catalog_name
 from mmconfigs.build import BuildError, current_head, load_base
+from results.importance import MIN_TRIALS, Importances, knob_importances
 from results.plots import (
     Axis,
     Curve,
@@ -29,12 +33,13 @@ from results.plots import (
     plot_best_so_far,
     plot_class_counts,
     plot_curves,
+    plot_importances,
     plot_knob,
     plot_pareto,
 )
 from results.store import LB_METRIC, SearchHandle, TrialRecord, add_tracking_flag, open_search, open_tracking
 from spaces.distributions import Choice, Grid
-from spaces.knobs import show_value
+from spaces.knobs import param_text, show_value
 from spaces.objectives import (
     COST_METRICS,
     FPS_METRIC,
@@ -45,7 +50,7 @@ from spaces.objectives import (
     trial_values,
 )
 from spaces.schema import Space
-from tracking_names import TAG_INHERITED, TAG_PARETO, param_text
+from tracking_names import TAG_INHERITED, TAG_PARETO
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
                 "Optimizer": "optimizer"}
@@ -274,7 +279,7 @@ def draw_card(card: DatasetCard | None, directory: Path) -> PlotFile | None:
 
 def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: Sequence[PlotFile],
                     directory: Path, pareto_plots: Sequence[PlotFile] = (), card: DatasetCard | None = None,
-                    card_plot: PlotFile | None = None) -> str:
+                    card_plot: PlotFile | None = None, importances: Importances | None = None) -> str:
     """report.md: the write-up, the trial table, failed trials, the Pareto front (with objectives), plots, the
     dataset card and the leaderboard table."""
     space = search.space
@@ -282,7 +287,8 @@ def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
     rows = [table_row(trial, space, defaults) for trial in ranked(trials, space)]
     lines = [f"# Results and Models: {search.name}", "", "## Experiment",
              f"Scores are each trial's best epoch by {space.metric}: the checkpoint inference would use "
-             f"(`dettune export {search.name}`).", "", *_writeup(space, trials, search.parent.data.tags), "",
+             f"(`dettune export {search.name}`).", "",
+             *_writeup(space, trials, search.parent.data.tags, importances), "",
              *markdown_table(COLUMNS, rows),
              *_failed(trials), *(_pareto_section(search, trials, pareto_plots, directory) if space.objectives else []),
              *_plot_links(plots, directory), *_dataset_section(card, card_plot, directory),
@@ -299,7 +305,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return [line(header), "|" + "|".join(":---:" for _ in header) + "|", *(line(row) for row in rows)]
 
 
-def _writeup(space: Space, trials: Sequence[TrialRecord], tags: Mapping[str, str]) -> list[str]:
+def _writeup(space: Space, trials: Sequence[TrialRecord], tags: Mapping[str, str],
+             importances: Importances | None) -> list[str]:
     knobs = list(space.space)
     inherited = tags.get(TAG_INHERITED)
     title = f"{space.name}: {space.metric} by {', '.join(knobs)}"
@@ -313,8 +320,14 @@ def _writeup(space: Space, trials: Sequence[TrialRecord], tags: Mapping[str, str
             f"- 결과 (result) : {_best_line(space, trials)}",
             *(f"  - {effect_line(k, g, metric=space.metric, mode=space.mode)}" for k in knobs
               if (g := knob_groups(space, trials, k))),
-            "- 결과 원인 분석 (analysis) : ~",
+            f"- 결과 원인 분석 (analysis) : {_analysis(importances)}",
             "- 참고 자료 (references) : ~"]
+
+
+def _analysis(importances: Importances | None) -> str:
+    if importances is None:
+        return f"~ (which knobs mattered needs {MIN_TRIALS} scored trials and two searched knobs)"
+    return f"which knobs mattered, {importances.line()}"
 
 
 def _setup(space: Space) -> str:
@@ -374,17 +387,30 @@ def write_report(search: SearchHandle, out: Path, *, fmt: str = "md") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         return _write_csv(search, trials, out / "report.csv")
-    plots = draw_plots(search, trials, out / "plots")
+    importances = knob_importances(search.space, trials)
+    plots = draw_plots(search, trials, out / "plots") + _importance_plot(importances, out / "plots")
     pareto_plots = draw_pareto(search.space, trials, out / "plots") if search.space.objectives else []
     card = search.dataset_card()
     card_plot = draw_card(card, out / "plots")
     path = out / "report.md"
-    path.write_text(render_markdown(search, trials, plots, out, pareto_plots, card, card_plot), encoding="utf-8")
+    markdown = render_markdown(search, trials, plots, out, pareto_plots, card, card_plot, importances)
+    path.write_text(markdown, encoding="utf-8")
     run_id = search.parent.info.run_id
     search.client.log_artifact(run_id, str(path), REPORT_ARTIFACTS)
+    if importances is not None:
+        stamp = int(time.time() * 1000)
+        search.client.log_batch(run_id, metrics=[Metric(key, value, stamp, 0)
+                                                 for key, value in importances.metrics().items()])
     for plot in [*plots, *pareto_plots, *([card_plot] if card_plot else [])]:
         search.client.log_artifact(run_id, str(plot.path), f"{REPORT_ARTIFACTS}/plots")
     return path
+
+
+def _importance_plot(importances: Importances | None, directory: Path) -> list[PlotFile]:
+    if importances is None:
+        return []
+    return [plot_importances(directory / "importances.png", importances.shares, metric=importances.metric,
+                             trials=importances.trials)]
 
 
 def _write_csv(search: SearchHandle, trials: Sequence[TrialRecord], path: Path) -> Path:

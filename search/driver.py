@@ -40,7 +40,7 @@ from search.callbacks import (
 )
 from search.resources import check_cluster
 from search.rung import RUNG_SCORE
-from search.tracking import Tracker, TrackingSettings
+from search.tracking import Tracker, TrackingSettings, local_study_uri
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
 from spaces.errors import NotFound, SpaceError, UserError
 from spaces.knobs import show_value
@@ -169,23 +169,26 @@ def trial_resources(plan: TrialPlan) -> dict[str, float]:
     return {"CPU": 0, "memory": LAUNCHER_MEMORY}
 
 
-def make_searcher(space: Space, staged: staging.Staging | None = None) -> tuple[Any, dict[str, Any], int]:
+def make_searcher(space: Space, staged: staging.Staging | None = None, *, study_uri: str | None = None
+                  ) -> tuple[Any, dict[str, Any], int]:
     """The search algorithm (limited to ``budget.max_concurrent`` trials at a time), the Tuner's
     param_space, and num_samples, for the space's algorithm.
 
     With ``staged`` warm-start points, TPE starts from a study that already holds them and a grid search
-    trains only the points no earlier search trained to the full budget.
+    trains only the points no earlier search trained to the full budget. With ``study_uri``, an Optuna
+    searcher's finished trials are copied to that Optuna storage (for optuna-dashboard).
     """
     algorithm, seed = space.search.algorithm, space.search.seed
     warm = staged.warm if staged else staging.WarmStart()
     if space.search.uses_optuna:
         from ray.tune.search import ConcurrencyLimiter
 
-        from search.optuna_search import ObjectiveSearch, new_study
+        from search.optuna_search import ObjectiveSearch, StudyMirror, new_study
 
         study = new_study(space)
         study.add_trials(staging.warm_trials(space, warm))
-        searcher = ObjectiveSearch(space, study=study)
+        mirror = StudyMirror(study_uri, space, fresh=True) if study_uri else None
+        searcher = ObjectiveSearch(space, study=study, mirror=mirror)
         return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
     grid = staged.grid if staged else None
@@ -431,7 +434,7 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     trainable = tune.with_resources(tune.with_parameters(train, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
-    searcher, param_space, samples = make_searcher(space, staged)
+    searcher, param_space, samples = make_searcher(space, staged, study_uri=local_study_uri(storage))
     epochs = space.budget.epochs
     callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
                                 max_epochs=epochs, failure_of=plan.failure_of),

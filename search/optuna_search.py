@@ -16,17 +16,22 @@ ones).
 
 Tune saves the searcher with its experiment and restores it on ``dettune resume``: the study (Optuna documents
 pickling an in-memory study to resume it), the trials asked and not yet told, and their values so far.
+
+The in-memory study decides; a :class:`StudyMirror` copies each finished trial into an Optuna RDB storage, where
+``optuna-dashboard`` opens it. The copy is a view: a driver killed after a trial was copied but before Tune saved
+the searcher tells that trial again on resume, and the mirror skips what it already holds.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterable
 from typing import Any
 
 import optuna
 from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
 from optuna.study import StudyDirection
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 from ray.tune.search import Searcher
 
 from spaces.objectives import fold_row, limit_violations
@@ -35,6 +40,8 @@ from trainers.metrics import EPOCH
 
 TRIAL_ATTR = "dettune.trial"
 """The Tune trial id each study trial carries (a user attribute): the trial's MLflow run has the same tag."""
+WARM_START_ATTR = "dettune.warm_start"
+"""The earlier search's trial a warm-start trial was made from (search/staging.py)."""
 
 
 def make_sampler(space: Space) -> BaseSampler:
@@ -55,14 +62,58 @@ def new_study(space: Space, storage: optuna.storages.BaseStorage | None = None) 
                                sampler=make_sampler(space))
 
 
+class StudyMirror:
+    """The search's finished trials, copied into an Optuna storage under the search's name, each once."""
+
+    def __init__(self, uri: str, space: Space, *, fresh: bool) -> None:
+        """Args:
+            uri: An Optuna RDB storage URL, without credentials.
+            space: The search's space (its name and directions name the study).
+            fresh: A new search: a study left under its name by an earlier search of that name is deleted.
+        """
+        self.uri = uri
+        self._template = new_study(space)  # the name and directions, without a storage
+        self._study: optuna.Study | None = None
+        if fresh:
+            self._delete_stale()
+
+    def add(self, trials: Iterable[FrozenTrial]) -> None:
+        """Copies the finished ones of ``trials`` that the storage does not hold yet."""
+        study = self._opened()
+        held = {_identity(t) for t in study.get_trials(deepcopy=False)}
+        study.add_trials([t for t in trials if t.state.is_finished() and _identity(t) not in held])
+
+    def _opened(self) -> optuna.Study:
+        if self._study is None:
+            self._study = optuna.create_study(storage=self.uri, study_name=self._template.study_name,
+                                              directions=self._template.directions, load_if_exists=True)
+        return self._study
+
+    def _delete_stale(self) -> None:
+        names = {summary.study_name for summary in optuna.get_all_study_summaries(self.uri)}
+        if self._template.study_name in names:
+            optuna.delete_study(study_name=self._template.study_name, storage=self.uri)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_study": None}  # Tune pickles the searcher: the storage is opened again
+
+
+def _identity(trial: FrozenTrial) -> tuple[str, Any]:
+    if TRIAL_ATTR in trial.user_attrs:
+        return TRIAL_ATTR, trial.user_attrs[TRIAL_ATTR]
+    return WARM_START_ATTR, trial.user_attrs.get(WARM_START_ATTR, trial.number)
+
+
 class ObjectiveSearch(Searcher):  # type: ignore[misc]
     """Asks the study for each trial's point and tells it each trial's values over all its results."""
 
-    def __init__(self, space: Space, *, study: optuna.Study | None = None) -> None:
+    def __init__(self, space: Space, *, study: optuna.Study | None = None, mirror: StudyMirror | None = None
+                 ) -> None:
         """Args:
             space: The search's space: its knobs, objectives, limits and algorithm.
             study: The study to ask and tell (made by :func:`new_study`), possibly holding earlier (warm-start)
                 trials or living in an Optuna storage; by default a new in-memory one.
+            mirror: Where the study's finished trials are copied as they finish (warm-start trials at once).
         """
         super().__init__(metric=space.metric, mode=space.mode)
         self._distributions = space.optuna_space()
@@ -71,6 +122,8 @@ class ObjectiveSearch(Searcher):  # type: ignore[misc]
         self._study = study if study is not None else new_study(space)
         self._asked: dict[str, Trial] = {}
         self._values: dict[str, dict[str, float]] = {}
+        self._mirror = mirror
+        self._copy(self._study.get_trials(deepcopy=False))
 
     @property
     def study(self) -> optuna.Study:
@@ -100,16 +153,21 @@ class ObjectiveSearch(Searcher):  # type: ignore[misc]
         trial = self._asked.pop(trial_id, None)
         if trial is None:  # told already (Tune reports some ends twice)
             return
+        self._copy([self._tell(trial, values, error=error)])
+
+    def _tell(self, trial: Trial, values: dict[str, float], *, error: bool) -> FrozenTrial:
         if error:
-            self._study.tell(trial, state=TrialState.FAIL)
-            return
+            return self._study.tell(trial, state=TrialState.FAIL)
         if any(metric not in values for metric in self._objectives):
-            self._study.tell(trial, state=TrialState.PRUNED)
-            return
+            return self._study.tell(trial, state=TrialState.PRUNED)
         for key, violation in limit_violations(values, self._constraints).items():
             trial.set_constraint(key, violation)
         # A NaN value makes the trial FAIL, with Optuna's warning.
-        self._study.tell(trial, [values[metric] for metric in self._objectives])
+        return self._study.tell(trial, [values[metric] for metric in self._objectives])
+
+    def _copy(self, trials: Iterable[FrozenTrial]) -> None:
+        if self._mirror is not None:
+            self._mirror.add(trials)
 
     def _fold(self, trial_id: str, result: dict[str, Any]) -> None:
         row = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -117,9 +175,11 @@ class ObjectiveSearch(Searcher):  # type: ignore[misc]
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as out:
-            pickle.dump({"study": self._study, "asked": self._asked, "values": self._values}, out)
+            pickle.dump({"study": self._study, "asked": self._asked, "values": self._values, "mirror": self._mirror},
+                        out)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as saved:
             state = pickle.load(saved)
         self._study, self._asked, self._values = state["study"], state["asked"], state["values"]
+        self._mirror = state["mirror"]

@@ -27,8 +27,9 @@ from mmconfigs.validate import combinations
 from results.store import SearchHandle, TrialRecord, open_search
 from spaces.distributions import Choice, Distribution, Grid, QUniform, RandInt
 from spaces.errors import NotFound, UserError
+from spaces.knobs import param_text
 from spaces.schema import Space
-from tracking_names import TAG_INHERITED, TAG_WARM_START, check_reachable, param_text
+from tracking_names import TAG_INHERITED, TAG_WARM_START, check_reachable
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -250,7 +251,7 @@ def inherit(space: Space, sources: Sequence[EarlierSearch]) -> list[Inherited]:
         best = best_trial(source)
         score = best.score(source.space.metric, source.space.mode)
         assert score is not None  # best_trial ranks only trials with a score
-        for knob, value in knob_values(source.space, best.params).items():
+        for knob, value in source.space.values_from_params(best.params).items():
             if knob not in own:
                 taken[knob] = Inherited(knob=knob, value=value, trial=best.exp_num, metric=source.space.metric,
                                         score=score)
@@ -293,24 +294,6 @@ def with_inherited(space: Space, inherited: Sequence[Inherited]) -> Space:
     return Space.from_json(data, f"{space.name} (inherited values)")
 
 
-def knob_values(space: Space, params: Mapping[str, str]) -> dict[str, Any]:
-    """A trial's knob values, typed again: MLflow keeps params as text (``scale`` ``1024x1024``).
-
-    Fixed knobs come from the search's space as written; searched ones are matched against their distribution.
-    """
-    values: dict[str, Any] = dict(space.point_defaults())
-    for knob, dist in space.space.items():
-        if knob in params:
-            values[knob] = _parse(dist, params[knob])
-    return values
-
-
-def _parse(dist: Distribution, text: str) -> Any:
-    if isinstance(dist, Choice | Grid):
-        return next((value for value in dist.values if param_text(value) == text), text)
-    return int(float(text)) if isinstance(dist, RandInt) else float(text)
-
-
 # --- warm start -----------------------------------------------------------------------------------------------
 
 def warm_points(space: Space, sources: Sequence[EarlierSearch]) -> WarmStart:
@@ -334,7 +317,7 @@ def _warm_point(space: Space, source: EarlierSearch, trial: TrialRecord) -> Warm
     setting = _setting_differs(space, source.space)
     if setting:
         return setting
-    values = knob_values(source.space, trial.params)
+    values = source.space.values_from_params(trial.params)
     for knob, dist in space.space.items():
         if knob not in values:
             return f"it has no {knob} (the base config's default), this space searches it"
@@ -381,16 +364,14 @@ def warm_trials(space: Space, warm: WarmStart) -> list[FrozenTrial]:
     """The warm-start trials as finished Optuna trials, to add to the search's study before its first proposal."""
     import optuna
 
+    from search.optuna_search import WARM_START_ATTR
+
     distributions = space.optuna_space()
     return [optuna.trial.create_trial(
         state=optuna.trial.TrialState.PRUNED if point.pruned else optuna.trial.TrialState.COMPLETE,
         value=point.value, intermediate_values=point.intermediate, distributions=distributions,
-        params={k: _optuna_value(space.space[k], v) for k, v in point.values.items()},
-        user_attrs={"dettune.warm_start": point.trial}) for point in warm.points]
-
-
-def _optuna_value(dist: Distribution, value: Any) -> Any:
-    return dist.encode_optuna(value) if isinstance(dist, Choice | Grid) else value
+        params=space.encode_optuna(point.values),
+        user_attrs={WARM_START_ATTR: point.trial}) for point in warm.points]
 
 
 def remaining_grid(grid: Sequence[Mapping[str, Any]], warm: WarmStart) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from search.local_store import ensure_store
 from search.rung import RUNG_SCORE
 from spaces.errors import DamagedFile
+from spaces.knobs import param_text
 from tracking_names import (
     DEFAULT_TRACKING_TIMEOUT_S,
     EXP_NUM_CLAIM,
@@ -45,14 +46,23 @@ from tracking_names import (
     find_runs,
     is_log_column,
     local_tracking_uri,
-    param_text,
     without_credentials,
 )
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow's UI opens an experiment without this tag in its GenAI view (traces, prompts); with it, in the
+model-training view: runs, metrics, charts."""
+STUDY_STORE = "optuna.db"  # the Optuna storage optuna-dashboard opens, beside the MLflow store
 
 
 def is_tracked(key: str) -> bool:
     """Whether a result key is written to the trial's run: the log's columns, and the score ASHA ranked it by."""
     return is_log_column(key) or key == RUNG_SCORE
+
+
+def local_study_uri(storage: Path) -> str:
+    """The Optuna storage where the searches kept in ``storage`` copy their studies: SQLite beside MLflow's."""
+    return f"sqlite:///{(storage / STUDY_STORE).resolve()}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +135,7 @@ class Tracker:
             return experiment.experiment_id, False
         location = artifact_root.resolve().as_uri() if artifact_root is not None else None
         try:
-            return self.client.create_experiment(self.search, artifact_location=location), True
+            return self.client.create_experiment(self.search, artifact_location=location, tags=EXPERIMENT_TAGS), True
         except MlflowException as error:  # another driver created it since we looked
             experiment = self.client.get_experiment_by_name(self.search)
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or experiment is None:

@@ -94,6 +94,11 @@ KNOBS: dict[str, Knob] = {
 }
 
 
+def param_text(value: Any) -> str:
+    """A knob value as an MLflow param and wherever params are compared: ``[800, 800]`` -> ``800x800``."""
+    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def show_value(value: Any) -> str:
     """A knob value as the console, the tables, the report and the messages show it.
 

@@ -63,7 +63,7 @@ from spaces.distributions import (
     parse_distribution,
 )
 from spaces.errors import MISSING, Problem, Problems, SpaceError
-from spaces.knobs import KNOBS
+from spaces.knobs import KNOBS, param_text
 from spaces.objectives import COST_METRICS
 
 METRICS = (
@@ -289,6 +289,21 @@ class Space(_Section):
             name: self.space[name].decode_optuna(value) if name in self.space else value
             for name, value in params.items()
         }
+
+    def encode_optuna(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`decode_optuna`: searched knobs' values as Optuna stores them."""
+        return {name: _optuna_value(self.space[name], value) for name, value in values.items() if name in self.space}
+
+    def values_from_params(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """A trial's knob values, typed again: MLflow keeps params as text (``scale`` ``1024x1024``).
+
+        Fixed knobs come from the space as written; searched ones are matched against their distribution.
+        """
+        values: dict[str, Any] = self.point_defaults()
+        for knob, dist in self.space.items():
+            if knob in params:
+                values[knob] = _param_value(dist, params[knob])
+        return values
 
     def grid_size(self) -> int | None:
         """Returns the number of grid points if every searched knob is a choice or grid, else None."""
@@ -763,3 +778,13 @@ _RULES: tuple[Callable[[dict[str, Any], Problems], None], ...] = (
     _check_gpus,
     _check_amp,
 )
+
+
+def _optuna_value(dist: Distribution, value: Any) -> Any:
+    return dist.encode_optuna(value) if isinstance(dist, Choice | Grid) else value
+
+
+def _param_value(dist: Distribution, text: str) -> Any:
+    if isinstance(dist, Choice | Grid):
+        return next((value for value in dist.values if param_text(value) == text), text)
+    return int(float(text)) if isinstance(dist, RandInt) else float(text)

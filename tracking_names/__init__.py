@@ -1,9 +1,9 @@
 """What the search writes to MLflow and ``results`` reads back: the names, filters and texts both sides share.
 
 The bottom of the tracking side: tag names, the default storage and its SQLite store, the tracking timeout,
-how a value and a trial's outcome read, the one builder of filter strings, and the check that a tracking
-server answers. ``search`` writes with them (:mod:`search.tracking`), ``results`` reads with them, and this
-package imports neither, so imports between the two go one way.
+how a trial's outcome reads, the one builder of filter strings, and the check that a tracking server answers.
+``search`` writes with them (:mod:`search.tracking`), ``results`` reads with them, and this package imports
+neither, so imports between the two go one way.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -75,11 +74,6 @@ def use_credentials(uri: str) -> str:
     if parts.password:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
     return without_credentials(uri)
-
-
-def param_text(value: Any) -> str:
-    """A knob value as an MLflow param and wherever params are compared: ``[800, 800]`` -> ``800x800``."""
-    return "x".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None) -> str:

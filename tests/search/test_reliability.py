@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
@@ -129,3 +130,6 @@ def test_killed_driver_resumes_with_the_same_trials(tmp_path: Path, synth: Datas
         assert run.data.tags[TAG_STATUS] in ("completed", "stopped")
         steps = _steps(tracking_uri, run, "val/bbox_mAP")
         assert steps == list(range(1, len(steps) + 1)) and steps, steps
+    study = optuna.load_study(study_name="kill-driver", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    copied = sorted(t.user_attrs["dettune.trial"] for t in study.trials)
+    assert copied == sorted(r.data.tags[TAG_TRIAL] for r in runs), "the study's copy lost or doubled a trial"

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
@@ -72,6 +73,23 @@ def test_tpe_search_with_asha(tmp_path: Path, synth_large: Dataset, ray_local: N
         _assert_each_point_once(client, child)
 
     _assert_ray_and_mlflow_agree(outcome, children)
+    _assert_study_copy_matches_mlflow(tmp_path / "runs" / "optuna.db", "tpe-asha", client, children)
+
+
+def _assert_study_copy_matches_mlflow(db: Path, name: str, client: MlflowClient, children: list[Any]) -> None:
+    """The study optuna-dashboard opens holds each trial once, with MLflow's params and its best epoch's score
+    (write_space's metric, val/bbox_mAP_50)."""
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    by_trial = {c.data.tags[TAG_TRIAL]: c for c in children}
+    copied = [t.user_attrs["dettune.trial"] for t in study.trials]
+    assert sorted(copied) == sorted(by_trial), "each trial is in the study once"
+    for trial in study.trials:
+        run = by_trial[trial.user_attrs["dettune.trial"]]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.params["roi_head"] == run.data.params["roi_head"]
+        assert math.isclose(trial.params["lr"], float(run.data.params["lr"]), rel_tol=1e-12)
+        history = client.get_metric_history(run.info.run_id, "val/bbox_mAP_50")
+        assert trial.value == max(point.value for point in history)
 
 
 def _assert_each_point_once(client: MlflowClient, run: Any) -> None:

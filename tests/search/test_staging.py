@@ -16,7 +16,6 @@ from search.staging import (
     WarmStart,
     check_chain,
     inherit,
-    knob_values,
     remaining_grid,
     stage,
     warm_points,
@@ -66,7 +65,7 @@ def earlier(name: str = "a", trials: list[TrialRecord] = A_TRIALS, **sections: A
 
 
 def test_knob_values_come_back_typed_from_mlflow_text() -> None:
-    values = knob_values(space("a"), {"lr": "0.02", "scale": "128x128", "backbone": "r18"})
+    values = space("a").values_from_params({"lr": "0.02", "scale": "128x128", "backbone": "r18"})
 
     assert values == {**FIXED, "epochs": 2, "lr": 0.02, "scale": [128, 128]}
 

@@ -34,6 +34,15 @@ def test_the_same_best_recorded_again_writes_no_point_twice(tmp_path: Path) -> N
     assert parent.data.tags["dettune.best.scale"] == "800x800" and parent.data.tags["dettune.best.lr"] == "0.01"
 
 
+def test_a_search_experiment_opens_in_mlflows_model_training_view(tmp_path: Path) -> None:
+    # MLflow 3's UI reads this experiment tag (its values: genai_development, custom_model_development) and
+    # shows an experiment without it in the GenAI view.
+    tracker = Tracker(local_tracking_uri(tmp_path), "view")
+
+    experiment = MlflowClient(local_tracking_uri(tmp_path)).get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_a_new_best_replaces_the_knob_values_of_the_old_one(tmp_path: Path) -> None:
     tracker = Tracker(local_tracking_uri(tmp_path), "best")
     tracker.record_best({"lr": 0.01, "scale": [800, 800]}, {"val/bbox_mAP": 0.3}, epoch=2, trial_id="a")
