@@ -25,8 +25,6 @@ from spaces.errors import DETTUNE_PACKAGES, BadArgument, NotFound
 from spaces.schema import load_space
 from tracking_names import DEFAULT_STORAGE, without_credentials
 
-PACKAGES = DETTUNE_PACKAGES
-"""What the job imports from the upload; the cluster's image provides the dependencies."""
 SUBMITTED = "submitted"
 """The upload's folder for the space files, in the order given."""
 PASSED_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
@@ -112,9 +110,10 @@ def _job_environment(tracking_uri: str | None) -> dict[str, str]:
 
 
 def stage_upload(upload: Path, spaces: list[Path]) -> list[str]:
-    """Copies dettune's packages and the space files into ``upload``; returns the files' paths in it."""
+    """Copies dettune's packages (what the job imports; the cluster's image provides the dependencies) and the
+    space files into ``upload``; returns the files' paths in it."""
     root = Path(__file__).resolve().parents[1]
-    for package in PACKAGES:
+    for package in DETTUNE_PACKAGES:
         shutil.copytree(root / package, upload / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (upload / SUBMITTED).mkdir()
     files = []

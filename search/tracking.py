@@ -99,7 +99,6 @@ class TrackingSettings:
                           f"a copy, or start the search again with `dettune search SPACE --overwrite`")
 
 
-
 @dataclass
 class _RunState:
     run_id: str

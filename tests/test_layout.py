@@ -1,5 +1,6 @@
 """The packages import one way: every import of every module, read from the source (nothing is run), is one
-that ARCHITECTURE.md's table of packages allows, and the table itself has no back-arrow."""
+that ARCHITECTURE.md's table of packages allows, and the table itself has no back-arrow; Ray and MLflow are
+imported only where its table of libraries says."""
 
 from __future__ import annotations
 
@@ -12,18 +13,22 @@ import pytest
 from spaces.errors import DETTUNE_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE = re.compile(r"```text\npackage +imports of ours\n(?P<rows>.*?)```", re.DOTALL)
+
+
+def table(header: str) -> dict[str, set[str]]:
+    """The rows of ARCHITECTURE.md's table under ``header``, in its order: first word -> the other words."""
+    found = re.search(rf"```text\n{header}\n(?P<rows>.*?)```", (REPO / "ARCHITECTURE.md").read_text(), re.DOTALL)
+    assert found, f"ARCHITECTURE.md lost its table {header!r}"
+    rows: dict[str, set[str]] = {}
+    for line in found["rows"].splitlines():
+        first, *others = line.split()
+        rows[first] = set(others) - {"-"}
+    return rows
 
 
 def allowed_imports() -> dict[str, set[str]]:
-    """ARCHITECTURE.md's table, in its order: each package and the packages of ours it may import."""
-    rows = TABLE.search((REPO / "ARCHITECTURE.md").read_text())
-    assert rows, "ARCHITECTURE.md lost its table of package imports"
-    table: dict[str, set[str]] = {}
-    for line in rows["rows"].splitlines():
-        package, *imports = line.split()
-        table[package] = set(imports) - {"-"}
-    return table
+    """Each package and the packages of ours it may import."""
+    return table("package +imports of ours")
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -67,3 +72,10 @@ def test_imports_go_one_way(package: str) -> None:
              for path in sorted((REPO / package).rglob("*.py"))
              for name in imported_packages(path) & ours - allowed}
     assert not wrong, "\n".join(sorted(wrong))
+
+
+@pytest.mark.parametrize(("library", "users"), sorted(table("library +imported only by").items()))
+def test_libraries_are_imported_only_where_the_table_says(library: str, users: set[str]) -> None:
+    wrong = {str(path.relative_to(REPO)) for package in our_packages() - users
+             for path in sorted((REPO / package).rglob("*.py")) if library in imported_packages(path)}
+    assert not wrong, f"{library} imported by {sorted(wrong)}"

@@ -1,9 +1,9 @@
 """What the search writes to MLflow and ``results`` reads back: the names, filters and texts both sides share.
 
 The bottom of the tracking side: tag names, the default storage and its SQLite store, the tracking timeout,
-how a value and a trial's outcome read, the one builder of filter strings, and the check that a tracking
-server answers. ``search`` writes with them (:mod:`search.tracking`), ``results`` reads with them, and this
-package imports neither, so imports between the two go one way.
+how a trial's outcome reads, the one builder of filter strings, and the check that a tracking server answers.
+``search`` writes with them (:mod:`search.tracking`), ``results`` reads with them, and this package imports
+neither, so imports between the two go one way.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ DEFAULT_TRACKING_TIMEOUT_S = 600.0
 def is_log_column(key: str) -> bool:
     """Whether a result key is one of the experiment log's metric columns."""
     return key.startswith(LOGGED_PREFIXES)
-
 
 
 def local_tracking_uri(storage: Path) -> str:

@@ -15,7 +15,8 @@ from conftest import runs_of, write_space
 from services import RayHead, ray_head
 
 from cocodata.dataset import Dataset
-from search.submit import PACKAGES, SUBMITTED, stage_upload
+from search.submit import SUBMITTED, stage_upload
+from spaces.errors import DETTUNE_PACKAGES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,7 +53,7 @@ def test_the_upload_holds_the_packages_and_the_space_files_only(tmp_path: Path) 
 
     files = stage_upload(tmp_path / "upload", [space, space])
 
-    assert sorted(p.name for p in (tmp_path / "upload").iterdir()) == sorted([*PACKAGES, SUBMITTED])
+    assert sorted(p.name for p in (tmp_path / "upload").iterdir()) == sorted([*DETTUNE_PACKAGES, SUBMITTED])
     assert files == [f"{SUBMITTED}/01-mine.yaml", f"{SUBMITTED}/02-mine.yaml"]
     assert not list((tmp_path / "upload").rglob("__pycache__"))
     uploaded = {p.relative_to(tmp_path / "upload" / "search") for p in (tmp_path / "upload" / "search").rglob("*.py")}
