@@ -26,6 +26,9 @@ INTERRUPTED = 3  # the search stopped on purpose and can be resumed
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
 DEMO_IMAGES = 96
+STUDY_STORAGE_HELP = ("Optuna storage (an SQLAlchemy URL, e.g. postgresql+psycopg://HOST/DB) where a TPE/NSGA-II "
+                      "search copies its study for optuna-dashboard (default: sqlite under --storage); a "
+                      "user:password@ goes to PGUSER/PGPASSWORD, never written")
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from cocodata.synth import check_arguments, write_dataset
 
@@ -75,7 +78,7 @@ def _search_options(args: argparse.Namespace, **changes: object) -> SearchOption
                   tracking_uri=args.tracking_uri,
                   storage=Path(args.storage), trials=args.trials, epochs=args.epochs,
                   max_concurrent=args.max_concurrent, data_root=Path(args.data_root) if args.data_root else None,
-                  tracking_timeout_s=args.tracking_timeout,
+                  tracking_timeout_s=args.tracking_timeout, study_storage=args.study_storage,
                   overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False))
     fields.update(changes)
     return SearchOptions(**fields)  # type: ignore[arg-type]
@@ -129,14 +132,15 @@ def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
                  args.tracking_timeout if args.tracking_timeout != DEFAULT_TRACKING_TIMEOUT_S else None),
              # from the environment it is there again; typed on the command line it is shown without credentials
              "--tracking-uri": (without_credentials(args.tracking_uri)
-                                if args.tracking_uri != os.environ.get("MLFLOW_TRACKING_URI") else None)}
+                                if args.tracking_uri != os.environ.get("MLFLOW_TRACKING_URI") else None),
+             "--study-storage": args.study_storage and without_credentials(args.study_storage)}
     given = [f"{flag} {shlex.quote(str(value))}" for flag, value in flags.items() if value is not None]
     return shlex.join(["dettune", "search", *files]) + "".join(f" {flag}" for flag in given) + " --resume"
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     return _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri,
-                                                    args.tracking_timeout)))
+                                                    args.tracking_timeout, args.study_storage)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -164,6 +168,7 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-timeout", type=float, default=DEFAULT_TRACKING_TIMEOUT_S, metavar="SECONDS",
                         help="stop the search (to resume later) when MLflow stays unreachable this long "
                              f"(default {DEFAULT_TRACKING_TIMEOUT_S:.0f}); until then its writes are buffered")
+    parser.add_argument("--study-storage", metavar="URL", help=STUDY_STORAGE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
     resume.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                         help="stop when MLflow stays unreachable this long (default: what the search used)")
+    resume.add_argument("--study-storage", metavar="URL", help="Optuna storage of the study copy (default: the "
+                                                               "one the search used)")
     resume.set_defaults(handler=_cmd_resume)
 
     for module in (validate_cmd, submit, report, export, predict, leaderboard):

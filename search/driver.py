@@ -55,9 +55,9 @@ from tracking_names import (
     TAG_STOPPED_AT,
     TAG_STORAGE,
     check_reachable,
-    local_study_uri,
     outcome_text,
     use_credentials,
+    use_database_credentials,
 )
 from trainers.metrics import EPOCH
 from trainers.smoke import first_step
@@ -107,6 +107,8 @@ class SearchOptions:
     max_concurrent: int | None = None
     data_root: Path | None = None
     tracking_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
+    study_storage: str | None = None
+    """The Optuna storage of the study copy; may hold ``user:password@`` (PostgreSQL), moved to PGUSER/PGPASSWORD."""
     resume: bool = False
     overwrite: bool = False
 
@@ -170,14 +172,14 @@ def trial_resources(plan: TrialPlan) -> dict[str, float]:
     return {"CPU": 0, "memory": LAUNCHER_MEMORY}
 
 
-def make_searcher(space: Space, staged: staging.Staging | None = None, *, study_uri: str | None = None
+def make_searcher(space: Space, staged: staging.Staging | None = None, *, settings_file: Path | None = None
                   ) -> tuple[Any, dict[str, Any], int]:
     """The search algorithm (limited to ``budget.max_concurrent`` trials at a time), the Tuner's
     param_space, and num_samples, for the space's algorithm.
 
     With ``staged`` warm-start points, TPE starts from a study that already holds them and a grid search
-    trains only the points no earlier search trained to the full budget. With ``study_uri``, an Optuna
-    searcher's finished trials are copied to that Optuna storage (for optuna-dashboard).
+    trains only the points no earlier search trained to the full budget. With the search's saved
+    ``settings_file``, an Optuna searcher's finished trials are copied to its Optuna storage (for optuna-dashboard).
     """
     algorithm, seed = space.search.algorithm, space.search.seed
     warm = staged.warm if staged else staging.WarmStart()
@@ -188,7 +190,7 @@ def make_searcher(space: Space, staged: staging.Staging | None = None, *, study_
 
         study = new_study(space)
         study.add_trials(staging.warm_trials(space, warm))
-        mirror = StudyMirror(study_uri, space, fresh=True) if study_uri else None
+        mirror = StudyMirror(settings_file, space, fresh=True) if settings_file else None
         searcher = ObjectiveSearch(space, study=study, mirror=mirror)
         return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
@@ -283,7 +285,7 @@ def _auto_address() -> str | None:
 
 
 def resume_options(name: str, storage: Path, tracking_uri: str | None = None,
-                   tracking_timeout_s: float | None = None) -> SearchOptions:
+                   tracking_timeout_s: float | None = None, study_storage: str | None = None) -> SearchOptions:
     """The options that continue search ``name``: its saved effective space and tracking settings, where the
     command line does not change them."""
     experiment_dir = storage.resolve() / name
@@ -294,7 +296,8 @@ def resume_options(name: str, storage: Path, tracking_uri: str | None = None,
     recorded = TrackingSettings.load(saved)
     return SearchOptions(space_file=experiment_dir / SAVED_SPACE, name=name, storage=storage,
                          tracking_uri=tracking_uri or recorded.uri,
-                         tracking_timeout_s=tracking_timeout_s or recorded.down_timeout_s, resume=True)
+                         tracking_timeout_s=tracking_timeout_s or recorded.down_timeout_s,
+                         study_storage=study_storage or recorded.study_uri, resume=True)
 
 
 def _searches(storage: Path) -> list[str]:
@@ -308,7 +311,9 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     """
     storage = options.storage.resolve()
     settings = TrackingSettings(uri=use_credentials(options.tracking_uri) if options.tracking_uri else None,
-                                down_timeout_s=options.tracking_timeout_s)
+                                down_timeout_s=options.tracking_timeout_s,
+                                study_uri=use_database_credentials(options.study_storage)
+                                if options.study_storage else None)
     tracking_uri = settings.effective_uri(storage)
     check_reachable(tracking_uri)
     staged = staging.stage_from_store(load_for_search(options), tracking_uri)
@@ -435,7 +440,7 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     trainable = tune.with_resources(tune.with_parameters(train, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
-    searcher, param_space, samples = make_searcher(space, staged, study_uri=local_study_uri(storage))
+    searcher, param_space, samples = make_searcher(space, staged, settings_file=storage / space.name / SAVED_OPTIONS)
     epochs = space.budget.epochs
     callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
                                 max_epochs=epochs, failure_of=plan.failure_of),

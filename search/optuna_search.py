@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -34,6 +35,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 from ray.tune.search import Searcher
 
+from search.tracking import TrackingSettings
 from spaces.objectives import fold_row, limit_violations
 from spaces.schema import Space
 from trainers.metrics import EPOCH
@@ -63,19 +65,28 @@ def new_study(space: Space, storage: optuna.storages.BaseStorage | None = None) 
 
 
 class StudyMirror:
-    """The search's finished trials, copied into an Optuna storage under the search's name, each once."""
+    """The search's finished trials, copied into an Optuna storage under the search's name, each once.
 
-    def __init__(self, uri: str, space: Space, *, fresh: bool) -> None:
+    Where is read from the search's saved tracking settings each time the driver (re)starts, so a resumed search
+    given another ``--study-storage`` copies there: Tune restores this object from its snapshot, not from them.
+    """
+
+    def __init__(self, settings_file: Path, space: Space, *, fresh: bool) -> None:
         """Args:
-            uri: An Optuna RDB storage URL, without credentials.
+            settings_file: The search's ``search.json`` (:class:`~search.tracking.TrackingSettings`).
             space: The search's space (its name and directions name the study).
             fresh: A new search: a study left under its name by an earlier search of that name is deleted.
         """
-        self.uri = uri
+        self._settings_file = settings_file
         self._template = new_study(space)  # the name and directions, without a storage
         self._study: optuna.Study | None = None
         if fresh:
             self._delete_stale()
+
+    @property
+    def uri(self) -> str:
+        """The Optuna storage URL (credentials, if any, are in PGUSER/PGPASSWORD)."""
+        return TrackingSettings.load(self._settings_file).effective_study_uri(self._settings_file.parents[1])
 
     def add(self, trials: Iterable[FrozenTrial]) -> None:
         """Copies the finished ones of ``trials`` that the storage does not hold yet."""

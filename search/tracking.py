@@ -46,6 +46,7 @@ from tracking_names import (
     TAG_TRIAL,
     find_runs,
     is_log_column,
+    local_study_uri,
     local_tracking_uri,
     without_credentials,
 )
@@ -67,9 +68,14 @@ class TrackingSettings:
     uri: str | None = None
     """Without credentials; None is the SQLite store beside the Ray storage."""
     down_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
+    study_uri: str | None = None
+    """The Optuna storage of the study copy, without credentials; None is ``optuna.db`` beside the Ray storage."""
 
     def effective_uri(self, storage: Path) -> str:
         return self.uri or local_tracking_uri(storage)
+
+    def effective_study_uri(self, storage: Path) -> str:
+        return self.study_uri or local_study_uri(storage)
 
     def tracker(self, storage: Path, search: str, *, fresh: bool = False) -> Tracker:
         """The search's tracker; the local default keeps artifacts under ``storage/mlartifacts``."""
@@ -90,9 +96,10 @@ class TrackingSettings:
         """
         try:
             settings = cls(**json.loads(path.read_text()))
-            if isinstance(settings.uri, str | None) and isinstance(settings.down_timeout_s, int | float):
+            if (isinstance(settings.uri, str | None) and isinstance(settings.study_uri, str | None)
+                    and isinstance(settings.down_timeout_s, int | float)):
                 return settings
-            reason = "uri must be a string or null, down_timeout_s a number"
+            reason = "uri and study_uri must be strings or null, down_timeout_s a number"
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:  # TypeError: not these fields
             reason = str(error)
         raise DamagedFile(f"{path} is damaged ({reason}): it holds the search's tracking settings; restore it from "

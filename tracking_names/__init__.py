@@ -71,6 +71,26 @@ def without_credentials(uri: str) -> str:
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
 
 
+def use_database_credentials(uri: str) -> str:
+    """Moves a ``user:password@`` in a PostgreSQL URL to libpq's ``PGUSER``/``PGPASSWORD``; returns the URL
+    without it (written to search.json and pickled with the searcher, so it must not hold them).
+
+    Raises:
+        BadArgument: Credentials in a URL of another database, which has no such variables.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    if not parts.scheme.startswith("postgresql"):
+        raise BadArgument(f"{without_credentials(uri)}: credentials in the URL are taken for PostgreSQL only "
+                          "(moved to PGUSER/PGPASSWORD, never written); use PostgreSQL or a database that needs none")
+    if parts.username:
+        os.environ["PGUSER"] = urllib.parse.unquote(parts.username)
+    if parts.password:
+        os.environ["PGPASSWORD"] = urllib.parse.unquote(parts.password)
+    return without_credentials(uri)
+
+
 def use_credentials(uri: str) -> str:
     """Moves a ``user:password@`` in ``uri`` to MLflow's credential variables; returns the URI without it.
 

@@ -14,7 +14,16 @@ from mlflow.tracking import MlflowClient
 
 from search.tracking import Tracker, TrackingSettings
 from spaces.errors import BadArgument
-from tracking_names import TAG_EXP_NUM, TAG_ROLE, TAG_SEARCH, TAG_TRIAL, local_tracking_uri, run_filter, use_credentials
+from tracking_names import (
+    TAG_EXP_NUM,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_TRIAL,
+    local_tracking_uri,
+    run_filter,
+    use_credentials,
+    use_database_credentials,
+)
 
 TRIALS_PER_DRIVER = 4
 
@@ -71,11 +80,25 @@ def test_credentials_move_to_mlflows_variables(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_tracking_settings_round_trip(tmp_path: Path) -> None:
-    settings = TrackingSettings(uri="http://127.0.0.1:5000", down_timeout_s=42.0)
+    settings = TrackingSettings(uri="http://127.0.0.1:5000", down_timeout_s=42.0,
+                                study_uri="postgresql+psycopg://127.0.0.1:5432/optuna")
     settings.save(tmp_path / "search.json")
 
     assert TrackingSettings.load(tmp_path / "search.json") == settings
     assert TrackingSettings().effective_uri(tmp_path) == local_tracking_uri(tmp_path)
+    assert TrackingSettings().effective_study_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+
+
+def test_database_credentials_move_to_libpqs_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGUSER", "")
+    monkeypatch.setenv("PGPASSWORD", "")
+
+    uri = use_database_credentials("postgresql+psycopg://optuna:p%40ss@127.0.0.1:5432/studies")
+
+    assert uri == "postgresql+psycopg://127.0.0.1:5432/studies"
+    assert os.environ["PGUSER"] == "optuna" and os.environ["PGPASSWORD"] == "p@ss"
+    with pytest.raises(BadArgument, match="PostgreSQL only"):
+        use_database_credentials("mysql://user:secret@127.0.0.1/studies")
 
 
 def _driver(tracking_uri: str, index: int, start: Any, errors: Any) -> None:
