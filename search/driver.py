@@ -51,6 +51,7 @@ from tracking_names import (
     DEFAULT_TRACKING_TIMEOUT_S,
     TAG_EXP_NUM,
     TAG_FAILURE,
+    TAG_PARETO,
     TAG_STATUS,
     TAG_STOPPED_AT,
     TAG_STORAGE,
@@ -558,18 +559,26 @@ def _trial_id(result: Any) -> str:
 
 
 def results_table(tracker: Tracker, space: Space) -> str:
-    """The end-of-search summary, read back from MLflow: one line per trial."""
+    """The end-of-search summary, read back from MLflow: one line per trial, its score at its best epoch; with
+    objectives, each one's last measurement and a ``*`` on the trials of the Pareto front."""
     knobs = list(space.space)
-    header = ["trial", *knobs, "epochs", space.metric, "status"]
+    others = [metric for metric, _ in space.directions() if metric != space.metric]
+    header = ["trial", *knobs, "epochs", space.metric, *others, *(["pareto"] if space.objectives else []), "status"]
     lines = [header]
     for run in tracker.trial_runs():
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         stopped_at = tags.get(TAG_STOPPED_AT)
         status = outcome_text(tags.get(TAG_STATUS, "?"), stopped_at=int(stopped_at) if stopped_at else None,
                               failure=tags.get(TAG_FAILURE))
-        value = metrics.get(space.metric)
+        scores = [m.value for m in tracker.client.get_metric_history(run.info.run_id, space.metric)]
+        best = (max if space.mode == "max" else min)(scores) if scores else None
         epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append([tags.get(TAG_EXP_NUM, "?"), *(show_value(params.get(k, "-")) for k in knobs),
-                      str(epochs), f"{value:.3g}" if value is not None else "-", status])
+        lines.append([tags.get(TAG_EXP_NUM, "?"), *(show_value(params.get(k, "-")) for k in knobs), str(epochs),
+                      *(_cell(value) for value in (best, *(metrics.get(metric) for metric in others))),
+                      *(["*" if tags.get(TAG_PARETO) == "true" else ""] if space.objectives else []), status])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)
+
+
+def _cell(value: float | None) -> str:
+    return f"{value:.3g}" if value is not None else "-"

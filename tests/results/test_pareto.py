@@ -107,6 +107,23 @@ def test_reports_front_is_the_non_dominated_set_and_mlflow_tags_it(searched: Sea
 
 
 @pytest.mark.slow
+def test_the_end_of_search_table_shows_each_objective_and_marks_the_front(searched: SearchOutcome) -> None:
+    header, *lines = searched.table.splitlines()
+    names = header.split()
+    assert names[names.index(PRIMARY):] == [PRIMARY, *(m for m, _ in OBJECTIVES), "pareto", "status"]
+    starts = [re.search(rf"(?<= ){re.escape(name)}(?= |$)", header).start() if i else 0  # type: ignore[union-attr]
+              for i, name in enumerate(names)]  # left-aligned columns
+    rows = [dict(zip(names, (line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)),
+                     strict=True)) for line in lines]
+    values = _values(searched)
+    assert {row["trial"] for row in rows if row["pareto"] == "*"} == _non_dominated(values)
+    for row in rows:
+        if row["trial"] in values:  # a finished trial: its best primary, its last FPS
+            assert row[PRIMARY] == f"{values[row['trial']][0]:.3g}"
+            assert row["inference/fps"] == f"{values[row['trial']][1]:.3g}"
+
+
+@pytest.mark.slow
 def test_export_with_min_fps_picks_the_best_trial_that_meets_it(searched: SearchOutcome, tmp_path: Path) -> None:
     values = _values(searched)
     fps = sorted(v[1] for v in values.values())
