@@ -50,12 +50,14 @@ def knob_importances(space: Space, trials: Sequence[TrialRecord]) -> Importances
               and (values := _searched_values(space, trial)) is not None]
     if len(space.space) < 2 or len(scored) < MIN_TRIALS:
         return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "study created" line is noise in a report's output
     study = optuna.create_study(direction="maximize" if space.mode == "max" else "minimize")
     distributions = space.optuna_space()
     study.add_trials([create_trial(params=space.encode_optuna(values), distributions=distributions, value=score)
                       for values, score in scored])
     shares = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), normalize=True)
-    return Importances(shares=dict(shares), trials=len(scored), metric=space.metric)
+    return Importances(shares={knob: float(share) for knob, share in shares.items()}, trials=len(scored),
+                       metric=space.metric)
 
 
 def _searched_values(space: Space, trial: TrialRecord) -> dict[str, object] | None:
