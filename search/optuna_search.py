@@ -80,6 +80,7 @@ class StudyMirror:
         self._settings_file = settings_file
         self._template = new_study(space)  # the name and directions, without a storage
         self._study: optuna.Study | None = None
+        self._held: set[tuple[str, Any]] | None = None
         if fresh:
             self._delete_stale()
 
@@ -90,15 +91,18 @@ class StudyMirror:
 
     def add(self, trials: Iterable[FrozenTrial]) -> None:
         """Copies the finished ones of ``trials`` that the storage does not hold yet."""
-        study = self._opened()
-        held = {_identity(t) for t in study.get_trials(deepcopy=False)}
-        study.add_trials([t for t in trials if t.state.is_finished() and _identity(t) not in held])
+        study, held = self._opened()
+        new = [t for t in trials if t.state.is_finished() and _identity(t) not in held]
+        study.add_trials(new)
+        held.update(_identity(t) for t in new)
 
-    def _opened(self) -> optuna.Study:
-        if self._study is None:
+    def _opened(self) -> tuple[optuna.Study, set[tuple[str, Any]]]:
+        """The study, and what it holds: read once per driver (this copy is its only writer)."""
+        if self._study is None or self._held is None:
             self._study = optuna.create_study(storage=self.uri, study_name=self._template.study_name,
                                               directions=self._template.directions, load_if_exists=True)
-        return self._study
+            self._held = {_identity(t) for t in self._study.get_trials(deepcopy=False)}
+        return self._study, self._held
 
     def _delete_stale(self) -> None:
         names = {summary.study_name for summary in optuna.get_all_study_summaries(self.uri)}
@@ -106,7 +110,7 @@ class StudyMirror:
             optuna.delete_study(study_name=self._template.study_name, storage=self.uri)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_study": None}  # Tune pickles the searcher: the storage is opened again
+        return {**self.__dict__, "_study": None, "_held": None}  # Tune pickles the searcher: read it again
 
 
 def _identity(trial: FrozenTrial) -> tuple[str, Any]:
