@@ -32,7 +32,8 @@ from search.rung import RUNG_SCORE
 from spaces.errors import BadArgument, DamagedFile, UserError
 
 TAG_SEARCH = "dettune.search"
-TAG_ROLE = "dettune.role"
+TAG_ROLE = "dettune.role"  # "parent", "trial", or ROLE_ENSEMBLE
+ROLE_ENSEMBLE = "ensemble"  # a run of `dettune ensemble`: trials' checkpoints fused, nested under the parent
 TAG_TRIAL = "dettune.trial_id"
 TAG_EXP_NUM = "dettune.exp_num"
 TAG_STATUS = "dettune.status"
