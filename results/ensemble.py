@@ -11,10 +11,14 @@
    selection from libraries of models", ICML 2004): start empty, add the member that most improves the fused
    score, stop when none does; a member added twice weighs twice, and one member alone is its own predictions.
    This runs once per setting of a small grid of ``iou_thr`` x ``skip_box_thr``; the best fused score wins.
+   With ``--tta`` each trial is a candidate twice: as it is, and with test-time augmentation (its own test
+   pipeline under mmdet's ``TestTimeAug``: the trial's scale and one step (x1.25) either side, each flipped
+   horizontally and not, merged by ``DetTTAModel``), so a trial's TTA joins only where it helps.
    Boxes are fused with mmdet's Weighted Boxes Fusion (Solovyev et al., arXiv 1910.13302) or, with
    ``--fusion nms``, by class-wise NMS over every member's boxes (scores scaled by the member's weight).
 5. **Scores** on the held-out half, with pycocotools: the experiment log's mAP columns of the ensemble and of the
-   best single trial (the one ``dettune export`` exports), logged as one MLflow run (role ``ensemble``).
+   best single trial (the one ``dettune export`` exports; with ``--tta`` also that trial with TTA), logged as
+   one MLflow run (role ``ensemble``).
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ SINGLE_PREFIX = "single/"
 SUMMED_COSTS = (GFLOPS_METRIC, PARAMS_METRIC)
 ENSEMBLE_FILE = "ensemble.json"
 SPLIT_RULE = "val image ids sorted; even positions select, odd positions are held out"
+TTA_SCALE_STEP = 1.25
+"""TTA's scales: the trial's test scale divided and multiplied by this, and the scale itself."""
+TTA_CFG = {"nms": {"type": "nms", "iou_threshold": 0.5}, "max_per_img": 100}
+"""How ``DetTTAModel`` merges the views' boxes (mmdet's TTA configs use the same)."""
+SINGLE_TTA_PREFIX = "single_tta/"
 
 Detection = dict[str, Any]
 """One box in COCO's result format: ``image_id``, ``category_id``, ``bbox`` (x, y, w, h), ``score``."""
@@ -81,6 +90,10 @@ class NoMembers(NothingToExport):
     """The search has no trial checkpoint left to ensemble."""
 
 
+class NoTTA(BadArgument):
+    """A trial's test pipeline has no ``Resize`` with a ``scale`` to vary."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Member:
     """A trial's best checkpoint on disk, and its MLflow run."""
@@ -89,9 +102,23 @@ class Member:
     run_id: str
     candidate: Candidate
 
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A member as it is, or with test-time augmentation: one candidate of the selection."""
+
+    member: Member
+    tta: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.member.exp_num + ("+tta" if self.tta else "")
+
     @property
     def cache_name(self) -> str:
-        return f"{self.candidate.trial_id}-epoch_{self.candidate.epoch}.bbox.json"
+        candidate = self.member.candidate
+        return f"{candidate.trial_id}-epoch_{candidate.epoch}{'.tta' if self.tta else ''}.bbox.json"
 
 
 @dataclass(frozen=True)
@@ -107,8 +134,8 @@ class Fusion:
 class Ensemble:
     """What :func:`build_ensemble` chose and scored."""
 
-    members: list[Member]
-    """Every candidate, best ranked first; ``weights`` says which are in (weight > 0)."""
+    variants: list[Variant]
+    """Every candidate, best ranked first (with TTA: then each with TTA); ``weights`` says which are in."""
     weights: tuple[int, ...]
     fusion: Fusion
     metric: str
@@ -117,10 +144,11 @@ class Ensemble:
     selection_score: float
     scores: dict[str, float]
     single: dict[str, float]
+    single_tta: dict[str, float] | None
 
     @property
-    def chosen(self) -> list[tuple[Member, int]]:
-        return [(m, w) for m, w in zip(self.members, self.weights, strict=True) if w > 0]
+    def chosen(self) -> list[tuple[Variant, int]]:
+        return [(v, w) for v, w in zip(self.variants, self.weights, strict=True) if w > 0]
 
 
 # --- members and their cached predictions ---------------------------------------------------------------
@@ -149,11 +177,11 @@ def pick_members(search: SearchHandle, top_k: int) -> list[Member]:
     return members
 
 
-def cached_predictions(member: Member, cache: Path, device: str) -> list[Detection]:
-    """The member's detections on the whole val set: read from ``cache``, or computed once and written there."""
-    path = cache / member.cache_name
+def cached_predictions(variant: Variant, cache: Path, device: str) -> list[Detection]:
+    """The variant's detections on the whole val set: read from ``cache``, or computed once and written there."""
+    path = cache / variant.cache_name
     if not path.is_file():
-        detections = predict_val(member.candidate.directory, device)
+        detections = predict_val(variant.member.candidate.directory, device, tta=variant.tta)
         cache.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")  # never a half-written cache file under the real name
         partial.write_text(json.dumps(detections), encoding="utf-8")
@@ -162,19 +190,29 @@ def cached_predictions(member: Member, cache: Path, device: str) -> list[Detecti
     return loaded
 
 
-def predict_val(checkpoint_dir: Path, device: str) -> list[Detection]:
-    """Runs a trial checkpoint on its own val set (the trial's config: same images, same test pipeline)."""
+def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> list[Detection]:
+    """Runs a trial checkpoint on its own val set (the trial's config: same images, same test pipeline).
+
+    With ``tta`` the pipeline is :func:`tta_pipeline` of the trial's and the model is wrapped in ``DetTTAModel``.
+    """
+    from mmdet.models.test_time_augs import DetTTAModel
     from mmdet.registry import DATASETS, MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import ConfigDict
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import DefaultScope
 
     register_all_modules(init_default_scope=False)
     cfg = load_config(checkpoint_dir / TRIAL_CONFIG)
+    dataset_cfg = cfg.val_dataloader.dataset
+    if tta:
+        dataset_cfg.pipeline = tta_pipeline(dataset_cfg.pipeline)
     with DefaultScope.overwrite_default_scope("mmdet"), contextlib.redirect_stdout(io.StringIO()):
-        dataset = DATASETS.build(cfg.val_dataloader.dataset)  # pycocotools prints while it loads
+        dataset = DATASETS.build(dataset_cfg)  # pycocotools prints while it loads
         model = MODELS.build(cfg.model)
     model.load_state_dict(load_checkpoint(checkpoint_dir / CHECKPOINT_FILE)["state_dict"])
+    if tta:
+        model = DetTTAModel(module=model, tta_cfg=ConfigDict(TTA_CFG))  # it reads the settings as attributes
     model.to(device).eval()
     detections: list[Detection] = []
     with torch.no_grad():
@@ -191,6 +229,31 @@ def coco_detections(sample: Any, cat_ids: Sequence[int]) -> list[Detection]:
              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
             for (x1, y1, x2, y2), score, label in zip(instances.bboxes.tolist(), instances.scores.tolist(),
                                                       instances.labels.tolist(), strict=True)]
+
+
+def tta_pipeline(pipeline: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The trial's test pipeline with its ``Resize`` and what follows under mmdet's ``TestTimeAug``.
+
+    The views: the trial's scale, divided and multiplied by :data:`TTA_SCALE_STEP`, each flipped horizontally
+    and not; ``PackDetInputs`` keeps the flip in the metadata, so ``DetTTAModel`` flips those boxes back.
+
+    Raises:
+        NoTTA: No ``Resize`` with a ``scale``, or the pipeline does not end with ``PackDetInputs``.
+    """
+    steps = [dict(step) for step in pipeline]
+    resize = next((i for i, step in enumerate(steps) if step.get("type") == "Resize" and "scale" in step), None)
+    if resize is None or steps[-1].get("type") != "PackDetInputs":
+        raise NoTTA("--tta varies the scale of a test pipeline's Resize and keeps the flip in PackDetInputs, but "
+                    f"this trial's val pipeline is {[step.get('type') for step in steps]}: leave out --tta")
+    width, height = steps[resize]["scale"]
+    scales = [(round(width * f), round(height * f)) for f in (1 / TTA_SCALE_STEP, 1.0, TTA_SCALE_STEP)]
+    pack = steps[-1]
+    meta_keys = tuple(pack.get("meta_keys", ())) + ("flip", "flip_direction")
+    return [*steps[:resize], {"type": "TestTimeAug", "transforms": [
+        [{**steps[resize], "scale": scale} for scale in scales],
+        [{"type": "RandomFlip", "prob": 1.0, "direction": "horizontal"}, {"type": "RandomFlip", "prob": 0.0}],
+        *[[step] for step in steps[resize + 1:-1]],
+        [{**pack, "meta_keys": meta_keys}]]}]
 
 
 def val_annotations(member: Member) -> Path:
@@ -334,21 +397,28 @@ def selection_metric(search: SearchHandle) -> str:
     return search.space.metric if search.space.metric in MAP_COLUMNS else MAP_COLUMNS[0]
 
 
-def build_ensemble(search: SearchHandle, *, top_k: int, method: str = "wbf", device: str | None = None) -> Ensemble:
+def build_ensemble(search: SearchHandle, *, top_k: int, method: str = "wbf", tta: bool = False,
+                   device: str | None = None) -> Ensemble:
     """Chooses and scores the ensemble of the search's ``top_k`` best trials (see the module's steps).
 
     Raises:
         BadArgument: ``top_k`` below 1, or an unknown fusion.
         NoMembers: No trial checkpoint left.
+        NoTTA: ``tta`` for a trial whose test pipeline it cannot vary.
     """
     if top_k < 1:
         raise BadArgument(f"--top-k is {top_k}, but must be at least 1: pass how many of the best trials may join")
     if method not in FUSIONS:
         raise BadArgument(f"--fusion is {method!r}, but must be one of {', '.join(FUSIONS)}")
     members = pick_members(search, top_k)
+    if tta:  # refused before any model runs
+        for member in members:
+            tta_pipeline(load_config(member.candidate.directory / TRIAL_CONFIG).val_dataloader.dataset.pipeline)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = experiment_dir(search) / CACHE_DIR
-    predictions = [by_image(cached_predictions(member, cache, device)) for member in members]
+    variants = [Variant(m) for m in members] + ([Variant(m, tta=True) for m in members] if tta else [])
+    raw = [cached_predictions(variant, cache, device) for variant in variants]
+    predictions = [by_image(detections) for detections in raw]
     ground_truth = load_ground_truth(val_annotations(members[0]))
     selection, held_out = split_halves(ground_truth.getImgIds())
     if not held_out:
@@ -356,11 +426,11 @@ def build_ensemble(search: SearchHandle, *, top_k: int, method: str = "wbf", dev
                         "least 2 (one half chooses, the other scores)")
     metric = selection_metric(search)
     weights, fusion, selection_score = select(predictions, ground_truth, selection, metric, method)
-    single = (1,) + (0,) * (len(members) - 1)
-    return Ensemble(members=members, weights=weights, fusion=fusion, metric=metric, selection=selection,
+    single_tta = coco_scores(ground_truth, raw[len(members)], held_out) if tta else None
+    return Ensemble(variants=variants, weights=weights, fusion=fusion, metric=metric, selection=selection,
                     held_out=held_out, selection_score=selection_score,
                     scores=coco_scores(ground_truth, fuse(predictions, weights, fusion, held_out), held_out),
-                    single=coco_scores(ground_truth, fuse(predictions, single, fusion, held_out), held_out))
+                    single=coco_scores(ground_truth, raw[0], held_out), single_tta=single_tta)
 
 
 # --- MLflow ---------------------------------------------------------------------------------------------
@@ -376,15 +446,17 @@ def log_ensemble(search: SearchHandle, ensemble: Ensemble, top_k: int, out: Path
     run_id = client.create_run(search.experiment_id, run_name=name,
                                tags={**tags, MLFLOW_PARENT_RUN_ID: search.parent.info.run_id}).info.run_id
     chosen = ensemble.chosen
-    params = {"members": ",".join(m.exp_num for m, _ in chosen), "weights": ",".join(str(w) for _, w in chosen),
+    params = {"members": ",".join(v.name for v, _ in chosen), "weights": ",".join(str(w) for _, w in chosen),
               "fusion": ensemble.fusion.method, "fusion.iou_thr": ensemble.fusion.iou_thr,
               "fusion.skip_box_thr": ensemble.fusion.skip_box_thr, "top_k": top_k, "selected_by": ensemble.metric,
               "split": SPLIT_RULE, "images.selection": len(ensemble.selection),
-              "images.held_out": len(ensemble.held_out), "single": ensemble.members[0].exp_num}
+              "images.held_out": len(ensemble.held_out), "single": ensemble.variants[0].name,
+              "tta": "on" if ensemble.single_tta is not None else "off"}
     for key, value in params.items():
         client.log_param(run_id, key, value)
-    costs = _summed_costs(search, [m for m, _ in chosen])
-    metrics = {**ensemble.scores, **{SINGLE_PREFIX + k: v for k, v in ensemble.single.items()}, **costs}
+    costs = _summed_costs(search, list({v.member.run_id: v.member for v, _ in chosen}.values()))
+    metrics = {**ensemble.scores, **{SINGLE_PREFIX + k: v for k, v in ensemble.single.items()},
+               **{SINGLE_TTA_PREFIX + k: v for k, v in (ensemble.single_tta or {}).items()}, **costs}
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     out.mkdir(parents=True, exist_ok=True)
@@ -408,25 +480,28 @@ def _summed_costs(search: SearchHandle, members: Sequence[Member]) -> dict[str, 
 
 def _description(ensemble: Ensemble, name: str) -> dict[str, Any]:
     return {"run_name": name,
-            "members": [{"exp_num": m.exp_num, "mlflow_run_id": m.run_id, "trial_id": m.candidate.trial_id,
-                         "epoch": m.candidate.epoch, "weight": w, "predictions": f"{CACHE_DIR}/{m.cache_name}"}
-                        for m, w in ensemble.chosen],
+            "members": [{"exp_num": v.member.exp_num, "tta": v.tta, "mlflow_run_id": v.member.run_id,
+                         "trial_id": v.member.candidate.trial_id, "epoch": v.member.candidate.epoch, "weight": w,
+                         "predictions": f"{CACHE_DIR}/{v.cache_name}"}
+                        for v, w in ensemble.chosen],
             "fusion": {"method": ensemble.fusion.method, "iou_thr": ensemble.fusion.iou_thr,
                        "skip_box_thr": ensemble.fusion.skip_box_thr},
             "selected_by": ensemble.metric, "selection_score": ensemble.selection_score,
             "split": {"rule": SPLIT_RULE, "selection": ensemble.selection, "held_out": ensemble.held_out},
-            "held_out": {"ensemble": ensemble.scores, "single": ensemble.single}}
+            "held_out": {"ensemble": ensemble.scores, "single": ensemble.single, "single_tta": ensemble.single_tta}}
 
 
 # --- command line ---------------------------------------------------------------------------------------
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds ``dettune ensemble NAME [--top-k K] [--fusion wbf|nms] [--storage S] [--tracking-uri U]``."""
+    """Adds ``dettune ensemble NAME [--top-k K] [--tta] [--fusion wbf|nms] [--storage S] [--tracking-uri U]``."""
     parser = commands.add_parser("ensemble", help="fuse the boxes of the search's best trials and score the "
                                                   "ensemble on held-out val images")
     parser.add_argument("name", help="the search's name")
     parser.add_argument("--top-k", type=int, default=5, help="how many of the best trials (that still have a "
                                                              "checkpoint) may join (default 5)")
+    parser.add_argument("--tta", action="store_true", help="also try each trial with test-time augmentation (its "
+                                                           "scale and one step either side, flipped and not)")
     parser.add_argument("--fusion", choices=FUSIONS, default="wbf",
                         help="wbf: Weighted Boxes Fusion (default); nms: class-wise NMS over all members' boxes")
     parser.add_argument("--storage", default=str(DEFAULT_STORAGE),
@@ -442,7 +517,7 @@ def run_ensemble(args: argparse.Namespace) -> int:
     """The ``ensemble`` command."""
     uri = args.tracking_uri or local_tracking_uri(Path(args.storage))
     search = open_search(open_tracking(uri), args.name)
-    ensemble = build_ensemble(search, top_k=args.top_k, method=args.fusion, device=args.device)
+    ensemble = build_ensemble(search, top_k=args.top_k, method=args.fusion, tta=args.tta, device=args.device)
     name = log_ensemble(search, ensemble, args.top_k, Path(args.out or Path("ensembles") / args.name))
     for line in summary_lines(ensemble, name):
         print(line)
@@ -451,12 +526,16 @@ def run_ensemble(args: argparse.Namespace) -> int:
 
 def summary_lines(ensemble: Ensemble, name: str) -> list[str]:
     """The chosen members, and the ensemble against the best single trial on the held-out half."""
-    members = ", ".join(f"{m.exp_num} x{w}" if w > 1 else m.exp_num for m, w in ensemble.chosen)
+    members = ", ".join(f"{v.name} x{w}" if w > 1 else v.name for v, w in ensemble.chosen)
     fusion = ensemble.fusion
     lines = [f"ensemble {name}: {members} ({fusion.method}, iou_thr {fusion.iou_thr}, skip_box_thr "
              f"{fusion.skip_box_thr}), chosen on {len(ensemble.selection)} val images",
-             f"held-out half ({len(ensemble.held_out)} images):", f"  {'':<26}{'ensemble':>10}{'best single':>13}"]
+             f"held-out half ({len(ensemble.held_out)} images):"]
+    columns = {"ensemble": ensemble.scores, "best single": ensemble.single}
+    if ensemble.single_tta is not None:
+        columns["best single + TTA"] = ensemble.single_tta
+    lines.append(f"  {'':<18}" + "".join(f"{title:>19}" for title in columns))
     for column in MAP_COLUMNS:
-        lines.append(f"  {column:<26}{format_value(column, ensemble.scores.get(column)):>10}"
-                     f"{format_value(column, ensemble.single.get(column)):>13}")
+        lines.append(f"  {column:<18}" + "".join(f"{format_value(column, scores.get(column)):>19}"
+                                                 for scores in columns.values()))
     return lines

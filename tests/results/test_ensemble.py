@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from results.ensemble import Fusion, fuse, greedy_selection, split_halves
+from results.ensemble import Fusion, NoTTA, fuse, greedy_selection, split_halves, tta_pipeline
 from search.cli import main
 from search.driver import SearchOptions, run_search
 from search.tracking import TAG_STORAGE
@@ -164,7 +164,8 @@ def test_held_out_scores_equal_the_tests_own_fusion_of_the_cached_predictions(en
 
 def _cache_of(experiment_dir: Path, trial: Run) -> list[dict[str, Any]]:
     """A trial's cached predictions at its best epoch still on disk (every trial keeps both of its checkpoints)."""
-    (path,) = sorted((experiment_dir / "ensemble").glob(f"{trial.data.tags['dettune.trial_id']}-epoch_*.bbox.json"))
+    (path,) = [p for p in (experiment_dir / "ensemble").glob(f"{trial.data.tags['dettune.trial_id']}-epoch_*.bbox.json")
+               if ".tta." not in p.name]
     loaded: list[dict[str, Any]] = json.loads(path.read_text())
     return loaded
 
@@ -179,7 +180,8 @@ def test_a_second_call_with_other_settings_runs_no_model(ensembled: Ensembled, t
 
     assert code == 0 and "(nms, " in capsys.readouterr().out
     experiment_dir = ensembled.storage / NAME
-    assert {p.name: p.stat().st_mtime_ns for p in (experiment_dir / cache).iterdir()} == ensembled.cache_mtimes
+    assert {name: (experiment_dir / cache / name).stat().st_mtime_ns for name in ensembled.cache_mtimes} == \
+        ensembled.cache_mtimes
     runs = _ensemble_runs(ensembled.tracking_uri)
     assert len(runs) == before + 1 and runs[-1].data.params["fusion"] == "nms"
     assert runs[-1].info.run_name == f"{NAME}-ensemble-{before + 1}"
@@ -207,6 +209,55 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(ensembled: Ensembled,
         assert code == 2 and message in error and "Traceback" not in error, argv
     assert {uri: len(_ensemble_runs(uri)) for uri in before} == before
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_tta_is_a_candidate_of_its_own(ensembled: Ensembled, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["ensemble", NAME, "--storage", str(ensembled.storage), "--top-k", "1", "--tta", "--out",
+                 str(tmp_path)])
+    run = _ensemble_runs(ensembled.tracking_uri)[-1]
+    params, metrics = run.data.params, run.data.metrics
+    described = json.loads((tmp_path / "ensemble.json").read_text())
+    cache = ensembled.storage / NAME / "ensemble"
+    (tta_file,) = set(p.name for p in cache.iterdir()) - set(ensembled.cache_mtimes)
+    plain = json.loads((cache / tta_file.replace(".tta.", ".")).read_text())
+    tta = json.loads((cache / tta_file).read_text())
+    gt = _quiet_coco(ensembled.val_json)
+    held_out = sorted(gt.getImgIds())[1::2]
+
+    assert code == 0 and "best single + TTA" in capsys.readouterr().out and params["tta"] == "on"
+    assert {name: (cache / name).stat().st_mtime_ns for name in ensembled.cache_mtimes} == ensembled.cache_mtimes
+    assert tta and tta != plain
+    for d in tta:  # boxes flipped back into the image they were found on
+        image = gt.imgs[d["image_id"]]
+        x, y, w, h = d["bbox"]
+        assert -1e-3 <= x <= x + w <= image["width"] + 1e-3 and -1e-3 <= y <= y + h <= image["height"] + 1e-3
+    variants = {params["single"]: plain, params["single"] + "+tta": tta}
+    assert {k.removeprefix("single_tta/"): v for k, v in metrics.items() if k.startswith("single_tta/")} == \
+        pytest.approx(_map(gt, tta, held_out), abs=1e-9)
+    members = params["members"].split(",")
+    weights = [int(w) for w in params["weights"].split(",")]
+    assert [m["predictions"] for m in described["members"]] == [
+        f"ensemble/{tta_file if name.endswith('+tta') else tta_file.replace('.tta.', '.')}" for name in members]
+    fused = _wbf([variants[m] for m in members], weights, float(params["fusion.iou_thr"]),
+                 float(params["fusion.skip_box_thr"]), held_out)
+    assert {k: v for k, v in metrics.items() if k.startswith("val/")} == pytest.approx(_map(gt, fused, held_out),
+                                                                                      abs=1e-9)
+
+
+def test_tta_pipeline_varies_the_trials_resize_and_keeps_the_flip() -> None:
+    pipeline = [{"type": "LoadImageFromFile"}, {"type": "Resize", "scale": (160, 120), "keep_ratio": True},
+                {"type": "LoadAnnotations", "with_bbox": True}, {"type": "PackDetInputs", "meta_keys": ("img_id",)}]
+    (load, tta) = tta_pipeline(pipeline)
+    resize, flip, annotations, pack = tta["transforms"]
+
+    assert load == pipeline[0] and tta["type"] == "TestTimeAug"
+    assert [r["scale"] for r in resize] == [(128, 96), (160, 120), (200, 150)] and all(r["keep_ratio"] for r in resize)
+    assert [f["prob"] for f in flip] == [1.0, 0.0] and annotations == [pipeline[2]]
+    assert pack == [{"type": "PackDetInputs", "meta_keys": ("img_id", "flip", "flip_direction")}]
+    with pytest.raises(NoTTA, match="leave out --tta"):
+        tta_pipeline([{"type": "LoadImageFromFile"}, {"type": "PackDetInputs"}])
 
 
 def test_split_alternates_sorted_ids() -> None:
