@@ -28,12 +28,15 @@ import contextlib
 import io
 import json
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import torch
+from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -45,6 +48,7 @@ from results.export import (
     experiment_dir,
     metric_mode,
     ranked_candidates,
+    write_model,
 )
 from results.report import format_value
 from results.store import SearchHandle, add_tracking_flag, open_search, open_tracking
@@ -58,7 +62,7 @@ from search.tracking import (
     local_tracking_uri,
 )
 from spaces.build import load_config
-from spaces.errors import BadArgument
+from spaces.errors import BadArgument, NotFound
 from spaces.objectives import GFLOPS_METRIC, PARAMS_METRIC
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.coco_metric import STATS_INDEX
@@ -195,10 +199,8 @@ def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> list
 
     With ``tta`` the pipeline is :func:`tta_pipeline` of the trial's and the model is wrapped in ``DetTTAModel``.
     """
-    from mmdet.models.test_time_augs import DetTTAModel
-    from mmdet.registry import DATASETS, MODELS
+    from mmdet.registry import DATASETS
     from mmdet.utils import register_all_modules
-    from mmengine.config import ConfigDict
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import DefaultScope
 
@@ -209,11 +211,7 @@ def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> list
         dataset_cfg.pipeline = tta_pipeline(dataset_cfg.pipeline)
     with DefaultScope.overwrite_default_scope("mmdet"), contextlib.redirect_stdout(io.StringIO()):
         dataset = DATASETS.build(dataset_cfg)  # pycocotools prints while it loads
-        model = MODELS.build(cfg.model)
-    model.load_state_dict(load_checkpoint(checkpoint_dir / CHECKPOINT_FILE)["state_dict"])
-    if tta:
-        model = DetTTAModel(module=model, tta_cfg=ConfigDict(TTA_CFG))  # it reads the settings as attributes
-    model.to(device).eval()
+    model = load_model(checkpoint_dir, device, tta=tta)
     detections: list[Detection] = []
     with torch.no_grad():
         for index in range(len(dataset)):
@@ -222,10 +220,52 @@ def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> list
     return detections
 
 
-def coco_detections(sample: Any, cat_ids: Sequence[int]) -> list[Detection]:
-    """An mmdet ``DetDataSample``'s boxes (in the original image's pixels) as COCO results."""
+def load_model(checkpoint_dir: Path, device: str, *, tta: bool) -> Any:
+    """A checkpoint's detector in eval mode on ``device``; with ``tta`` inside ``DetTTAModel``."""
+    from mmdet.models.test_time_augs import DetTTAModel
+    from mmdet.registry import MODELS
+    from mmengine.config import ConfigDict
+    from mmengine.registry import DefaultScope
+
+    cfg = load_config(checkpoint_dir / TRIAL_CONFIG)
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        model = MODELS.build(cfg.model)
+    model.load_state_dict(load_checkpoint(checkpoint_dir / CHECKPOINT_FILE)["state_dict"])
+    if tta:
+        model = DetTTAModel(module=model, tta_cfg=ConfigDict(TTA_CFG))  # it reads the settings as attributes
+    return model.to(device).eval()
+
+
+def detect_images(checkpoint_dir: Path, images: Sequence[Path], device: str, *,
+                  tta: bool) -> tuple[list[Detection], float]:
+    """A checkpoint's detections on image files, as :func:`predict_val` finds them on val (its val pipeline
+    without annotations), and the seconds the images took (the model's loading left out); ``image_id`` is the
+    image's index in ``images``, ``category_id`` the class index."""
+    from mmcv.transforms import Compose
+    from mmdet.utils import register_all_modules
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import DefaultScope
+
+    register_all_modules(init_default_scope=False)
+    steps = [dict(step) for step in load_config(checkpoint_dir / TRIAL_CONFIG).val_dataloader.dataset.pipeline
+             if step.get("type") != "LoadAnnotations"]
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        pipeline = Compose(tta_pipeline(steps) if tta else steps)
+    model = load_model(checkpoint_dir, device, tta=tta)
+    detections: list[Detection] = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for index, path in enumerate(images):
+            (sample,) = model.test_step(pseudo_collate([pipeline({"img_path": str(path), "img_id": index})]))
+            detections.extend(coco_detections(sample))
+    return detections, time.perf_counter() - start
+
+
+def coco_detections(sample: Any, cat_ids: Sequence[int] | None = None) -> list[Detection]:
+    """An mmdet ``DetDataSample``'s boxes (in the original image's pixels) as COCO results; ``category_id`` is
+    ``cat_ids[label]``, or the class index itself without ``cat_ids``."""
     instances = sample.pred_instances.cpu()
-    return [{"image_id": int(sample.img_id), "category_id": int(cat_ids[label]),
+    return [{"image_id": int(sample.img_id), "category_id": int(cat_ids[label] if cat_ids else label),
              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
             for (x1, y1, x2, y2), score, label in zip(instances.bboxes.tolist(), instances.scores.tolist(),
                                                       instances.labels.tolist(), strict=True)]
@@ -489,6 +529,75 @@ def _description(ensemble: Ensemble, name: str) -> dict[str, Any]:
             "selected_by": ensemble.metric, "selection_score": ensemble.selection_score,
             "split": {"rule": SPLIT_RULE, "selection": ensemble.selection, "held_out": ensemble.held_out},
             "held_out": {"ensemble": ensemble.scores, "single": ensemble.single, "single_tta": ensemble.single_tta}}
+
+
+# --- export: a directory `dettune predict` runs -----------------------------------------------------------
+
+MEMBERS_DIR = "members"
+
+
+def find_ensemble_run(search: SearchHandle, ref: str) -> Run:
+    """The search's ensemble run named ``ref`` (its run name, ``<search>-ensemble-<n>``, or its run id).
+
+    Raises:
+        NotFound: No ensemble run of the search is called that (a trial's run is not one).
+    """
+    runs = find_runs(search.client, search.experiment_id, {TAG_SEARCH: search.name, TAG_ROLE: ROLE_ENSEMBLE})
+    for run in runs:
+        if ref in (run.info.run_name, run.info.run_id):
+            return run
+    known = ", ".join(run.info.run_name for run in runs) or f"none yet: run `dettune ensemble {search.name}`"
+    raise NotFound(f"{ref!r} is not an ensemble run of {search.name} (it has: {known}): pass --ensemble one of them")
+
+
+def export_ensemble(search: SearchHandle, ref: str, out: Path) -> Path:
+    """Writes the ensemble run ``ref`` as a directory ``dettune predict`` runs; returns its ``ensemble.json``.
+
+    ``out/members/<exp num>/`` holds each member's ``config.py`` and weights-only ``checkpoint.pth`` (as
+    ``dettune export`` writes a trial), ``out/ensemble.json`` the members' folders, TTA and weights, and the
+    fusion settings.
+
+    Raises:
+        NotFound: ``ref`` is not an ensemble run of the search.
+        NothingToExport: A member's checkpoint is no longer in Ray storage; checked before anything is written.
+    """
+    run = find_ensemble_run(search, ref)
+    described = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{ENSEMBLE_FILE}"))
+    on_disk = {(c.trial_id, c.epoch): c for c in checkpoint_candidates(experiment_dir(search))}
+    gone = [f"{m['exp_num']} epoch {m['epoch']}" for m in described["members"]
+            if (m["trial_id"], m["epoch"]) not in on_disk]
+    if gone:
+        raise NothingToExport(f"the checkpoints of {', '.join(gone)} are no longer in Ray storage (Ray keeps each "
+                              f"trial's best two): run `dettune ensemble {search.name}` again and export that")
+    for member in described["members"]:
+        write_model(on_disk[(member["trial_id"], member["epoch"])], out / MEMBERS_DIR / member["exp_num"])
+    spec = {"ensemble": run.info.run_name, "search": search.name, "mlflow_run_id": run.info.run_id,
+            "members": [{"dir": f"{MEMBERS_DIR}/{m['exp_num']}", "tta": m["tta"], "weight": m["weight"]}
+                        for m in described["members"]],
+            "fusion": described["fusion"]}
+    path = out / ENSEMBLE_FILE
+    path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def detect_with_ensemble(model_dir: Path, images: Sequence[Path], device: str) -> tuple[list[Detection], float]:
+    """An exported ensemble's fused detections on image files (``image_id``: the index, ``category_id``: the
+    class index), and the images per second of all its members and the fusion together, models' loading left out."""
+    spec = json.loads((model_dir / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+    found, seconds = [], 0.0
+    for member in spec["members"]:
+        detections, took = detect_images(model_dir / member["dir"], images, device, tta=member["tta"])
+        found.append(by_image(detections))
+        seconds += took
+    start = time.perf_counter()
+    fused = fuse(found, [m["weight"] for m in spec["members"]], Fusion(**spec["fusion"]), range(len(images)))
+    return fused, len(images) / (seconds + time.perf_counter() - start)
+
+
+def ensemble_member_dirs(model_dir: Path) -> list[Path]:
+    """The member folders an exported ensemble names."""
+    spec = json.loads((model_dir / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+    return [model_dir / member["dir"] for member in spec["members"]]
 
 
 # --- command line ---------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from typing import Any
 import cv2
 import torch
 
+from results.ensemble import ENSEMBLE_FILE, detect_with_ensemble, ensemble_member_dirs
 from spaces.build import load_config
 from spaces.errors import BadArgument, NotFound
-from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
+from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.inference import WARMUP_IMAGES, timed_inference
 
 PREDICTIONS_FILE = "predictions.json"
@@ -70,6 +71,8 @@ class Predicted:
     fps: float
     device: str
     classes: list[str]
+    warmup: int = WARMUP_IMAGES
+    """Untimed runs before the FPS was measured (an ensemble's figure times every image, none left out)."""
 
 
 def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: float = DEFAULT_SCORE_THR,
@@ -91,6 +94,8 @@ def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: fl
     _check_inputs(model_dir, images, score_thr)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_device(device)
+    if (model_dir / ENSEMBLE_FILE).is_file():
+        return _predict_ensemble(model_dir, images, out, score_thr=score_thr, device=device)
     from mmdet.apis import DetInferencer
 
     cfg = load_config(model_dir / TRIAL_CONFIG)
@@ -109,8 +114,33 @@ def predict(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: fl
     return Predicted(predictions=predictions, fps=fps, device=device, classes=list(classes))
 
 
+def _predict_ensemble(model_dir: Path, images: Sequence[Path], out: Path, *, score_thr: float,
+                      device: str) -> Predicted:
+    """An exported ensemble's fused boxes in ``out/predictions.json`` (nothing drawn: no one model draws them)."""
+    classes = list(load_checkpoint(ensemble_member_dirs(model_dir)[0] / CHECKPOINT_FILE)
+                   ["meta"]["dataset_meta"]["classes"])  # type: ignore[index]
+    fused, fps = detect_with_ensemble(model_dir, images, device)
+    kept = [d for d in fused if d["score"] >= score_thr]
+    predictions = [Prediction(image=image, drawn=None,
+                              boxes=[[round(v, 2) for v in (x, y, x + w, y + h)]
+                                     for x, y, w, h in (d["bbox"] for d in kept if d["image_id"] == index)],
+                              labels=[classes[d["category_id"]] for d in kept if d["image_id"] == index],
+                              scores=[round(d["score"], 4) for d in kept if d["image_id"] == index])
+                   for index, image in enumerate(images)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PREDICTIONS_FILE).write_text(json.dumps([p.to_json() for p in predictions], indent=2) + "\n",
+                                        encoding="utf-8")
+    return Predicted(predictions=predictions, fps=fps, device=device, classes=classes, warmup=0)
+
+
 def _check_inputs(model_dir: Path, images: Sequence[Path], score_thr: float) -> None:
-    if not ((model_dir / TRIAL_CONFIG).is_file() and (model_dir / CHECKPOINT_FILE).is_file()):
+    if (model_dir / ENSEMBLE_FILE).is_file():
+        missing = [str(d) for d in ensemble_member_dirs(model_dir)
+                   if not ((d / TRIAL_CONFIG).is_file() and (d / CHECKPOINT_FILE).is_file())]
+        if missing:
+            raise NotFound(f"the ensemble in {model_dir} lacks its members {', '.join(missing)}: export it again "
+                           "with `dettune export NAME --ensemble RUN --out DIR`")
+    elif not ((model_dir / TRIAL_CONFIG).is_file() and (model_dir / CHECKPOINT_FILE).is_file()):
         raise NotFound(f"{model_dir} is not an exported model (it needs {TRIAL_CONFIG} and {CHECKPOINT_FILE}): "
                          "write one with `dettune export NAME --out DIR`")
     missing = [str(image) for image in images if not image.is_file()]
@@ -233,5 +263,6 @@ def run_predict(args: argparse.Namespace) -> int:
     if submission:
         path = write_submission(Path(args.out) / SUBMISSION_FILE, done, [image.image_id for image in images])
         print(f"submission: {path}")
-    print(f"inference: {done.fps:.1f} FPS (batch 1, {done.device}, after {WARMUP_IMAGES} warm-up runs)")
+    warmed = f"after {done.warmup} warm-up runs" if done.warmup else "all members and the fusion, no warm-up"
+    print(f"inference: {done.fps:.1f} FPS (batch 1, {done.device}, {warmed})")
     return 0

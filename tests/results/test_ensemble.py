@@ -207,8 +207,44 @@ def test_bad_input_exits_2_with_the_fix_and_writes_nothing(ensembled: Ensembled,
         code = main(["ensemble", *argv, "--out", str(tmp_path / "out")])
         error = capsys.readouterr().err
         assert code == 2 and message in error and "Traceback" not in error, argv
+    code = main(["export", NAME, "--tracking-uri", ensembled.tracking_uri, "--ensemble", f"{NAME}-1", "--out",
+                 str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and f"'{NAME}-1' is not an ensemble run of {NAME} (it has: {NAME}-ensemble-1" in error
     assert {uri: len(_ensemble_runs(uri)) for uri in before} == before
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_exported_ensemble_predicts_the_boxes_of_its_run(ensembled: Ensembled, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    assert main(["export", NAME, "--tracking-uri", ensembled.tracking_uri, "--ensemble", f"{NAME}-ensemble-1",
+                 "--out", str(model)]) == 0
+    described = json.loads((ensembled.out / "ensemble.json").read_text())
+    gt = _quiet_coco(ensembled.val_json)
+    chosen = sorted(gt.getImgIds())[1::2][:3]
+    images = [ensembled.val_json.parent / "images" / gt.imgs[i]["file_name"] for i in chosen]
+    assert main(["predict", str(model), *map(str, images), "--score-thr", "0", "--out", str(tmp_path / "out")]) == 0
+    predicted = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    cached = [json.loads((ensembled.storage / NAME / m["predictions"]).read_text()) for m in described["members"]]
+    fused = _wbf(cached, [m["weight"] for m in described["members"]], described["fusion"]["iou_thr"],
+                 described["fusion"]["skip_box_thr"], chosen)
+    names = {c["id"]: c["name"] for c in gt.dataset["categories"]}
+
+    assert sorted(p.name for p in (model / "members").iterdir()) == sorted(m["exp_num"] for m in described["members"])
+    for image_id, image, listed in zip(chosen, images, predicted, strict=True):
+        own = sorted((names[d["category_id"]], round(d["score"], 4), [round(v, 2) for v in _corners(d["bbox"])])
+                     for d in fused if d["image_id"] == image_id)
+        got = sorted(zip(listed["labels"], listed["scores"], listed["boxes"], strict=True))
+        assert listed["image"] == str(image) and len(got) == len(own) > 0
+        for (label, score, box), (own_label, own_score, own_box) in zip(got, own, strict=True):
+            assert label == own_label and score == pytest.approx(own_score, abs=1e-4)
+            assert box == pytest.approx(own_box, abs=0.011)
+
+
+def _corners(bbox: Sequence[float]) -> list[float]:
+    x, y, w, h = bbox
+    return [x, y, x + w, y + h]
 
 
 @pytest.mark.slow
