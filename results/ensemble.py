@@ -63,7 +63,7 @@ from search.tracking import (
 )
 from spaces.build import load_config
 from spaces.errors import BadArgument, NotFound
-from spaces.objectives import GFLOPS_METRIC, PARAMS_METRIC
+from spaces.objectives import FPS_METRIC, GFLOPS_METRIC, PARAMS_METRIC
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.coco_metric import STATS_INDEX
 from trainers.metrics import val_metrics
@@ -149,6 +149,9 @@ class Ensemble:
     scores: dict[str, float]
     single: dict[str, float]
     single_tta: dict[str, float] | None
+    fps: float
+    """Val images per second of every chosen variant's test step plus the fusion: each variant runs once."""
+    single_fps: float
 
     @property
     def chosen(self) -> list[tuple[Variant, int]]:
@@ -181,23 +184,33 @@ def pick_members(search: SearchHandle, top_k: int) -> list[Member]:
     return members
 
 
-def cached_predictions(variant: Variant, cache: Path, device: str) -> list[Detection]:
-    """The variant's detections on the whole val set: read from ``cache``, or computed once and written there."""
+def cached_predictions(variant: Variant, cache: Path, device: str) -> tuple[list[Detection], float]:
+    """The variant's detections on the whole val set and its seconds per image: read from ``cache``, or
+    computed once and written there (the time beside the predictions, as ``<...>.seconds.json``)."""
     path = cache / variant.cache_name
+    timing = path.with_name(path.name.removesuffix(".bbox.json") + ".seconds.json")
     if not path.is_file():
-        detections = predict_val(variant.member.candidate.directory, device, tta=variant.tta)
+        detections, seconds = predict_val(variant.member.candidate.directory, device, tta=variant.tta)
         cache.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")  # never a half-written cache file under the real name
-        partial.write_text(json.dumps(detections), encoding="utf-8")
-        partial.replace(path)
+        _write_whole(timing, {"seconds_per_image": seconds, "device": device})
+        _write_whole(path, detections)  # last: a cache file means both are there
     loaded: list[Detection] = json.loads(path.read_text(encoding="utf-8"))
-    return loaded
+    return loaded, float(json.loads(timing.read_text(encoding="utf-8"))["seconds_per_image"])
 
 
-def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> list[Detection]:
+def _write_whole(path: Path, data: Any) -> None:
+    """Never a half-written file under the real name."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data), encoding="utf-8")
+    partial.replace(path)
+
+
+def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> tuple[list[Detection], float]:
     """Runs a trial checkpoint on its own val set (the trial's config: same images, same test pipeline).
 
     With ``tta`` the pipeline is :func:`tta_pipeline` of the trial's and the model is wrapped in ``DetTTAModel``.
+    Also returns the seconds per image of the model's test step (loading left out, as a trial's
+    ``inference/fps``), after one untimed warm-up call.
     """
     from mmdet.registry import DATASETS
     from mmdet.utils import register_all_modules
@@ -213,11 +226,16 @@ def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> list
         dataset = DATASETS.build(dataset_cfg)  # pycocotools prints while it loads
     model = load_model(checkpoint_dir, device, tta=tta)
     detections: list[Detection] = []
+    seconds = 0.0
     with torch.no_grad():
+        model.test_step(pseudo_collate([dataset[0]]))  # warm-up: lazy initialisation, not inference
         for index in range(len(dataset)):
-            (sample,) = model.test_step(pseudo_collate([dataset[index]]))
+            batch = pseudo_collate([dataset[index]])
+            start = time.perf_counter()
+            (sample,) = model.test_step(batch)
+            seconds += time.perf_counter() - start
             detections.extend(coco_detections(sample, dataset.cat_ids))
-    return detections
+    return detections, seconds / max(len(dataset), 1)
 
 
 def load_model(checkpoint_dir: Path, device: str, *, tta: bool) -> Any:
@@ -457,7 +475,8 @@ def build_ensemble(search: SearchHandle, *, top_k: int, method: str = "wbf", tta
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = experiment_dir(search) / CACHE_DIR
     variants = [Variant(m) for m in members] + ([Variant(m, tta=True) for m in members] if tta else [])
-    raw = [cached_predictions(variant, cache, device) for variant in variants]
+    cached = [cached_predictions(variant, cache, device) for variant in variants]
+    raw = [detections for detections, _ in cached]
     predictions = [by_image(detections) for detections in raw]
     ground_truth = load_ground_truth(val_annotations(members[0]))
     selection, held_out = split_halves(ground_truth.getImgIds())
@@ -467,7 +486,12 @@ def build_ensemble(search: SearchHandle, *, top_k: int, method: str = "wbf", tta
     metric = selection_metric(search)
     weights, fusion, selection_score = select(predictions, ground_truth, selection, metric, method)
     single_tta = coco_scores(ground_truth, raw[len(members)], held_out) if tta else None
+    start = time.perf_counter()
+    fuse(predictions, weights, fusion, ground_truth.getImgIds())
+    fusing = (time.perf_counter() - start) / len(ground_truth.getImgIds())
+    running = sum(seconds for (_, seconds), weight in zip(cached, weights, strict=True) if weight > 0)
     return Ensemble(variants=variants, weights=weights, fusion=fusion, metric=metric, selection=selection,
+                    fps=1.0 / (running + fusing), single_fps=1.0 / cached[0][1],
                     held_out=held_out, selection_score=selection_score,
                     scores=coco_scores(ground_truth, fuse(predictions, weights, fusion, held_out), held_out),
                     single=coco_scores(ground_truth, raw[0], held_out), single_tta=single_tta)
@@ -496,6 +520,7 @@ def log_ensemble(search: SearchHandle, ensemble: Ensemble, top_k: int, out: Path
         client.log_param(run_id, key, value)
     costs = _summed_costs(search, list({v.member.run_id: v.member for v, _ in chosen}.values()))
     metrics = {**ensemble.scores, **{SINGLE_PREFIX + k: v for k, v in ensemble.single.items()},
+               FPS_METRIC: ensemble.fps, SINGLE_PREFIX + FPS_METRIC: ensemble.single_fps,
                **{SINGLE_TTA_PREFIX + k: v for k, v in (ensemble.single_tta or {}).items()}, **costs}
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
@@ -647,4 +672,6 @@ def summary_lines(ensemble: Ensemble, name: str) -> list[str]:
     for column in MAP_COLUMNS:
         lines.append(f"  {column:<18}" + "".join(f"{format_value(column, scores.get(column)):>19}"
                                                  for scores in columns.values()))
+    fps = [f"{ensemble.fps:.1f}", f"{ensemble.single_fps:.1f}"]
+    lines.append(f"  {FPS_METRIC:<18}" + "".join(f"{value:>19}" for value in fps))
     return lines

@@ -25,6 +25,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from results.ensemble import Fusion, NoTTA, fuse, greedy_selection, split_halves, tta_pipeline
+from results.report import write_report
+from results.store import open_search, open_tracking
 from search.cli import main
 from search.driver import SearchOptions, run_search
 from search.tracking import TAG_STORAGE
@@ -141,7 +143,7 @@ def test_held_out_scores_equal_the_tests_own_fusion_of_the_cached_predictions(en
     best = max(trials, key=lambda num: max(m.value for m in client.get_metric_history(trials[num].info.run_id,
                                                                                       "val/bbox_mAP")))
     single_held_out = _map(gt, predictions.get(best) or _cache_of(experiment_dir, trials[best]), held_out)
-    assert {k.removeprefix("single/"): v for k, v in metrics.items() if k.startswith("single/")} == \
+    assert {k.removeprefix("single/"): v for k, v in metrics.items() if k.startswith("single/val/")} == \
         pytest.approx(single_held_out, abs=1e-9)
     assert params["single"] == best
 
@@ -156,6 +158,12 @@ def test_held_out_scores_equal_the_tests_own_fusion_of_the_cached_predictions(en
         alone = _map(gt, predictions.get(num) or _cache_of(experiment_dir, run_of_trial), selection)
         assert alone["val/bbox_mAP"] <= chosen_on_selection + 1e-12, num
 
+    # the ensemble's speed: every chosen member's measured seconds per val image, plus the fusion
+    seconds = {m["exp_num"]: json.loads((experiment_dir / m["predictions"].replace(".bbox.json", ".seconds.json"))
+                                        .read_text())["seconds_per_image"] for m in described["members"]}
+    assert sum(seconds.values()) <= 1 / metrics["inference/fps"] <= sum(seconds.values()) + 0.5
+    if best in seconds:
+        assert metrics["single/inference/fps"] == pytest.approx(1 / seconds[best])
     for cost in ("model/gflops", "model/params_M"):
         assert metrics[cost] == pytest.approx(sum(trials[m].data.metrics[cost] for m in members))
     assert run.data.tags["mlflow.parentRunId"] == trials["ens-1"].data.tags["mlflow.parentRunId"]
@@ -256,7 +264,7 @@ def test_tta_is_a_candidate_of_its_own(ensembled: Ensembled, tmp_path: Path,
     params, metrics = run.data.params, run.data.metrics
     described = json.loads((tmp_path / "ensemble.json").read_text())
     cache = ensembled.storage / NAME / "ensemble"
-    (tta_file,) = set(p.name for p in cache.iterdir()) - set(ensembled.cache_mtimes)
+    (tta_file,) = {p.name for p in cache.glob("*.bbox.json")} - set(ensembled.cache_mtimes)
     plain = json.loads((cache / tta_file.replace(".tta.", ".")).read_text())
     tta = json.loads((cache / tta_file).read_text())
     gt = _quiet_coco(ensembled.val_json)
@@ -270,7 +278,7 @@ def test_tta_is_a_candidate_of_its_own(ensembled: Ensembled, tmp_path: Path,
         x, y, w, h = d["bbox"]
         assert -1e-3 <= x <= x + w <= image["width"] + 1e-3 and -1e-3 <= y <= y + h <= image["height"] + 1e-3
     variants = {params["single"]: plain, params["single"] + "+tta": tta}
-    assert {k.removeprefix("single_tta/"): v for k, v in metrics.items() if k.startswith("single_tta/")} == \
+    assert {k.removeprefix("single_tta/"): v for k, v in metrics.items() if k.startswith("single_tta/val/")} == \
         pytest.approx(_map(gt, tta, held_out), abs=1e-9)
     members = params["members"].split(",")
     weights = [int(w) for w in params["weights"].split(",")]
@@ -280,6 +288,27 @@ def test_tta_is_a_candidate_of_its_own(ensembled: Ensembled, tmp_path: Path,
                  float(params["fusion.skip_box_thr"]), held_out)
     assert {k: v for k, v in metrics.items() if k.startswith("val/")} == pytest.approx(_map(gt, fused, held_out),
                                                                                       abs=1e-9)
+
+
+@pytest.mark.slow
+def test_the_report_lists_each_ensemble_against_the_best_single_trial(ensembled: Ensembled, tmp_path: Path) -> None:
+    runs = _ensemble_runs(ensembled.tracking_uri)
+    path = write_report(open_search(open_tracking(ensembled.tracking_uri), NAME), tmp_path)
+    text = path.read_text()
+    section = text[text.index("## Ensembles"):].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| Model")]
+
+    single = runs[-1].data.params["single"]
+    assert rows[0][:2] == ["best single trial", single]
+    assert rows[0][3] == f"{100 * runs[-1].data.metrics['single/val/bbox_mAP']:.1f}"
+    assert rows[0][2] == f"{runs[-1].data.metrics['single/inference/fps']:.1f}"
+    by_name = {row[0]: row for row in rows}
+    for run in runs:
+        assert by_name[run.info.run_name][3] == f"{100 * run.data.metrics['val/bbox_mAP']:.1f}"
+        assert by_name[run.info.run_name][2] == f"{run.data.metrics['inference/fps']:.1f}"
+        assert by_name[run.info.run_name][1].endswith(f"({run.data.params['fusion']})")
+    assert f"held-out half of val ({runs[-1].data.params['images.held_out']} images" in section
 
 
 def test_tta_pipeline_varies_the_trials_resize_and_keeps_the_flip() -> None:
