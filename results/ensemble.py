@@ -107,7 +107,6 @@ class Member:
     candidate: Candidate
 
 
-
 @dataclass(frozen=True)
 class Variant:
     """A member as it is, or with test-time augmentation: one candidate of the selection."""
