@@ -151,6 +151,7 @@ class Ensemble:
     fps: float
     """Val images per second of every chosen variant's test step plus the fusion: each variant runs once."""
     single_fps: float
+    single_tta_fps: float | None
 
     @property
     def chosen(self) -> list[tuple[Variant, int]]:
@@ -491,6 +492,7 @@ def build_ensemble(search: SearchHandle, *, top_k: int, method: str = "wbf", tta
     running = sum(seconds for (_, seconds), weight in zip(cached, weights, strict=True) if weight > 0)
     return Ensemble(variants=variants, weights=weights, fusion=fusion, metric=metric, selection=selection,
                     fps=1.0 / (running + fusing), single_fps=1.0 / cached[0][1],
+                    single_tta_fps=1.0 / cached[len(members)][1] if tta else None,
                     held_out=held_out, selection_score=selection_score,
                     scores=coco_scores(ground_truth, fuse(predictions, weights, fusion, held_out), held_out),
                     single=coco_scores(ground_truth, raw[0], held_out), single_tta=single_tta)
@@ -520,6 +522,7 @@ def log_ensemble(search: SearchHandle, ensemble: Ensemble, top_k: int, out: Path
     costs = _summed_costs(search, list({v.member.run_id: v.member for v, _ in chosen}.values()))
     metrics = {**ensemble.scores, **{SINGLE_PREFIX + k: v for k, v in ensemble.single.items()},
                FPS_METRIC: ensemble.fps, SINGLE_PREFIX + FPS_METRIC: ensemble.single_fps,
+               **({SINGLE_TTA_PREFIX + FPS_METRIC: ensemble.single_tta_fps} if ensemble.single_tta_fps else {}),
                **{SINGLE_TTA_PREFIX + k: v for k, v in (ensemble.single_tta or {}).items()}, **costs}
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
@@ -671,6 +674,6 @@ def summary_lines(ensemble: Ensemble, name: str) -> list[str]:
     for column in MAP_COLUMNS:
         lines.append(f"  {column:<18}" + "".join(f"{format_value(column, scores.get(column)):>19}"
                                                  for scores in columns.values()))
-    fps = [f"{ensemble.fps:.1f}", f"{ensemble.single_fps:.1f}"]
+    fps = [f"{value:.1f}" for value in (ensemble.fps, ensemble.single_fps, ensemble.single_tta_fps) if value]
     lines.append(f"  {FPS_METRIC:<18}" + "".join(f"{value:>19}" for value in fps))
     return lines

@@ -273,6 +273,8 @@ def test_tta_is_a_candidate_of_its_own(ensembled: Ensembled, tmp_path: Path,
     assert code == 0 and "best single + TTA" in capsys.readouterr().out and params["tta"] == "on"
     assert {name: (cache / name).stat().st_mtime_ns for name in ensembled.cache_mtimes} == ensembled.cache_mtimes
     assert tta and tta != plain
+    tta_seconds = json.loads((cache / tta_file.replace(".bbox.json", ".seconds.json")).read_text())
+    assert metrics["single_tta/inference/fps"] == pytest.approx(1 / tta_seconds["seconds_per_image"])
     for d in tta:  # boxes flipped back into the image they were found on
         image = gt.imgs[d["image_id"]]
         x, y, w, h = d["bbox"]
