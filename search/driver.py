@@ -41,6 +41,7 @@ from search.tracking import (
     DEFAULT_TRACKING_TIMEOUT_S,
     TAG_EXP_NUM,
     TAG_FAILURE,
+    TAG_PARETO,
     TAG_STATUS,
     TAG_STOPPED_AT,
     TAG_STORAGE,
@@ -549,19 +550,27 @@ def _trial_id(result: Any) -> str:
     return str(result.metrics_dataframe["trial_id"].iloc[-1])
 
 
+def _cell(value: float | None) -> str:
+    return f"{value:.3g}" if value is not None else "-"
+
+
 def results_table(tracker: Tracker, space: Space) -> str:
-    """The end-of-search summary, read back from MLflow: one line per trial."""
+    """The end-of-search summary, read back from MLflow: one line per trial.
+
+    With objectives it has each one's column (as last measured) and ``pareto``: ``*`` on the trials of the front.
+    """
     knobs = list(space.space)
-    header = ["trial", *knobs, "epochs", space.metric, "status"]
+    others = [metric for metric, _ in space.directions()[1:]]
+    header = ["trial", *knobs, "epochs", space.metric, *others, *(["pareto"] if others else []), "status"]
     lines = [header]
     for run in tracker.trial_runs():
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         stopped_at = tags.get(TAG_STOPPED_AT)
         status = outcome_text(tags.get(TAG_STATUS, "?"), stopped_at=int(stopped_at) if stopped_at else None,
                               failure=tags.get(TAG_FAILURE))
-        value = metrics.get(space.metric)
         epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
-        lines.append([tags.get(TAG_EXP_NUM, "?"), *(show_value(params.get(k, "-")) for k in knobs),
-                      str(epochs), f"{value:.3g}" if value is not None else "-", status])
+        front = ["*" if tags.get(TAG_PARETO) == "true" else ""] if others else []
+        lines.append([tags.get(TAG_EXP_NUM, "?"), *(show_value(params.get(k, "-")) for k in knobs), str(epochs),
+                      *(_cell(metrics.get(metric)) for metric in [space.metric, *others]), *front, status])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines)

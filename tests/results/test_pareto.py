@@ -8,6 +8,7 @@ from MLflow's raw metric histories, not from dettune's read-back code.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -103,6 +104,22 @@ def test_reports_front_is_the_non_dominated_set_and_mlflow_tags_it(searched: Sea
     parent = client.get_run(trials[0].data.tags["mlflow.parentRunId"])
     assert tagged == expected
     assert set(parent.data.tags[TAG_FRONT].split(", ")) == expected
+
+
+@pytest.mark.slow
+def test_end_of_search_table_shows_each_objective_and_marks_the_front(searched: SearchOutcome) -> None:
+    lines = searched.table.splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    rows = [[line[a:b].strip() for a, b in itertools.pairwise([*starts, None])] for line in lines]
+    header, body = rows[0], {row[0]: dict(zip(rows[0], row, strict=True)) for row in rows[1:]}
+    expected_front = _non_dominated(_values(searched))
+    runs = {r.data.tags[TAG_EXP_NUM]: r for r in runs_of(searched.tracking_uri, NAME)}
+
+    assert header[header.index(PRIMARY):] == [PRIMARY, *(m for m, _ in OBJECTIVES), "pareto", "status"]
+    assert {num for num, row in body.items() if row["pareto"] == "*"} == expected_front
+    for num, row in body.items():
+        for metric, _ in OBJECTIVES:  # as last measured
+            assert row[metric] == f"{runs[num].data.metrics[metric]:.3g}", (num, metric)
 
 
 @pytest.mark.slow
