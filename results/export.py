@@ -227,7 +227,7 @@ def export_best(search: SearchHandle, out: Path, *, metric: str | None = None,
                              "best two): wait for them to report, or relax the limits")
     for candidate in ranked:
         try:
-            _write_model(candidate, out)
+            write_model(candidate, out)
         except FileNotFoundError:  # Ray deleted it for a better one since we looked: that one is on the list
             continue
         run = search.run_of(candidate.trial_id)
@@ -240,7 +240,7 @@ def export_best(search: SearchHandle, out: Path, *, metric: str | None = None,
     raise NothingToExport("every checkpoint was replaced while exporting: run export again")
 
 
-def _write_model(candidate: Candidate, out: Path) -> None:
+def write_model(candidate: Candidate, out: Path) -> None:
     """config.py and a weights-only checkpoint.pth (``FileNotFoundError`` if Ray removed the source)."""
     checkpoint = load_checkpoint(candidate.directory / CHECKPOINT_FILE)
     cfg = load_config(candidate.directory / TRIAL_CONFIG)
@@ -321,6 +321,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                          "losses, GFLOPs and parameters lower")
     parser.add_argument("--min-fps", type=float, help=f"only trials whose {FPS_METRIC} is at least this")
     parser.add_argument("--max-gflops", type=float, help=f"only trials whose {GFLOPS_METRIC} is at most this")
+    parser.add_argument("--ensemble", metavar="RUN", help="export this `dettune ensemble` run instead (its run name, "
+                                                          "e.g. NAME-ensemble-1): every member, its TTA and weight, "
+                                                          "and the fusion, for `dettune predict`")
     add_tracking_flag(parser)
     parser.set_defaults(handler=run_export)
 
@@ -328,6 +331,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_export(args: argparse.Namespace) -> int:
     """The ``export`` command."""
     search = open_search(open_tracking(args.tracking_uri), args.name)
+    if args.ensemble:
+        from results.ensemble import export_ensemble  # results.ensemble builds on this module
+
+        print(f"exported ensemble {args.ensemble} to {export_ensemble(search, args.ensemble, Path(args.out)).parent}")
+        return 0
     done = export_best(search, Path(args.out), metric=args.metric,
                        limits=limits_from_flags(args.min_fps, args.max_gflops))
     value = format_value(done.metric, done.candidate.value(done.metric))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 
 from cocodata.datacheck import DatasetCard
 from cocodata.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT
@@ -291,10 +291,42 @@ def render_markdown(search: SearchHandle, trials: Sequence[TrialRecord], plots: 
              *_writeup(space, trials, search.parent.data.tags, importances), "",
              *markdown_table(COLUMNS, rows),
              *_failed(trials), *(_pareto_section(search, trials, pareto_plots, directory) if space.objectives else []),
-             *_plot_links(plots, directory), *_dataset_section(card, card_plot, directory),
+             *_plot_links(plots, directory), *_ensemble_section(search.ensembles()),
+             *_dataset_section(card, card_plot, directory),
              "", "## Leader board 결과(제출했을 시)",
              *_leaderboard(trials)]
     return "\n".join(lines) + "\n"
+
+
+ENSEMBLE_COLUMNS = ("Model", "Members", FPS_COLUMN, *METRIC_COLUMNS)
+
+
+def _ensemble_section(runs: Sequence[Run]) -> list[str]:
+    """The best single trial, with TTA where measured, and each ``dettune ensemble`` run, on the held-out half."""
+    if not runs:
+        return []
+
+    def row(model: str, members: str, metrics: Mapping[str, float], prefix: str) -> list[str]:
+        return [model, members, format_value(FPS_METRIC, metrics.get(prefix + FPS_METRIC)),
+                *(format_value(column, metrics.get(prefix + column)) for column in METRIC_COLUMNS)]
+
+    latest = runs[-1]
+    single = latest.data.params.get("single", MISSING)
+    rows = [row("best single trial", single, latest.data.metrics, "single/")]
+    with_tta = [r for r in runs if r.data.params.get("tta") == "on"]
+    if with_tta:
+        rows.append(row("best single trial + TTA", f"{single}+tta", with_tta[-1].data.metrics, "single_tta/"))
+    for run in runs:
+        params = run.data.params
+        members = ", ".join(f"{m} x{w}" if w != "1" else m for m, w in zip(params.get("members", "").split(","),
+                                                                            params.get("weights", "").split(","),
+                                                                            strict=False))
+        rows.append(row(run.info.run_name, f"{members} ({params.get('fusion', MISSING)})", run.data.metrics, ""))
+    return ["", "## Ensembles",
+            f"Scored on the held-out half of val ({latest.data.params.get('images.held_out', MISSING)} images; the "
+            "other half chose each ensemble's members, weights and fusion settings). FPS: batch 1 on val, every "
+            "member and TTA view of the ensemble plus the fusion.", "",
+            *markdown_table(ENSEMBLE_COLUMNS, rows)]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -24,6 +24,7 @@ from spaces.errors import NotFound
 from spaces.schema import NAME_PATTERN, Space
 from tracking_names import (
     DEFAULT_STORAGE,
+    ROLE_ENSEMBLE,
     TAG_EXP_NUM,
     TAG_FAILURE,
     TAG_ROLE,
@@ -139,6 +140,10 @@ class SearchHandle:
     def runs(self, **tags: str) -> list[Run]:
         """This search's trial runs with the given tag values, oldest first."""
         return find_runs(self.client, self.experiment_id, {TAG_SEARCH: self.name, TAG_ROLE: "trial", **tags})
+
+    def ensembles(self) -> list[Run]:
+        """This search's ``dettune ensemble`` runs, oldest first."""
+        return find_runs(self.client, self.experiment_id, {TAG_SEARCH: self.name, TAG_ROLE: ROLE_ENSEMBLE})
 
     def trials(self) -> list[TrialRecord]:
         """Every trial of the search with its full metric histories, oldest first."""

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from results import export, leaderboard, predict, report
+from results import ensemble, export, leaderboard, predict, report
 from search import submit, validate_cmd
 from search.callbacks import TrackingDown
 from search.driver import SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "one the search used)")
     resume.set_defaults(handler=_cmd_resume)
 
-    for module in (validate_cmd, submit, report, export, predict, leaderboard):
+    for module in (validate_cmd, submit, report, export, ensemble, predict, leaderboard):
         module.add_parser(commands)
 
     demo = commands.add_parser("demo", help="search spaces/demo.yaml on synthetic data (written on first use)")

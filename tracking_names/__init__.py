@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from spaces.errors import BadArgument, UserError
 
 TAG_SEARCH = "dettune.search"
-TAG_ROLE = "dettune.role"
+TAG_ROLE = "dettune.role"  # "parent", "trial", or ROLE_ENSEMBLE
+ROLE_ENSEMBLE = "ensemble"  # a run of `dettune ensemble`: trials' checkpoints fused, nested under the parent
 TAG_TRIAL = "dettune.trial_id"
 TAG_EXP_NUM = "dettune.exp_num"
 TAG_STATUS = "dettune.status"

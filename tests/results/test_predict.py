@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ from cocodata.dataset import Dataset
 from cocodata.synth import CLASSES
 from mmconfigs.build import load_config
 from results.export import export_best
-from results.predict import PREDICTIONS_FILE, predict
+from results.predict import PREDICTIONS_FILE, SUBMISSION_HEADER, InputImage, input_images, predict
 from results.store import open_search, open_tracking
+from search.cli import main
 from spaces.errors import BadArgument, NotFound
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 
@@ -89,3 +91,53 @@ def test_bad_inputs_are_user_errors_before_the_model_loads(synth: Dataset, tmp_p
     with pytest.raises(BadArgument, match="--device gpu0 is not a torch device"):
         predict(tmp_path, [image], tmp_path / "out", device="gpu0")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_submission_csv_has_one_row_per_image_of_a_coco_json(model_dir: Path, synth_large: Dataset,
+                                                             tmp_path: Path) -> None:
+    from mmdet.apis import DetInferencer
+
+    listed = json.loads(synth_large.val_json.read_text())["images"][:3]
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps({"images": listed}))
+    root = synth_large.root / synth_large.images
+    code = main(["predict", str(model_dir), str(test_json), "--images-root", str(root), "--format", "submission",
+                 "--out", str(tmp_path / "out")])
+    with (tmp_path / "out" / "submission.csv").open(newline="") as file:
+        rows = list(csv.reader(file))
+    cfg = load_config(model_dir / TRIAL_CONFIG)
+    cfg.visualizer.pop("vis_backends", None)
+    inferencer = DetInferencer(model=cfg, weights=str(model_dir / CHECKPOINT_FILE), device="cpu", show_progress=False)
+
+    assert code == 0 and tuple(rows[0]) == SUBMISSION_HEADER
+    assert [row[1] for row in rows[1:]] == [image["file_name"] for image in listed]
+    assert not list((tmp_path / "out").glob("*.png")), "a submission draws nothing"
+    for (prediction_string, _), image in zip(rows[1:], listed, strict=True):
+        values = prediction_string.split()
+        boxes = [values[i:i + 6] for i in range(0, len(values), 6)]
+        found = inferencer(str(root / image["file_name"]))["predictions"][0]
+        assert len(values) % 6 == 0 and len(boxes) == len(found["scores"]), "every box the model keeps"
+        for (label, score, *box), own_label, own_score, own_box in zip(
+                boxes, found["labels"], found["scores"], found["bboxes"], strict=True):
+            assert int(label) == own_label and float(score) == pytest.approx(own_score, abs=1e-4)
+            assert [float(v) for v in box] == pytest.approx(own_box, abs=0.01)
+
+
+def test_inputs_are_files_folders_and_coco_jsons(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    for name in ("b.jpg", "a.PNG", "notes.txt"):
+        (tmp_path / "folder" / name).write_bytes(b"")
+    (tmp_path / "test.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "test/0001.jpg"}]}))
+    (tmp_path / "broken.json").write_text("{")
+
+    assert input_images([tmp_path / "folder", tmp_path / "test.json", tmp_path / "x.jpg"]) == [
+        InputImage(tmp_path / "folder" / "a.PNG", "a.PNG"), InputImage(tmp_path / "folder" / "b.jpg", "b.jpg"),
+        InputImage(tmp_path / "test" / "0001.jpg", "test/0001.jpg"), InputImage(tmp_path / "x.jpg", "x.jpg")]
+    assert input_images([tmp_path / "test.json"], tmp_path / "data") == [
+        InputImage(tmp_path / "data" / "test" / "0001.jpg", "test/0001.jpg")]
+    with pytest.raises(BadArgument, match="broken.json is not a COCO json"):
+        input_images([tmp_path / "broken.json"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadArgument, match="holds no image"):
+        input_images([tmp_path / "empty"])
