@@ -105,9 +105,10 @@ class StudyMirror:
         return self._study, self._held
 
     def _delete_stale(self) -> None:
-        names = {summary.study_name for summary in optuna.get_all_study_summaries(self.uri)}
+        uri = self.uri
+        names = {summary.study_name for summary in optuna.get_all_study_summaries(uri)}
         if self._template.study_name in names:
-            optuna.delete_study(study_name=self._template.study_name, storage=self.uri)
+            optuna.delete_study(study_name=self._template.study_name, storage=uri)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_study": None, "_held": None}  # Tune pickles the searcher: read it again

@@ -17,13 +17,12 @@ import shlex
 import shutil
 import sys
 import tempfile
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from spaces.errors import DETTUNE_PACKAGES, BadArgument, NotFound
 from spaces.schema import load_space
-from tracking_names import DEFAULT_STORAGE, without_credentials
+from tracking_names import DEFAULT_STORAGE, credential_variables, without_credentials
 
 SUBMITTED = "submitted"
 """The upload's folder for the space files, in the order given."""
@@ -101,11 +100,7 @@ def _job_environment(tracking_uri: str | None) -> dict[str, str]:
     """The job driver's credentials: those in ``tracking_uri`` and the variables set here, never the URI's text."""
     env = {name: os.environ[name] for name in PASSED_VARIABLES if os.environ.get(name)}
     if tracking_uri:
-        parts = urllib.parse.urlsplit(tracking_uri)
-        if parts.username:
-            env["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
-        if parts.password:
-            env["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+        env.update(credential_variables(tracking_uri, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
     return env
 
 

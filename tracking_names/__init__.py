@@ -72,6 +72,13 @@ def without_credentials(uri: str) -> str:
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
 
 
+def credential_variables(uri: str, user_variable: str, password_variable: str) -> dict[str, str]:
+    """The ``user:password@`` of ``uri``, unquoted, under the names of the variables a client reads them from."""
+    parts = urllib.parse.urlsplit(uri)
+    found = {user_variable: parts.username, password_variable: parts.password}
+    return {name: urllib.parse.unquote(value) for name, value in found.items() if value}
+
+
 def use_database_credentials(uri: str) -> str:
     """Moves a ``user:password@`` in a PostgreSQL URL to libpq's ``PGUSER``/``PGPASSWORD``; returns the URL
     without it (written to search.json and pickled with the searcher, so it must not hold them).
@@ -79,16 +86,13 @@ def use_database_credentials(uri: str) -> str:
     Raises:
         BadArgument: Credentials in a URL of another database, which has no such variables.
     """
-    parts = urllib.parse.urlsplit(uri)
-    if not (parts.username or parts.password):
+    variables = credential_variables(uri, "PGUSER", "PGPASSWORD")
+    if not variables:
         return uri
-    if not parts.scheme.startswith("postgresql"):
+    if not urllib.parse.urlsplit(uri).scheme.startswith("postgresql"):
         raise BadArgument(f"{without_credentials(uri)}: credentials in the URL are taken for PostgreSQL only "
                           "(moved to PGUSER/PGPASSWORD, never written); use PostgreSQL or a database that needs none")
-    if parts.username:
-        os.environ["PGUSER"] = urllib.parse.unquote(parts.username)
-    if parts.password:
-        os.environ["PGPASSWORD"] = urllib.parse.unquote(parts.password)
+    os.environ.update(variables)
     return without_credentials(uri)
 
 
@@ -98,13 +102,8 @@ def use_credentials(uri: str) -> str:
     Only this process and its children see the variables, so no file, pickled state or message carries the
     credentials.
     """
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
-    if parts.password:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    os.environ.update(credential_variables(uri, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
     return without_credentials(uri)
-
 
 
 def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None) -> str:
