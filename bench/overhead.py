@@ -45,14 +45,12 @@ FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": 
 TRIAL_CPUS = 1
 """A trial's CPUs, the space's default: the search's trials and the direct run train on this many threads."""
 DRIVER_STEPS = {f"driver: {name.strip('_')}": (driver, name) for name in (
-    "check_reachable", "load_for_search", "check_space", "check_cluster", "_save", "_tuner",
+    "check_reachable", "load_for_search", "check_space", "connect_ray", "check_cluster", "_save", "_tuner",
     "reconcile", "_record_best", "results_table")} | {
     "driver: stage_from_store": (staging, "stage_from_store"),
     "driver: open the MLflow store": (TrackingSettings, "tracker"),
     "driver: describe_search": (Tracker, "describe_search")}
 """The driver's steps around Tune's fit, in order."""
-BESIDE_CHECK = {"Ray's start (connect_ray)": (driver, "connect_ray")}
-"""Runs on the driver's thread while check_space's models build on another: part of check_space's seconds."""
 IN_FIT = {"Tune: experiment snapshots": (_ExperimentCheckpointManager, "sync_up_experiment_state"),
           "MLflow callback on results": (MlflowCallback, "on_trial_result"),
           "console callback on results": (ConsoleCallback, "on_trial_result")}
@@ -126,7 +124,7 @@ def searched(dataset: Dataset, lrs: list[float], epochs: int, out: Path) -> dict
     space_file = out / "overhead.yaml"
     space_file.write_text(yaml.safe_dump(space))
     began = time.time()
-    with _timed(DRIVER_STEPS | BESIDE_CHECK | IN_FIT) as steps:
+    with _timed(DRIVER_STEPS | IN_FIT) as steps:
         outcome = run_search(SearchOptions(space_file=space_file, storage=out / "runs"))
     wall = time.time() - began
     client = MlflowClient(outcome.tracking_uri)
@@ -170,7 +168,6 @@ def breakdown(direct_run: tuple[float, list[float], list[float]], search: dict[s
              ("epochs after the first, beyond direct (sum)", sum(search["epoch_times"]) - sum(direct_epochs))]
     accounted = sum(value for _, value in rows)
     rows.append(("rest (first epochs, Tune's start and end)", search["wall"] - direct_wall - accounted))
-    rows += [(f"  of which in check_space: {label}", steps.get(label, 0.0)) for label in BESIDE_CHECK]
     rows += [(f"  of which in fit: {label}", steps.get(label, 0.0)) for label in IN_FIT]
     rows += [("span: search start to the first trial's run", search["ends"]["to the first trial"]),
              ("span: the last trial's end to the search's return", search["ends"]["after the last trial"])]

@@ -30,8 +30,7 @@ import copy
 import itertools
 import json
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,18 +115,13 @@ def check_file(path: str | Path, *, first_step: FirstStep) -> Validation:
     return check_space(space, file, first_step=first_step)
 
 
-def check_space(space: Space, file: str = "<space>", *, first_step: FirstStep,
-                alongside: Callable[[], None] | None = None) -> Validation:
+def check_space(space: Space, file: str = "<space>", *, first_step: FirstStep) -> Validation:
     """Checks the files a valid space refers to and builds every model it can produce.
 
     Args:
         space: The space, e.g. from :func:`~spaces.schema.load_space` or ``Space.from_json``.
         file: Names the source in problems.
         first_step: Runs a trial's first step (``trainers.smoke.first_step``).
-        alongside: Run on this thread while the models are built and smoke-trained on another, once the files
-            checked clean (the search starts Ray then: both take seconds, and bad files still fail before it).
-            Problems the models' check finds are raised rather than what ``alongside`` raises; a space that
-            checks clean has run it.
 
     Returns:
         What the check found, for :func:`summary`.
@@ -144,33 +138,12 @@ def check_space(space: Space, file: str = "<space>", *, first_step: FirstStep,
         _check_masks(space, dataset, base, out)
     counts = _Counts()
     if base is not None and _predicts_boxes(space, base, out):
-        def check_models() -> None:
-            _check_models(space, base, dataset, pretrained, out, counts, first_step)
-
-        if alongside is not None and dataset is not None and not out.items:
-            _beside(check_models, alongside, out)
-        else:
-            check_models()
+        _check_models(space, base, dataset, pretrained, out, counts, first_step)
     if out.items or dataset is None:
         raise SpaceError(out.items)
     return Validation(file=file, space=space, dataset=dataset, combinations=counts.combinations,
                       models=counts.models, trained=counts.trained, train_seconds=counts.train_seconds,
                       notes=tuple(_notes(space)), data_check=data_check, cleaned=cleaned)
-
-
-def _beside(check: Callable[[], None], alongside: Callable[[], None], out: Problems) -> None:
-    """Runs ``check`` on a thread while ``alongside`` runs on this one (Ray's init must: it sets the SIGTERM
-    handler only on the main thread); an input problem wins over what ``alongside`` raised."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dettune-check") as pool:
-        checked = pool.submit(check)
-        try:
-            alongside()
-        except BaseException:
-            checked.result()
-            if out.items:
-                raise SpaceError(out.items) from None
-            raise
-        checked.result()
 
 
 @dataclass

@@ -42,7 +42,7 @@ from search.resources import check_cluster
 from search.rung import RUNG_SCORE
 from search.tracking import Tracker, TrackingSettings
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
-from spaces.errors import NotFound, SpaceError, UserError
+from spaces.errors import NotFound, UserError
 from spaces.knobs import show_value
 from spaces.objectives import best_trial, feasible_front, trial_values
 from spaces.schema import Space, load_space
@@ -319,7 +319,7 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     check_reachable(tracking_uri)
     staged = staging.stage_from_store(load_for_search(options), tracking_uri)
     space = staged.space  # inherited knobs are fixed in it, and saved so: a resume keeps them
-    validation = _check_while_ray_starts(space, options)  # all of the input is checked before anything is written
+    validation = _check_then_start_ray(space, options)  # all of the input is checked before anything is written
     cleaned = validation.cleaned
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
@@ -360,19 +360,17 @@ def _log_data(tracker: Tracker, validation: Validation) -> None:
         tracker.client.log_text(tracker.parent_run_id, cleaned.report(), LEFT_OUT_FILE)
 
 
-def _check_while_ray_starts(space: Space, options: SearchOptions) -> Validation:
-    """Checks the space, starting (or joining) Ray while its models build and smoke-train: seconds each.
+def _check_then_start_ray(space: Space, options: SearchOptions) -> Validation:
+    """Checks the space, then starts (or joins) Ray: a refused space starts nothing.
 
-    A space refused by that check leaves no Ray behind that this call started.
+    Never both at once: Ray forks its processes with a ``preexec_fn``, which Python documents as unsafe while
+    other threads run (the child can deadlock before its exec). Run beside the check's thread (importing,
+    loading libraries, training a step), a search's start hung twice in three full test runs, its raylet never
+    started. Overlapping the two saved 0.44 s per search.
     """
-    ray_was_up = ray.is_initialized()
-    try:
-        return check_space(space, str(options.space_file), first_step=first_step,
-                           alongside=lambda: connect_ray(options.address))
-    except SpaceError:
-        if not ray_was_up:
-            ray.shutdown()
-        raise
+    validation = check_space(space, str(options.space_file), first_step=first_step)
+    connect_ray(options.address)
+    return validation
 
 
 class _DropIncompleteTrials(logging.Filter):

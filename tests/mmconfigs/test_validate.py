@@ -6,7 +6,6 @@ import argparse
 import json
 import random
 import shutil
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ import yaml
 from cocodata.synth import write_dataset
 from mmconfigs import build as build_module
 from mmconfigs import validate as validate_module
-from mmconfigs.validate import check_file, check_space, summary
+from mmconfigs.validate import check_file, summary
 from search.validate_cmd import add_parser
 from spaces.errors import Problem, SpaceError
-from spaces.schema import load_space
 from trainers.smoke import first_step
 
 FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
@@ -429,65 +427,3 @@ def test_summary_of_a_grid(data_root: Path, tmp_path: Path) -> None:
     assert "trials     4, one per grid point" in text
     assert "budget.trials (9) is unused" in text
     assert "2 model variants built on the meta device from 4 knob combinations" in text
-
-
-# --- work alongside the models' check (the search starts Ray there) -----------------------------------------
-
-WAIT_S = 60.0
-
-
-def unreachable() -> None:
-    """Stands in for a Ray address that does not answer."""
-    raise ConnectionError("no cluster")
-
-
-def test_alongside_runs_on_the_calling_thread_while_the_models_are_checked(
-    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Each side waits for the other to have begun: run one after the other, one of the two waits times out.
-    alongside_began, model_built = threading.Event(), threading.Event()
-    seen: dict[str, Any] = {}
-    monkeypatch.setattr(build_module, "STEPS", dict(build_module.STEPS))
-
-    @build_module.step("meets_alongside", knob="lr")
-    def meet(cfg: Any, build: build_module.Build) -> None:
-        seen["alongside began before a model was built"] = alongside_began.wait(WAIT_S)
-        model_built.set()
-
-    def alongside() -> None:
-        seen["thread"] = threading.current_thread()
-        alongside_began.set()
-        seen["a model was built while alongside ran"] = model_built.wait(WAIT_S)
-
-    space = load_space(write_space(tmp_path, space_data(data_root)))
-    check_space(space, alongside=alongside, first_step=first_step)
-
-    assert seen == {"thread": threading.current_thread(), "alongside began before a model was built": True,
-                    "a model was built while alongside ran": True}
-
-
-def test_bad_files_are_refused_before_alongside_runs(data_root: Path, tmp_path: Path) -> None:
-    (data_root / "val.json").unlink()
-    space = load_space(write_space(tmp_path, space_data(data_root)))
-    ran: list[bool] = []
-
-    with pytest.raises(SpaceError, match="val.json does not exist"):
-        check_space(space, alongside=lambda: ran.append(True), first_step=first_step)
-
-    assert ran == []
-
-
-def test_a_model_problem_wins_over_what_alongside_raises(data_root: Path, tmp_path: Path) -> None:
-    space = load_space(write_space(tmp_path, space_data(data_root, overrides={"model.backbone.depth": 19})))
-
-    with pytest.raises(SpaceError) as caught:
-        check_space(space, alongside=unreachable, first_step=first_step)
-
-    assert any("invalid depth 19 for resnet" in problem.rule for problem in caught.value.problems)
-
-
-def test_what_alongside_raises_comes_through_when_the_models_are_fine(data_root: Path, tmp_path: Path) -> None:
-    space = load_space(write_space(tmp_path, space_data(data_root)))
-
-    with pytest.raises(ConnectionError, match="no cluster"):
-        check_space(space, alongside=unreachable, first_step=first_step)

@@ -260,9 +260,8 @@ def test_a_bug_in_a_knob_step_keeps_its_traceback(cwd: Path, synth: Dataset, mon
     assert caught.traceback[-1].name == "broken_scale"
 
 
-def test_a_model_problem_is_refused_and_stops_the_ray_it_started(cwd: Path, synth: Dataset, no_local_ray: None,
-                                                                 capfd: pytest.CaptureFixture[str]) -> None:
-    # The search starts Ray while the models are checked (seconds each): a refusal must not leave it running.
+def test_a_model_problem_is_refused_before_ray_starts(cwd: Path, synth: Dataset, no_local_ray: None,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
     space_file = write_space(cwd / "space.yaml", synth, overrides={"model.backbone.depth": 19})
     search_refused(capfd, cwd, space_file).assert_refused(str(space_file), "invalid depth 19 for resnet")
     assert not ray.is_initialized()
