@@ -16,7 +16,7 @@ from pathlib import Path
 from results import ensemble, export, leaderboard, predict, report
 from search import submit, validate_cmd
 from search.callbacks import TrackingDown
-from search.driver import SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
+from search.driver import RayStartHung, SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
 from search.staging import check_chain
 from spaces.errors import USAGE_ERROR, BadArgument, UserError
 from tracking_names import DEFAULT_STORAGE, DEFAULT_TRACKING_TIMEOUT_S, local_tracking_uri, without_credentials
@@ -232,3 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrackingDown as exc:
         print(f"dettune: stopped: {exc}", file=sys.stderr)
         return INTERRUPTED
+    except RayStartHung as exc:  # not the input's fault: no usage error, but no traceback to read either
+        print(f"dettune: stopped: {exc}", file=sys.stderr)
+        return 1

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +85,9 @@ SAVED_SPACE_FILE = "space.yaml"  # the space file as the user wrote it, logged o
 SAVED_OPTIONS = "search.json"  # the search's TrackingSettings, without credentials
 CLEANED_DATA = "data"  # with data.on_bad: skip, the cleaned annotation files the trials read
 RAY_CONNECT_TIMEOUT_S = 10.0
+RAY_START_TIMEOUT_VARIABLE = "DETTUNE_RAY_START_TIMEOUT_S"
+DEFAULT_RAY_START_TIMEOUT_S = 180.0
+"""A local Ray start takes 3-25 s on 2 busy cores; one that has not finished in minutes never will."""
 
 
 class SearchExists(UserError, ValueError):
@@ -91,6 +96,10 @@ class SearchExists(UserError, ValueError):
 
 class RayUnreachable(UserError, ConnectionError):
     """The Ray cluster at the given address does not answer; the message names it and the fix."""
+
+
+class RayStartHung(RuntimeError):
+    """Ray's local start did not finish in time: no fault of the input, and nothing of the search written yet."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,7 +238,11 @@ def connect_ray(address: str | None) -> None:
         return
     # "local": a private instance, never the cluster that `ray start` last recorded on this machine. Its workers
     # inherit the environment it starts with: CPU trials see no GPU.
-    with _environment_defaults({HIDE_UNASSIGNED_GPUS: "1"}):
+    seconds = float(os.environ.get(RAY_START_TIMEOUT_VARIABLE, DEFAULT_RAY_START_TIMEOUT_S))
+    hung = RayStartHung(f"Ray's local start did not finish within {seconds:g} s (Ray's logs: session_latest/logs "
+                        f"in its temp folder, /tmp/ray by default); start the search again, and on a machine that "
+                        f"slow set {RAY_START_TIMEOUT_VARIABLE} higher")
+    with _environment_defaults({HIDE_UNASSIGNED_GPUS: "1"}), _deadline(seconds, hung):
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
@@ -253,6 +266,30 @@ def _environment_defaults(values: dict[str, str]) -> Iterator[None]:
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+@contextmanager
+def _deadline(seconds: float, error: Exception) -> Iterator[None]:
+    """Raises ``error`` in the block once ``seconds`` have passed, without it a hung ``ray.init`` waits forever.
+
+    A signal, because only the main thread can be interrupted where ``ray.init`` waits (a read of a child's
+    pipe, a sleep); elsewhere, or while the process has its own timer set, the block runs without a deadline.
+    The processes the start spawned share the driver's fate: they end when it exits.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise error
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _check_ray_answers(address: str) -> None:

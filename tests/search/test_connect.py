@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_space
-from services import free_port
+from services import descendants, free_port, proc_bytes
 
 from cocodata.dataset import Dataset
 from search.cli import main
@@ -92,3 +92,53 @@ def test_auto_resolves_as_ray_init_does_and_a_dead_cluster_is_refused(stale_reco
 
     with pytest.raises(RayUnreachable, match=f"the Ray cluster at 'auto' \\({stale_record}, as Ray last recorded"):
         _check_ray_answers("auto")
+
+
+HANG_RAYLET_START = """\
+# Loaded by every Python process of the test's driver (sitecustomize): Ray's start hangs where the raylet would be
+# spawned, as a start forked beside a busy thread once did (its child deadlocked before its exec).
+import time
+
+import ray._private.services
+
+
+def _hang(*args, **kwargs):
+    time.sleep(3600)
+
+
+ray._private.services.start_raylet = _hang
+"""
+
+
+@pytest.mark.slow
+def test_a_local_ray_start_that_hangs_ends_the_search_with_a_message(tmp_path: Path, synth: Dataset) -> None:
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(HANG_RAYLET_START)
+    space_file = write_space(tmp_path / "space.yaml", synth)
+    seconds = 15
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")]),
+           "DETTUNE_RAY_START_TIMEOUT_S": str(seconds)}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, "-m", "search", "search", str(space_file)], cwd=tmp_path, env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    spawned: set[int] = set()
+    deadline = time.monotonic() + RAY_STARTUP_S
+    while driver.poll() is None and time.monotonic() < deadline:
+        spawned |= set(descendants(driver.pid))  # Ray's GCS and the rest it started before the raylet
+        time.sleep(0.5)
+    if driver.poll() is None:
+        driver.kill()
+    output = driver.communicate()[0]
+
+    assert driver.returncode == 1, output[-3000:]
+    assert f"Ray's local start did not finish within {seconds} s" in output and "Traceback" not in output, output
+    assert spawned, "the driver started no process: the hang was not reached"
+    time.sleep(2)
+    assert [pid for pid in spawned if _alive(pid)] == [], "the hung start left processes behind"
+    assert not (tmp_path / "runs" / "t").exists(), "the search wrote its folder before Ray had started"
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its new parent to reap it."""
+    stat = proc_bytes(f"/proc/{pid}/stat")
+    return bool(stat) and stat.rsplit(b")", 1)[-1].split()[0] != b"Z"
