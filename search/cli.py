@@ -19,10 +19,17 @@ from search.callbacks import TrackingDown
 from search.driver import RayStartHung, SearchOptions, SearchOutcome, load_for_search, resume_options, run_search
 from search.staging import check_chain
 from spaces.errors import USAGE_ERROR, BadArgument, UserError
-from tracking_names import DEFAULT_STORAGE, DEFAULT_TRACKING_TIMEOUT_S, local_tracking_uri, without_credentials
+from tracking_names import (
+    DEFAULT_STORAGE,
+    DEFAULT_TRACKING_TIMEOUT_S,
+    experiment_page,
+    local_tracking_uri,
+    without_credentials,
+)
 
 NO_TRIAL_FINISHED = 1
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 DEMO_DATA = Path("data/synth")
 DEMO_IMAGES = 96
@@ -90,7 +97,10 @@ def _print_outcome(outcome: SearchOutcome) -> int:
     print(outcome.table)
     print(f"\nRay results: {outcome.experiment_dir}")
     if outcome.tracking_uri.startswith("sqlite:"):
-        print(f"MLflow:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        print(f"MLflow:      mlflow ui --backend-store-uri {outcome.tracking_uri}\n"
+              f"             then open {experiment_page(LOCAL_UI, outcome.experiment_id)}")
+    elif outcome.tracking_uri.startswith(("http:", "https:")):
+        print(f"MLflow:      {experiment_page(outcome.tracking_uri, outcome.experiment_id)}")
     else:
         print(f"MLflow:      {outcome.tracking_uri}")  # credentials were never part of it
     if outcome.stopped_because:
@@ -234,4 +244,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
     except RayStartHung as exc:  # not the input's fault: no usage error, but no traceback to read either
         print(f"dettune: stopped: {exc}", file=sys.stderr)
-        return 1
+        return NO_TRIAL_FINISHED

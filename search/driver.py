@@ -134,6 +134,7 @@ class SearchOutcome:
 
     name: str
     tracking_uri: str
+    experiment_id: str
     experiment_dir: Path
     best_trial_id: str | None
     table: str
@@ -380,7 +381,8 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
         reconcile(results, space, plan, tracker)
         best_id = _record_best(results, space, plan, tracker)
         tracker.finish_search()
-        return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_dir=experiment_dir,
+        return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
+                             experiment_dir=experiment_dir,
                              best_trial_id=best_id, table=results_table(tracker, space),
                              finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
 

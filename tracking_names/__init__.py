@@ -34,8 +34,8 @@ TAG_STORAGE = "dettune.storage"  # the search's Ray experiment directory (trial 
 TAG_INHERITED = "dettune.inherited"  # one line per knob taken from an earlier search's best trial
 TAG_WARM_START = "dettune.warm_start"  # which earlier trials the searcher was told before it started
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-"""MLflow's UI opens an experiment without this tag in its GenAI view (traces, prompts); with it, in the
-model-training view: runs, metrics, charts."""
+"""The experiment's kind as MLflow records it: model training, not a GenAI app. MLflow 3.17's UI no longer
+chooses its view by it (see :func:`experiment_page`)."""
 TAG_BEST_TRIAL = "dettune.best_trial"
 TAG_BEST_EPOCH = "dettune.best_epoch"
 EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp num <search>-<n>
@@ -70,6 +70,15 @@ def without_credentials(uri: str) -> str:
     if not (parts.username or parts.password):
         return uri
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+
+
+def experiment_page(server: str, experiment_id: str) -> str:
+    """The experiment's page on an MLflow server, in the UI's model-training view (runs, metrics, charts).
+
+    MLflow 3.17's UI takes the view from this URL parameter, else from the browser's last choice, else its GenAI
+    view (traces, prompts): never from the experiment's kind tag.
+    """
+    return f"{without_credentials(server).rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def credential_variables(uri: str, user_variable: str, password_variable: str) -> dict[str, str]:

@@ -43,9 +43,9 @@ def test_the_same_best_recorded_again_writes_no_point_twice(tmp_path: Path) -> N
     assert parent.data.tags["dettune.best.scale"] == "800x800" and parent.data.tags["dettune.best.lr"] == "0.01"
 
 
-def test_a_search_experiment_opens_in_mlflows_model_training_view(tmp_path: Path) -> None:
-    # MLflow 3's UI reads this experiment tag (its values: genai_development, custom_model_development) and
-    # shows an experiment without it in the GenAI view.
+def test_a_search_experiment_is_recorded_as_model_training(tmp_path: Path) -> None:
+    # MLflow's experiment kind (genai_development, custom_model_development); which view its UI opens is
+    # tests/search/test_mlflow_ui.py's concern.
     tracker = Tracker(local_tracking_uri(tmp_path), "view")
 
     experiment = MlflowClient(local_tracking_uri(tmp_path)).get_experiment(tracker.experiment_id)
