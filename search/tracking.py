@@ -122,6 +122,7 @@ class Tracker:
         self.search = search
         self.experiment_id, created = self._experiment(artifact_root)
         self._runs: dict[str, _RunState] = {}
+        self._last_claim: int | None = None  # the highest Exp num this tracker claimed
         if fresh:
             self._discard_runs()
         self.parent_run_id = self._find_or_create_parent(creator=created or fresh)
@@ -220,31 +221,40 @@ class Tracker:
             run_id = str(self.client.create_run(self.experiment_id, tags={
                 TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial_id,
                 MLFLOW_PARENT_RUN_ID: self.parent_run_id, TAG_STATUS: "running"}).info.run_id)
-            self._number(run_id)
-            self.client.log_batch(run_id, params=[Param(k, param_text(v)) for k, v in params.items()])
+            self._name_and_describe(run_id, params, new=True)
             self._runs[trial_id] = _RunState(run_id, set())
         else:
             run_id = str(found.info.run_id)
             if TAG_EXP_NUM not in found.data.tags:  # the server went away right after creating it
-                self._number(run_id)
+                self._name_and_describe(run_id, params, new=False)
             self._runs[trial_id] = _RunState(run_id, self._logged_epochs(run_id, found.data.metrics))
         return run_id
 
-    def _number(self, run_id: str) -> str:
-        """Names a new trial run ``<search>-<n>`` with the lowest n no other run has claimed.
+    def _name_and_describe(self, run_id: str, params: Mapping[str, Any], *, new: bool) -> None:
+        """Numbers the run and writes its knob values, in one write: a run has both or neither."""
+        exp_num = self._claim_number(run_id, new=new)
+        self.client.log_batch(run_id, params=[Param(k, param_text(v)) for k, v in params.items()],
+                              tags=[RunTag(TAG_EXP_NUM, exp_num), RunTag(MLFLOW_RUN_NAME, exp_num)])
+
+    def _claim_number(self, run_id: str, *, new: bool) -> str:
+        """Claims ``<search>-<n>`` for the run, with the lowest n no other run has claimed, and returns it.
 
         The claim is the parent's param ``exp_num.<n>`` = the run's id: MLflow refuses to change a param, so of
-        two drivers claiming one n at the same moment exactly one succeeds and the other tries the next.
+        two drivers claiming one n at the same moment exactly one succeeds and the other tries again. A run this
+        driver has just created starts above the number it claimed last, without reading the parent's claims
+        (one request fewer per trial); a refused claim reads them and goes on above them all.
         """
-        claims = {int(k.removeprefix(EXP_NUM_CLAIM)): v for k, v in
-                  self.client.get_run(self.parent_run_id).data.params.items() if k.startswith(EXP_NUM_CLAIM)}
-        mine = [k for k, v in claims.items() if v == run_id]
-        if mine:
-            n = mine[0] - 1
-        elif claims:  # the first claim came after every run numbered before claims: above them all
-            n = max(claims)
-        else:  # the search's first claim: after the runs a store older than claims numbered
-            n = sum(1 for r in self.trial_runs() if TAG_EXP_NUM in r.data.tags)
+        if new and self._last_claim is not None:
+            n = self._last_claim
+        else:
+            claims = self._claims()
+            mine = [k for k, v in claims.items() if v == run_id]
+            if mine:
+                n = mine[0] - 1
+            elif claims:  # the first claim came after every run numbered before claims: above them all
+                n = max(claims)
+            else:  # the search's first claim: after the runs a store older than claims numbered
+                n = sum(1 for r in self.trial_runs() if TAG_EXP_NUM in r.data.tags)
         while True:
             n += 1
             try:
@@ -252,10 +262,15 @@ class Tracker:
             except MlflowException as error:
                 if error.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
                     raise
+                n = max(n, *self._claims())
                 continue
-            exp_num = f"{self.search}-{n}"
-            self.client.log_batch(run_id, tags=[RunTag(TAG_EXP_NUM, exp_num), RunTag(MLFLOW_RUN_NAME, exp_num)])
-            return exp_num
+            self._last_claim = n
+            return f"{self.search}-{n}"
+
+    def _claims(self) -> dict[int, str]:
+        """The parent's claims: number -> the run that holds it."""
+        params = self.client.get_run(self.parent_run_id).data.params
+        return {int(k.removeprefix(EXP_NUM_CLAIM)): v for k, v in params.items() if k.startswith(EXP_NUM_CLAIM)}
 
     def _logged_epochs(self, run_id: str, latest: Mapping[str, float]) -> set[int]:
         return {int(m.step) for key in latest for m in self.client.get_metric_history(run_id, key)}

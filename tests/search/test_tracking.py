@@ -171,3 +171,20 @@ def test_numbering_a_trial_reads_no_other_runs_once_numbers_are_claimed(tmp_path
         tracker.start_trial(trial, {"lr": 0.01})
     assert listed == []
     assert _numbers(tracker) == [1, 2, 3, 4]
+
+
+def test_a_run_left_unnumbered_by_a_lost_server_gets_its_number_and_knobs_on_restart(tmp_path: Path) -> None:
+    # What a driver leaves when the server went away right after creating a trial's run: the run, nothing else.
+    first = Tracker(local_tracking_uri(tmp_path), "lost")
+    first.start_trial("a", {"lr": 0.01})
+    first.client.create_run(first.experiment_id, tags={
+        TAG_SEARCH: "lost", TAG_ROLE: "trial", TAG_TRIAL: "b", "mlflow.parentRunId": first.parent_run_id})
+
+    again = Tracker(local_tracking_uri(tmp_path), "lost")  # the resumed driver
+    run_id = again.start_trial("b", {"lr": 0.02, "scale": [512, 512]})
+    again.start_trial("c", {"lr": 0.03})
+
+    run = again.client.get_run(run_id)
+    assert run.data.tags[TAG_EXP_NUM] == "lost-2" and run.info.run_name == "lost-2"
+    assert run.data.params == {"lr": "0.02", "scale": "512x512"}
+    assert _numbers(again) == [1, 2, 3]
