@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
-from search.rung import RUNG_SCORE, rung_score
+from search.rung import RUNG_SCORE, RecheckedASHA, rung_score
 from tracking_names import TAG_ROLE, TAG_STATUS
 
 
@@ -38,6 +39,32 @@ def test_rung_score_orders_by_metric_then_the_other_map_then_lower_loss() -> Non
     # minimising, a better tie-breaker lowers the score, as a better metric does (ASHA negates the whole score)
     tied = [rung_score(r, metric="val/bbox_mAP", mode="min") for r in ranked[3:]]
     assert tied == sorted(tied) and len(set(tied)) == len(tied)
+
+
+def test_a_promotion_on_a_partial_rung_is_taken_back_when_later_arrivals_outrank_it() -> None:
+    """Pure decision logic (no Ray run): factor 3, rungs at epochs 1 and 3 of 6."""
+    asha = RecheckedASHA(time_attr="epoch", metric="s", mode="max", max_t=6, grace_period=1, reduction_factor=3)
+
+    def report(trial: str, epoch: int, score: float) -> str:
+        return asha.on_trial_result(None, SimpleNamespace(trial_id=trial), {"epoch": epoch, "s": score})  # type: ignore[arg-type]
+
+    assert report("a", 1, 0.5) == "CONTINUE"  # the first arrival: nothing to compare with
+    assert report("b", 1, 0.1) == "STOP"  # below a's 0.5
+    assert report("c", 1, 0.6) == "CONTINUE"  # the 2/3 quantile of {0.1, 0.5} is 0.37
+    # a's epoch 2: judged again against {0.1, 0.6}, quantile 0.43 -- still above it
+    assert report("a", 2, 0.7) == "CONTINUE"
+    assert report("d", 1, 0.9) == "CONTINUE"  # quantile of {0.1, 0.5, 0.6} is 0.53
+    # with d in, a's 0.5 at epoch 1 is below the quantile of {0.1, 0.6, 0.9} (0.7): a stops at its next epoch,
+    # whatever it scores now; c (0.6 against {0.1, 0.5, 0.9}, quantile 0.63) stops too, d goes on
+    assert report("a", 3, 0.99) == "STOP"
+    assert report("c", 2, 0.99) == "STOP"
+    assert report("d", 2, 0.0) == "CONTINUE"
+    # minimising: the lower score is the better one
+    low = RecheckedASHA(time_attr="epoch", metric="s", mode="min", max_t=6, grace_period=1, reduction_factor=3)
+    assert low.on_trial_result(None, SimpleNamespace(trial_id="x"), {"epoch": 1, "s": 1.0}) == "CONTINUE"  # type: ignore[arg-type]
+    assert low.on_trial_result(None, SimpleNamespace(trial_id="y"), {"epoch": 1, "s": 2.0}) == "STOP"  # type: ignore[arg-type]
+    # the last epoch ends the trial
+    assert report("d", 6, 0.0) == "STOP"
 
 
 def _arrival_rule_rank(k: int, factor: int) -> int:
