@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -79,13 +80,20 @@ def _arrival_rule_rank(k: int, factor: int) -> int:
     return k - 1 - math.floor((k - 2) * (1 - 1 / factor))
 
 
+def _below_two_thirds_quantile(value: float, others: list[float]) -> bool:
+    """Below the linearly interpolated 2/3 quantile of ``others`` (factor 3's cutoff), by the standard library."""
+    cutoff = others[0] if len(others) == 1 else statistics.quantiles(others, n=3, method="inclusive")[1]
+    return bool(others) and value < cutoff
+
+
 @pytest.mark.slow
 def test_trials_tied_at_the_first_rung_are_cut_to_a_third(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
     """Trials that barely learn in one epoch (lr near 0, one seed: nearly the same model) tie on the mAP that
-    mmdet rounds; ASHA, ranking them by the rung score, carries about a third past the rung, not all of them."""
+    mmdet rounds; ASHA, ranking them by the rung score, carries about a third past the rung, not all of them, and
+    a trial promoted before the rung filled stops after its next epoch if the scores recorded since outrank it."""
     trials, factor = 9, 3
     space = write_space(tmp_path / "space.yaml", synth, name="ties", metric="val/bbox_mAP",
-                        budget={"epochs": 2, "trials": trials, "max_concurrent": 2},
+                        budget={"epochs": 3, "trials": trials, "max_concurrent": 2},
                         search={"algorithm": "random", "seed": 0},
                         scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": factor},
                         space={"lr": {"loguniform": [1.0e-6, 1.0e-5]}})
@@ -98,12 +106,11 @@ def test_trials_tied_at_the_first_rung_are_cut_to_a_third(tmp_path: Path, synth:
 
     rung: list[dict[str, Any]] = []
     for run in runs:
-        def first(key: str, run_id: str = run.info.run_id) -> Any:
-            return next(m for m in client.get_metric_history(run_id, key) if m.step == 1)
-        score = first(RUNG_SCORE)
-        rung.append({"score": score.value, "arrived": score.timestamp, "map": first("val/bbox_mAP").value,
-                     "went_on": any(m.step == 2 for m in client.get_metric_history(run.info.run_id, "train/loss")),
-                     "status": run.data.tags[TAG_STATUS]})
+        scores = {m.step: m for m in client.get_metric_history(run.info.run_id, RUNG_SCORE)}
+        first_map = next(m for m in client.get_metric_history(run.info.run_id, "val/bbox_mAP") if m.step == 1)
+        rung.append({"score": scores[1].value, "arrived": scores[1].timestamp, "map": first_map.value,
+                     "went_on": 2 in scores, "judged_again": scores[2].timestamp if 2 in scores else None,
+                     "finished": 3 in scores, "status": run.data.tags[TAG_STATUS]})
 
     # the ties: as mmdet rounds it, every trial has the same epoch-1 mAP (ASHA on it would carry them all)
     assert len({round(t["map"], 3) for t in rung}) == 1, [t["map"] for t in rung]
@@ -115,9 +122,15 @@ def test_trials_tied_at_the_first_rung_are_cut_to_a_third(tmp_path: Path, synth:
     for k, trial in enumerate(rung, start=1):
         rank = 1 + sum(earlier["score"] > trial["score"] for earlier in rung[:k])
         allowed.append(rank <= _arrival_rule_rank(k, factor))
-        assert trial["status"] == ("completed" if trial["went_on"] else "stopped")
+        assert trial["status"] == ("completed" if trial["finished"] else "stopped")
         if trial["went_on"]:
             assert allowed[-1], f"arrival {k} went on ranking {rank} of {k} by rung score"
     went_on = sum(t["went_on"] for t in rung)
     overhang = sum(allowed) - math.ceil(trials / factor)  # promoted early: judged against a part of the rung
     assert went_on <= math.ceil(trials / factor) + overhang < trials
+
+    # after epoch 2, each promoted trial was judged again against every epoch-1 score recorded by then
+    for trial in (t for t in rung if t["went_on"]):
+        others = [t["score"] for t in rung if t is not trial and t["arrived"] < trial["judged_again"]]
+        assert all(t["arrived"] != trial["judged_again"] for t in rung)
+        assert trial["finished"] == (not _below_two_thirds_quantile(trial["score"], others)), (trial, others)
