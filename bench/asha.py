@@ -232,7 +232,7 @@ def print_replay(trained: list[dict[str, list[float]]], reference: float) -> Non
     print(f"replayed on the exhaustive histories (synchronous halving; grace:factor, rung signal), "
           f"best {reference:.4f} in {epochs} epochs:")
     for signal in REPLAY_SIGNALS:
-        for grace, factor in [(1, 2), (1, 3), (2, 2), (2, 3), (3, 3)]:
+        for grace, factor in [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (3, 3)]:
             best, used = replay(trained, grace, factor, signal)
             print(f"  {grace}:{factor} on {signal:<18} best {best:.3f} ({(best - reference) * 100:+.1f} AP)  "
                   f"epochs {used:3d} ({used / epochs:.2f}x)")
@@ -240,7 +240,7 @@ def print_replay(trained: list[dict[str, list[float]]], reference: float) -> Non
     print("simulated asynchronously (2 at a time, each epoch as long as in the exhaustive run; grace:factor, "
           "rung signal, rule):")
     for signal in REPLAY_SIGNALS:
-        for grace, factor in [(1, 2), (1, 3), (2, 3)]:
+        for grace, factor in [(1, 2), (1, 3), (1, 4), (2, 3)]:
             for rule in RULES:
                 best, used, took = simulate(trained, grace, factor, signal, rule)
                 print(f"  {grace}:{factor} on {signal:<18} {rule:<8} best {best:.3f} "
