@@ -6,10 +6,12 @@ were not) is trained (1) exhaustively, (2) with ASHA at the given settings, and 
 the grid. For each: the best val/bbox_mAP any trial reached, the epochs trained in total and the wall time,
 with their ratios to exhaustive. Then successive halving is replayed on the exhaustive run's per-epoch
 histories for other settings and rung signals (a replay, not a run: it shows which settings keep the
-winner, cheaply), to choose the defaults that the runs then confirm.
+winner, cheaply), to choose the defaults that the runs then confirm, and simulated asynchronously on them (two at
+a time, each epoch as long as it took) under Ray's rule, dettune's rechecked one and the ASHA paper's promotion.
 
     .venv/bin/python bench/asha.py [--grid heads|scales] [--asha 1:2 1:3 2:3] [--images 96]
     .venv/bin/python bench/asha.py --demo 24   # the demo space, 24 trials x 3 epochs on 48 images: who passes epoch 1
+    .venv/bin/python bench/asha.py --grid scales --histories scales.json  # exhaustive once, then replays only
 """
 
 from __future__ import annotations
