@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -66,6 +67,44 @@ def test_a_promotion_on_a_partial_rung_is_taken_back_when_later_arrivals_outrank
     assert low.on_trial_result(None, SimpleNamespace(trial_id="y"), {"epoch": 1, "s": 2.0}) == "STOP"  # type: ignore[arg-type]
     # the last epoch ends the trial
     assert report("d", 6, 0.0) == "STOP"
+
+
+def test_tune_stops_a_trial_promoted_before_its_rung_filled(tmp_path: Path, ray_local: None) -> None:
+    """A real Tune run of scripted trials (no training), 3 at once: the weak trial reaches the rung first and goes
+    on (nothing to compare with); once the strong ones have recorded better epoch-1 scores it stops after epoch 2,
+    where Ray's AsyncHyperBandScheduler lets it finish. The strong ones finish."""
+    from ray import tune
+
+    def scripted_trial(config: dict[str, Any]) -> None:  # defined here: Ray's workers cannot import test modules
+        """Reports a fixed score for 3 epochs; flag files order the arrivals: the weak trial reaches epoch 1 first
+        and reports epoch 2 only after both strong ones have recorded their epoch 1."""
+        folder, name = Path(config["folder"]), config["name"]
+
+        def wait_for(*flags: str) -> None:
+            while not all((folder / flag).exists() for flag in flags):
+                time.sleep(0.1)
+            time.sleep(3)  # the driver has taken the other trials' results by then
+
+        for epoch in (1, 2, 3):
+            if name == "weak" and epoch == 2:
+                wait_for("strong-a", "strong-b")
+            if name != "weak" and epoch == 1:
+                wait_for("weak")
+            tune.report({"epoch": epoch, "score": config["score"]})
+            if epoch == 1:
+                (folder / name).touch()
+
+    scores = {"weak": 0.1, "strong-a": 0.5, "strong-b": 0.6}
+    asha = RecheckedASHA(time_attr="epoch", metric="score", mode="max", max_t=3, grace_period=1, reduction_factor=3)
+    tuner = tune.Tuner(
+        tune.with_resources(scripted_trial, {"cpu": 0.5}),
+        param_space={"name": tune.grid_search(list(scores)), "folder": str(tmp_path),
+                     "score": tune.sample_from(lambda spec: scores[spec.config.name])},
+        tune_config=tune.TuneConfig(scheduler=asha, max_concurrent_trials=3),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="recheck", verbose=0))
+    results = tuner.fit()
+    last_epoch = {result.config["name"]: result.metrics["epoch"] for result in results}
+    assert last_epoch == {"weak": 2, "strong-a": 3, "strong-b": 3}
 
 
 def _arrival_rule_rank(k: int, factor: int) -> int:
