@@ -6,15 +6,18 @@ were not) is trained (1) exhaustively, (2) with ASHA at the given settings, and 
 the grid. For each: the best val/bbox_mAP any trial reached, the epochs trained in total and the wall time,
 with their ratios to exhaustive. Then successive halving is replayed on the exhaustive run's per-epoch
 histories for other settings and rung signals (a replay, not a run: it shows which settings keep the
-winner, cheaply), to choose the defaults that the runs then confirm.
+winner, cheaply), to choose the defaults that the runs then confirm, and simulated asynchronously on them (two at
+a time, each epoch as long as it took) under Ray's rule, dettune's rechecked one and the ASHA paper's promotion.
 
     .venv/bin/python bench/asha.py [--grid heads|scales] [--asha 1:2 1:3 2:3] [--images 96]
     .venv/bin/python bench/asha.py --demo 24   # the demo space, 24 trials x 3 epochs on 48 images: who passes epoch 1
+    .venv/bin/python bench/asha.py --grid scales --histories scales.json  # exhaustive once, then replays only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -29,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from cocodata.synth import write_dataset
 from search.cli import DEMO_SPACE
 from search.driver import SearchOptions, run_search
-from search.rung import rung_score
+from search.rung import below_cutoff, rung_score
 from tracking_names import TAG_ROLE
 
 EPOCHS = 6
@@ -42,10 +45,10 @@ GRIDS = {
 FIXED = {"backbone": "r18", "preset": "tiny", "scale": [160, 160], "optimizer": "sgd", "batch_size": 4}
 METRIC = "val/bbox_mAP"
 RUNG_SCORE = "rung score"
+ELAPSED = "elapsed s"
 REPLAY_SIGNALS = ("val/bbox_mAP", "val/bbox_mAP_50", "-train/loss", RUNG_SCORE)
 """Rung signals replayed: the metric itself, its looser IoU-0.5 form, the training loss (lower is better), and
 what ASHA compares (search/rung.py: the metric, ties broken by the other two)."""
-HISTORY_KEYS = ("val/bbox_mAP", "val/bbox_mAP_50", "train/loss")
 
 
 @dataclass
@@ -69,18 +72,23 @@ def _space(data: Path, name: str, grid: dict[str, Any], search: dict[str, Any], 
 
 
 def histories(tracking_uri: str, name: str) -> list[dict[str, list[float]]]:
-    """Each trial's per-epoch values of the replayed signals, epoch 1 first."""
+    """Each trial's per-epoch values of every metric its run logs per epoch, epoch 1 first, and the rung score;
+    trials in the order they started, and under ELAPSED the seconds from the trial's start to each epoch's result."""
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, name
-    runs = client.search_runs([experiment.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'",
+                              order_by=["attributes.start_time ASC"])
     out = []
     for run in runs:
         trial = {}
-        for key in HISTORY_KEYS:
+        for key in sorted(run.data.metrics):
             points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
             trial[key] = [m.value for m in points]
-        rows = [dict(zip(HISTORY_KEYS, values, strict=True)) for values in zip(*trial.values(), strict=True)]
+            if key == METRIC:
+                trial[ELAPSED] = [(m.timestamp - run.info.start_time) / 1000 for m in points]
+        per_epoch = {key: values for key, values in trial.items() if len(values) == len(trial[METRIC])}
+        rows = [dict(zip(per_epoch, values, strict=True)) for values in zip(*per_epoch.values(), strict=True)]
         trial[RUNG_SCORE] = [rung_score(row, metric=METRIC, mode="max") for row in rows]
         out.append(trial)
     return out
@@ -117,6 +125,80 @@ def replay(trained: list[dict[str, list[float]]], grace: int, factor: int, signa
     return best, sum(stopped_at.values())
 
 
+RULES = ("stop", "recheck", "promote")
+"""How an asynchronous ASHA decides at a rung (see :func:`simulate`)."""
+
+
+def _at(trial: dict[str, list[float]], signal: str, epoch: int) -> float:
+    return (-1.0 if signal.startswith("-") else 1.0) * trial[signal.lstrip("-")][epoch - 1]
+
+
+def simulate(trained: list[dict[str, list[float]]], grace: int, factor: int, signal: str, rule: str,
+             workers: int = 2) -> tuple[float, int, float]:
+    """Asynchronous ASHA over full histories: ``workers`` trials at a time, started in the order the exhaustive run
+    started them, each epoch taking as long as it took there. ``rule`` "stop" is Ray's AsyncHyperBandScheduler (a
+    trial reaching a rung goes on unless below the percentile of the values recorded there before it); "recheck"
+    the same, and after every later epoch a trial stops once its value at a rung it passed is below that percentile
+    of the rung's other values recorded since; "promote" the ASHA paper's promotion (a trial waits at each rung,
+    paused, until it is among the best 1/factor of the values recorded there; a free worker resumes the best such
+    trial, paying its first epoch's setup again, before it starts a new one; trials left waiting at the end stop).
+    Returns the best METRIC reached, the epochs trained and the time to the last result."""
+    rungs = [grace * factor ** k for k in range(EPOCHS) if grace * factor ** k < EPOCHS]
+    recorded: dict[int, dict[int, float]] = {rung: {} for rung in rungs}
+    took = [[t[ELAPSED][0]] + [b - a for a, b in zip(t[ELAPSED], t[ELAPSED][1:], strict=False)] for t in trained]
+    setup = [max(0.0, times[0] - times[1]) for times in took]
+    waiting = list(range(len(trained)))
+    done = dict.fromkeys(waiting, 0)
+    paused: set[int] = set()
+    running: dict[int, float] = {}
+    now = 0.0
+
+    def promotable() -> int | None:
+        for rung in reversed(rungs):
+            ranked = sorted(recorded[rung], key=recorded[rung].__getitem__, reverse=True)
+            chosen = [i for i in ranked[:len(ranked) // factor] if i in paused and done[i] == rung]
+            if chosen:
+                return chosen[0]
+        return None
+
+    def fill() -> None:
+        while len(running) < workers:
+            resumed = promotable() if rule == "promote" else None
+            if resumed is not None:
+                paused.discard(resumed)
+                running[resumed] = now + setup[resumed] + took[resumed][done[resumed]]
+            elif waiting:
+                new = waiting.pop(0)
+                running[new] = now + took[new][0]
+            else:
+                return
+
+    fill()
+    while running:
+        trial = min(running, key=running.__getitem__)
+        now = running.pop(trial)
+        done[trial] += 1
+        epoch = done[trial]
+        value = _at(trained[trial], signal, epoch)
+        go_on = epoch < EPOCHS
+        if go_on and epoch in recorded:
+            before = list(recorded[epoch].values())
+            recorded[epoch][trial] = value
+            if rule == "promote":
+                paused.add(trial)
+                go_on = False
+            else:
+                go_on = not below_cutoff(value, before, factor)
+        if go_on and rule == "recheck":
+            go_on = not any(below_cutoff(recorded[rung][trial], [v for i, v in recorded[rung].items() if i != trial],
+                                          factor) for rung in rungs if rung < epoch)
+        if go_on:
+            running[trial] = now + took[trial][epoch]
+        fill()
+    best = max(max(trained[i][METRIC][:done[i]]) for i in done)
+    return best, sum(done.values()), now
+
+
 def _row(outcome: Outcome, reference: Outcome) -> str:
     return (f"  {outcome.label:<26} best {outcome.best:.4f} ({(outcome.best - reference.best) * 100:+.1f} AP)  "
             f"epochs {outcome.epochs:3d} ({outcome.epochs / reference.epochs:.2f}x)  "
@@ -147,6 +229,33 @@ def demo_case(trials: int) -> None:
           f"{max(best[METRIC]):.4f} {'went on' if best in passed else 'stopped at epoch 1'}")
 
 
+def print_replay(trained: list[dict[str, list[float]]], reference: float) -> None:
+    epochs = sum(len(trial[METRIC]) for trial in trained)
+    print(f"replayed on the exhaustive histories (synchronous halving; grace:factor, rung signal), "
+          f"best {reference:.4f} in {epochs} epochs:")
+    for signal in REPLAY_SIGNALS:
+        for grace, factor in [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (3, 3)]:
+            best, used = replay(trained, grace, factor, signal)
+            print(f"  {grace}:{factor} on {signal:<18} best {best:.3f} ({(best - reference) * 100:+.1f} AP)  "
+                  f"epochs {used:3d} ({used / epochs:.2f}x)")
+    wall = sum(trial[ELAPSED][-1] for trial in trained) / 2  # two at a time
+    print("simulated asynchronously (2 at a time, each epoch as long as in the exhaustive run; grace:factor, "
+          "rung signal, rule):")
+    for signal in REPLAY_SIGNALS:
+        for grace, factor in [(1, 2), (1, 3), (1, 4), (2, 3)]:
+            for rule in RULES:
+                best, used, took = simulate(trained, grace, factor, signal, rule)
+                print(f"  {grace}:{factor} on {signal:<18} {rule:<8} best {best:.3f} "
+                      f"({(best - reference) * 100:+.1f} AP)  epochs {used:3d} ({used / epochs:.2f}x)  "
+                      f"time {took / wall:.2f}x")
+
+
+def replay_saved(path: Path) -> None:
+    """The replay alone, on histories a former exhaustive run saved (``--histories``): no training."""
+    trained = json.loads(path.read_text())
+    print_replay(trained, max(max(trial[METRIC]) for trial in trained))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--asha", nargs="+", default=["1:2", "1:3", "2:3"], help="grace:reduction_factor runs")
@@ -155,9 +264,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--demo", type=int, metavar="TRIALS", help="run the demo-space case instead of a grid")
     parser.add_argument("--asha-only", action="store_true",
                         help="the ASHA runs alone (no exhaustive run, TPE or replay): epochs against the grid's 12 x 6")
+    parser.add_argument("--histories", type=Path, metavar="JSON",
+                        help="replay on the exhaustive histories saved here; when the file does not exist yet, run "
+                             "the exhaustive grid alone, save its histories there and replay")
     args = parser.parse_args(argv)
     if args.demo:
         demo_case(args.demo)
+        return
+    if args.histories and args.histories.exists():
+        replay_saved(args.histories)
         return
     space = GRIDS[args.grid]
     settings = [tuple(int(part) for part in setting.split(":")) for setting in args.asha]
@@ -166,6 +281,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         data, storage = Path(tmp) / "data", Path(tmp) / "runs"
         write_dataset(data, images=args.images, size=160, seed=0)
         storage.mkdir()
+        if args.histories:
+            exhaustive, trained = run(data, storage, space, "exhaustive", grid, {"type": "none"}, 1)
+            args.histories.write_text(json.dumps(trained))
+            print(_row(exhaustive, exhaustive))
+            print_replay(trained, exhaustive.best)
+            return
         asha = [run(data, storage, space, f"ASHA {g}:{f}", grid,
                     {"type": "asha", "grace_epochs": g, "reduction_factor": f}, 1)[0] for g, f in settings]
         if args.asha_only:  # the exhaustive run does not depend on ASHA: its 72 epochs are known
@@ -181,12 +302,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(_row(exhaustive, exhaustive))
     for outcome in outcomes:
         print(_row(outcome, exhaustive))
-    print("replayed on the exhaustive histories (synchronous halving; grace:factor, rung signal):")
-    for signal in REPLAY_SIGNALS:
-        for grace, factor in [(1, 2), (1, 3), (2, 2), (2, 3), (3, 3)]:
-            best, epochs = replay(trained, grace, factor, signal)
-            print(f"  {grace}:{factor} on {signal:<18} best {best:.3f} ({(best - exhaustive.best) * 100:+.1f} AP)  "
-                  f"epochs {epochs:3d} ({epochs / exhaustive.epochs:.2f}x)")
+    print_replay(trained, exhaustive.best)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from cocodata.datacheck import CARD_FILE, DatasetCard, check_command
@@ -41,7 +41,7 @@ from search.callbacks import (
     repeated_setup_failure,
 )
 from search.resources import check_cluster
-from search.rung import RUNG_SCORE
+from search.rung import RUNG_SCORE, RecheckedASHA
 from search.tracking import Tracker, TrackingSettings
 from search.trainable import HIDE_UNASSIGNED_GPUS, TrialFunction, TrialPlan, tune_trial
 from spaces.errors import NotFound, UserError
@@ -218,7 +218,8 @@ def make_scheduler(space: Space) -> TrialScheduler:
     if space.scheduler.type == "none":
         return FIFOScheduler()
     # The metric with its ties broken (search/rung.py): Ray goes on with every trial tied at a rung's cutoff.
-    return ASHAScheduler(time_attr=EPOCH, metric=RUNG_SCORE, mode=space.mode, max_t=space.budget.epochs,
+    # Ray's rule, and a promotion made on a partly filled rung taken back once later arrivals outrank it.
+    return RecheckedASHA(time_attr=EPOCH, metric=RUNG_SCORE, mode=space.mode, max_t=space.budget.epochs,
                          grace_period=space.scheduler.grace_epochs,
                          reduction_factor=space.scheduler.reduction_factor)
 

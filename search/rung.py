@@ -13,9 +13,18 @@ losses 1e-4 apart. Everything else (the searcher, checkpoints, report, export) k
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ray.tune.schedulers import FIFOScheduler
 
 from spaces.schema import Space
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
 
 RUNG_SCORE = "search/rung_score"
 LOOSER_MAP = "val/bbox_mAP_50"
@@ -48,3 +57,55 @@ def with_rung_score(row: Mapping[str, float], space: Space) -> dict[str, float]:
     if space.scheduler.type != "asha":
         return dict(row)
     return {**row, RUNG_SCORE: rung_score(row, metric=space.metric, mode=space.mode)}
+
+
+def below_cutoff(value: float, others: list[float], factor: int) -> bool:
+    """Ray's ASHA rule: ``value`` is strictly below the ``1 - 1/factor`` quantile of the ``others`` (none: go on)."""
+    return bool(others) and value < float(np.nanpercentile(others, (1 - 1 / factor) * 100))
+
+
+class RecheckedASHA(FIFOScheduler):
+    """Asynchronous successive halving that takes back a promotion made on a partly filled rung.
+
+    Ray's ``AsyncHyperBandScheduler`` judges a trial once, when it reaches a rung, against the scores recorded there
+    before it, so the first trials to arrive go on against few or none. This scheduler applies the same rule at
+    arrival, and after every later epoch judges the trial again at each rung it passed, against every score recorded
+    there since: a trial promoted early stops as soon as the rung's later arrivals leave it below the cutoff. It
+    never pauses a trial, so the concurrency limit, checkpoints and a driver's resume work as with Ray's scheduler.
+    """
+
+    def __init__(self, *, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int,
+                 reduction_factor: int) -> None:
+        super().__init__()
+        self._metric = metric
+        self._sign = 1.0 if mode == "max" else -1.0
+        self._time_attr, self._max_t, self._factor = time_attr, max_t, reduction_factor
+        milestones = itertools.takewhile(lambda t: t < max_t, (grace_period * reduction_factor ** k
+                                                               for k in itertools.count()))
+        self._rungs: dict[int, dict[str, float]] = {milestone: {} for milestone in milestones}
+
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict[str, Any]) -> str:
+        if self._time_attr not in result or self._metric not in result:
+            return self.CONTINUE
+        t = result[self._time_attr]
+        if t >= self._max_t:
+            return self.STOP
+        return self.STOP if self._record(trial.trial_id, t, self._sign * result[self._metric]) else self.CONTINUE
+
+    def _record(self, trial_id: str, t: float, score: float) -> bool:
+        """Records ``score`` at the rung ``t`` reaches first; whether the trial is below the cutoff there, or now
+        below it at a rung it passed before."""
+        arrived = next((milestone for milestone, scores in self._rungs.items()
+                        if t >= milestone and trial_id not in scores), None)
+        below = False
+        if arrived is not None:
+            scores = self._rungs[arrived]
+            below = below_cutoff(score, list(scores.values()), self._factor)
+            scores[trial_id] = score
+        return below or any(
+            below_cutoff(scores[trial_id], [s for other, s in scores.items() if other != trial_id], self._factor)
+            for milestone, scores in self._rungs.items() if milestone < t and trial_id in scores)
+
+    def debug_string(self) -> str:
+        return "Using ASHA with rechecked promotions: " + ", ".join(
+            f"epoch {milestone}: {len(scores)} recorded" for milestone, scores in self._rungs.items())
