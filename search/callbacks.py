@@ -7,16 +7,15 @@ only one process ever writes to MLflow.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
 from ray.tune import Callback, Stopper
 
 from search.tracking import Tracker, TrackingSettings, now_ms
 from search.trainable import DATA_ERROR
+from search.writer import OrderedWriter
 from spaces.knobs import show_value
 from tracking_names import outcome_text
 from trainers.metrics import EPOCH
@@ -55,10 +54,11 @@ class TrackingDown(RuntimeError):
 class MlflowCallback(Callback):
     """Keeps each Tune trial in one MLflow run, whatever restarts happen around it.
 
-    Writes go through a FIFO buffer: while the tracking server is unreachable, training goes on and the
-    writes wait; they are delivered in order once it answers again. If it stays down longer than
-    the settings' ``down_timeout_s``, :class:`TrackingDown` stops the search (Ray keeps every result and
-    checkpoint, and ``dettune resume`` later delivers what is missing).
+    Writes go out in order on a thread of their own (:class:`~search.writer.OrderedWriter`): Tune's loop hands them
+    over and goes on, never waiting for the server. While the tracking server is unreachable, training goes on and
+    the writes wait; they are delivered in order once it answers again. If it stays down longer than the settings'
+    ``down_timeout_s``, :class:`TrackingDown` stops the search (Ray keeps every result and checkpoint, and
+    ``dettune resume`` later delivers what is missing).
 
     Tune pickles callbacks with its experiment state; this one pickles the path of the search's saved
     :class:`~search.tracking.TrackingSettings` instead of its tracker, and a restored copy rebuilds the tracker from
@@ -76,15 +76,13 @@ class MlflowCallback(Callback):
         self._max_epochs = max_epochs
         self._failure_of = failure_of
         self._retry_every_s = retry_every_s
-        self._pending: deque[Callable[[], Any]] = deque()
-        self._down_since: float | None = None
-        self._last_try = 0.0
+        self._writer = OrderedWriter(retry_every_s)
         self._open: set[str] = set()  # started, end not yet recorded
 
     def __getstate__(self) -> dict[str, Any]:
-        """The buffer is left out: a resumed driver rebuilds it from Ray's results (``reconcile``)."""
-        state = {**self.__dict__, "_pending": deque(), "_down_since": None}
-        del state["_tracker"], state["_down_timeout_s"]
+        """The writes still waiting are left out: a resumed driver rebuilds them from Ray's results (``reconcile``)."""
+        state = dict(self.__dict__)
+        del state["_tracker"], state["_down_timeout_s"], state["_writer"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -93,32 +91,13 @@ class MlflowCallback(Callback):
         experiment_dir = self._settings_file.parent
         self._tracker = settings.tracker(experiment_dir.parent, experiment_dir.name)
         self._down_timeout_s = settings.down_timeout_s
+        self._writer = OrderedWriter(self._retry_every_s)
 
-    def _send(self, *operations: Callable[[], Any]) -> None:
-        self._pending.extend(operations)
-        self._flush()
-
-    def _flush(self) -> None:
-        self._last_try = time.monotonic()
-        while self._pending:
-            try:
-                self._pending[0]()
-            except (MlflowException, OSError) as exc:
-                if self._down_since is None:
-                    self._down_since = time.monotonic()
-                    print(f"[{time.strftime('%H:%M:%S')}] MLflow unreachable, buffering its writes: {exc}",
-                          flush=True)
-                return
-            self._pending.popleft()
-        if self._down_since is not None:
-            print(f"[{time.strftime('%H:%M:%S')}] MLflow is back; buffered writes delivered", flush=True)
-            self._down_since = None
+    def _send(self, *writes: Callable[[], Any]) -> None:
+        self._writer.put(*writes)
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        if not self._pending or time.monotonic() - self._last_try < self._retry_every_s:
-            return
-        self._flush()
-        if self._down_since is not None and time.monotonic() - self._down_since > self._down_timeout_s:
+        if self._writer.down_for() > self._down_timeout_s:
             raise TrackingDown(f"MLflow at {self._tracker.tracking_uri} has been unreachable for more than "
                                f"{self._down_timeout_s:.0f} s, so the search stopped; training results are kept "
                                f"in Ray storage: run `dettune resume {self._tracker.search}` once it is back")
@@ -151,20 +130,16 @@ class MlflowCallback(Callback):
                    lambda: self._tracker.end_trial(trial.trial_id, status="failed", failure=reason))
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        """Records how the trials still open ended, then waits for the buffered writes to land, as long as
-        the outage is within the allowed time."""
+        """Records how the trials still open ended, then waits for every write to land, as long as an outage
+        stays within the allowed time."""
         for trial in trials:  # Tune reports no end for a trial the search stopped (e.g. after setup failures)
             if trial.trial_id in self._open:
                 self.on_trial_complete(0, trials, trial)
-        self._flush()
-        while self._pending:
-            down_for = time.monotonic() - (self._down_since or time.monotonic())
-            if down_for > self._down_timeout_s:
+        while not self._writer.wait_delivered(timeout_s=1.0):
+            if self._writer.down_for() > self._down_timeout_s:
                 raise TrackingDown(f"MLflow at {self._tracker.tracking_uri} has been unreachable for more than "
                                    f"{self._down_timeout_s:.0f} s at the end of the search: run "
                                    f"`dettune resume {self._tracker.search}` once it is back")
-            time.sleep(self._retry_every_s)
-            self._flush()
 
 
 class ConsoleCallback(Callback):

@@ -210,10 +210,12 @@ def mlflow_server(tmp: Path, port: int | None = None, *, backend_uri: str | None
 class ReplyDroppingProxy:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that, once armed for a path, forwards the next request
     to it, lets the server answer (the write is committed) and then closes the connection without the reply: what
-    a client sees when a network drops a reply or its timeout ends the wait just after the server committed."""
+    a client sees when a network drops a reply or its timeout ends the wait just after the server committed.
+    With ``reply_delay_s`` every reply comes that much later: a distant or busy server."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, reply_delay_s: float = 0.0) -> None:
         self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.reply_delay_s = reply_delay_s
         self.armed_for: str | None = None
         self.dropped: list[str] = []
         proxy = self
@@ -231,6 +233,7 @@ class ReplyDroppingProxy:
                     content = reply.read()
                 finally:
                     upstream.close()
+                time.sleep(proxy.reply_delay_s)
                 if proxy.armed_for is not None and self.path.endswith(proxy.armed_for):
                     proxy.armed_for = None
                     proxy.dropped.append(self.path)

@@ -110,15 +110,16 @@ def test_a_write_the_server_committed_but_whose_reply_was_lost_is_not_recorded_t
     with mlflow_server(tmp_path) as url, ReplyDroppingProxy(url) as proxy:
         settings = TrackingSettings(uri=proxy.url)
         settings.save(tmp_path / "search.json")
+        # Retried 50 ms later: a timestamp taken at the retry would differ from the first write's.
         callback = MlflowCallback(settings.tracker(tmp_path, "lost-reply"), settings_file=tmp_path / "search.json",
-                                  params_of=dict, max_epochs=2, failure_of=lambda _: None, retry_every_s=0.0)
-        trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01})  # what the callback reads of a Tune trial
+                                  params_of=dict, max_epochs=2, failure_of=lambda _: None, retry_every_s=0.05)
+        trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01}, last_result={"epoch": 1})  # what it reads
         callback.on_trial_start(0, [trial], trial)
+        callback.on_experiment_end([])  # the run and its number are written before the drop is armed
         proxy.drop_next_reply("/runs/log-batch")
         callback.on_trial_result(1, [trial], trial, {"epoch": 1, "val/bbox_mAP": 0.25, "train/loss": 1.5})
+        callback.on_experiment_end([])
         assert proxy.dropped, "the epoch's write never reached the server"
-        time.sleep(0.05)  # a timestamp taken at the retry would differ from the first write's
-        callback.on_step_end(2, [trial])
         console = capsys.readouterr().out
         assert "MLflow unreachable" in console and "buffered writes delivered" in console, console
 
@@ -127,3 +128,33 @@ def test_a_write_the_server_committed_but_whose_reply_was_lost_is_not_recorded_t
                                     "tags.`dettune.trial_id` = 't0'")
         for key, value in (("val/bbox_mAP", 0.25), ("train/loss", 1.5)):
             assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] == [(1, value)], key
+
+
+def test_tunes_loop_hands_writes_over_without_waiting_for_a_slow_server(tmp_path: Path) -> None:
+    epochs, delay_s = 4, 0.5
+    with mlflow_server(tmp_path) as url, ReplyDroppingProxy(url, reply_delay_s=delay_s) as proxy:
+        settings = TrackingSettings(uri=proxy.url)
+        settings.save(tmp_path / "search.json")
+        callback = MlflowCallback(settings.tracker(tmp_path, "slow"), settings_file=tmp_path / "search.json",
+                                  params_of=dict, max_epochs=epochs, failure_of=lambda _: None)
+        trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01}, last_result={"epoch": epochs})
+        started = time.monotonic()
+        callback.on_trial_start(0, [trial], trial)
+        for epoch in range(1, epochs + 1):
+            callback.on_trial_result(epoch, [trial], trial, {"epoch": epoch, "val/bbox_mAP": 0.1 * epoch})
+            callback.on_step_end(epoch, [trial])
+        handed_over = time.monotonic() - started
+        callback.on_trial_complete(epochs + 1, [trial], trial)
+        callback.on_experiment_end([trial])
+        delivered = time.monotonic() - started
+
+        # Each epoch's write alone waits delay_s for its reply: the loop must not have waited for any of them.
+        assert handed_over < delay_s, f"Tune's loop waited {handed_over:.2f} s for the server"
+        assert delivered > epochs * delay_s
+        client = MlflowClient(url)
+        (run,) = client.search_runs([client.get_experiment_by_name("slow").experiment_id],
+                                    "tags.`dettune.trial_id` = 't0'")
+        history = sorted((m.step, round(m.value, 6)) for m in client.get_metric_history(run.info.run_id,
+                                                                                       "val/bbox_mAP"))
+        assert history == [(epoch, round(0.1 * epoch, 6)) for epoch in range(1, epochs + 1)]
+        assert run.data.tags["dettune.status"] == "completed" and run.info.status == "FINISHED"
