@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from conftest import write_space
 from optuna.samplers import NSGAIISampler, TPESampler
 from optuna.trial import TrialState
 
 from cocodata.dataset import Dataset
-from search.optuna_search import ObjectiveSearch, make_sampler
+from search.optuna_search import TRIAL_ATTR, ObjectiveSearch, StudyMirror, make_sampler
+from search.tracking import TrackingSettings
 from spaces.schema import Space, load_space
 
 ROWS = [  # an ASHA-stopped trial: FPS after epoch 1 only, its best mAP at epoch 2, stopped after epoch 3
@@ -102,6 +104,32 @@ def test_a_restored_searcher_finishes_the_trials_it_had_asked(tmp_path: Path, sy
     assert running.state == TrialState.COMPLETE and running.values == [0.30, 8.0]
     assert running.constraints == {"inference/fps >=": pytest.approx(0.2)}
     assert after.suggest("next") is not None and len(after.study.trials) == 3
+
+
+def test_the_study_copy_is_complete_at_every_save_and_mended_on_restore(tmp_path: Path, synth: Dataset) -> None:
+    space = _space(tmp_path, synth)
+    settings = tmp_path / "runs" / space.name / "search.json"
+    settings.parent.mkdir(parents=True)
+    TrackingSettings().save(settings)
+    copy_url = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+
+    def copied() -> list[str]:
+        return sorted(t.user_attrs[TRIAL_ATTR] for t in optuna.load_study(study_name=space.name,
+                                                                         storage=copy_url).trials)
+
+    before = ObjectiveSearch(space, mirror=StudyMirror(settings, space, fresh=True))
+    for trial_id in ("a", "b", "c"):
+        _run(before, trial_id, ROWS)
+    before.save(str(tmp_path / "searcher.pkl"))  # Tune's snapshot: the copies handed over are all made by now
+    assert copied() == ["a", "b", "c"]
+
+    # A driver killed before its copying thread got to them: the copy lacks trials the saved searcher told.
+    optuna.delete_study(study_name=space.name, storage=copy_url)
+    after = ObjectiveSearch(space)
+    after.restore(str(tmp_path / "searcher.pkl"))
+    _run(after, "d", ROWS)
+    after.save(str(tmp_path / "searcher.pkl"))
+    assert copied() == ["a", "b", "c", "d"]
 
 
 @pytest.mark.parametrize(("algorithm", "sampler"), [("tpe", TPESampler), ("nsga2", NSGAIISampler)])
