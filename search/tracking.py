@@ -110,6 +110,7 @@ class TrackingSettings:
 class _RunState:
     run_id: str
     logged_epochs: set[int]
+    ended: bool = False  # this tracker recorded the trial's end
 
 
 class Tracker:
@@ -299,8 +300,9 @@ class Tracker:
 
         With ``only_if_open`` a run that already records its end is left as it is.
         """
-        run_id = self._runs[trial_id].run_id
-        if only_if_open and self.client.get_run(run_id).data.tags.get(TAG_STATUS) != "running":
+        state = self._runs[trial_id]
+        run_id = state.run_id
+        if only_if_open and (state.ended or self.client.get_run(run_id).data.tags.get(TAG_STATUS) != "running"):
             return
         tags = [RunTag(TAG_STATUS, status)]
         if stopped_at is not None:
@@ -309,6 +311,7 @@ class Tracker:
             tags.append(RunTag(TAG_FAILURE, failure[:4000]))
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+        state.ended = True
 
 
 def now_ms() -> int:

@@ -69,6 +69,8 @@ def test_outage_is_buffered_and_delivered(tmp_path: Path, synth: Dataset) -> Non
         output, _ = driver.communicate(timeout=600)
         assert driver.returncode == 0, "".join(seen) + output
         assert "buffered writes delivered" in "".join(seen) + output
+        # One link to the experiment at the end, none of MLflow's two per ended run (on a server only).
+        assert "View run" not in "".join(seen) + output and output.count("#/experiments/") == 1
         _assert_all_points_once(url, "outage", epochs=3, trials=1)
 
 
