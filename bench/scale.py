@@ -154,11 +154,18 @@ def _instrument(metrics: Path) -> None:
         note({"snapshot_s": time.perf_counter() - start, "trials": len(self.get_trials())})
 
     def timed_fit(self: Any) -> Any:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        note({"fit_start_cpu_s": usage.ru_utime + usage.ru_stime})
-        return fit(self)
+        note({"fit_start_cpu_s": cpu_s()})
+        try:
+            return fit(self)
+        finally:
+            note({"fit_end_cpu_s": cpu_s()})
 
     ObjectiveSearch.suggest, TuneController.save_to_dir, Tuner.fit = timed_suggest, timed_save, timed_fit
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- the searcher alone ---------------------------------------------------------------------------------------------

@@ -172,8 +172,11 @@ def figures(pg: Any, search: str, record: Path, driver_metrics: Path,
     notes = [json.loads(line) for line in driver_metrics.read_text().splitlines()]
     reports = sum(len(reports) for trial in trials.values() for reports in trial.epochs.values())
     fit_start = {note["pid"]: note["fit_start_cpu_s"] for note in notes if "fit_start_cpu_s" in note}
+    fit_end = {note["pid"]: note["fit_end_cpu_s"] for note in notes if "fit_end_cpu_s" in note}
     cpu_all = sum(usage.ru_utime + usage.ru_stime for _, usage in drivers)
-    cpu_fit = cpu_all - sum(fit_start.get(pid, 0.0) for pid, _ in drivers)
+    # A killed driver's fit ends with it.
+    cpu_fit = sum(fit_end.get(pid, usage.ru_utime + usage.ru_stime) - fit_start.get(pid, 0.0)
+                  for pid, usage in drivers)
     snapshots = [note["snapshot_s"] for note in notes if "snapshot_s" in note]
     delays = report_delays(store, trials)
     return Figures(
