@@ -154,11 +154,14 @@ def _instrument(metrics: Path) -> None:
         note({"snapshot_s": time.perf_counter() - start, "trials": len(self.get_trials())})
 
     def timed_fit(self: Any) -> Any:
+        before = cpu_by_thread()
         note({"fit_start_cpu_s": cpu_s()})
         try:
             return fit(self)
         finally:
-            note({"fit_end_cpu_s": cpu_s()})
+            after = cpu_by_thread()
+            note({"fit_end_cpu_s": cpu_s(),
+                  "fit_cpu_by_thread_s": {name: after[name] - before.get(name, 0.0) for name in after}})
 
     ObjectiveSearch.suggest, TuneController.save_to_dir, Tuner.fit = timed_suggest, timed_save, timed_fit
 
@@ -166,6 +169,25 @@ def _instrument(metrics: Path) -> None:
 def cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def cpu_by_thread() -> dict[str, float]:
+    """CPU seconds of the driver's live threads, summed by name: Python's thread names (Tune's loop is the main
+    thread), else the OS's (Ray's own threads name themselves)."""
+    import threading
+
+    python_names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    ticks = os.sysconf("SC_CLK_TCK")
+    by_name: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            name = python_names.get(int(task.name)) or (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        utime, stime = stat.rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15, after the command's parentheses
+        by_name[name] = by_name.get(name, 0.0) + (int(utime) + int(stime)) / ticks
+    return by_name
 
 
 # --- the searcher alone ---------------------------------------------------------------------------------------------

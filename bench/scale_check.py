@@ -141,6 +141,8 @@ class Figures:
     snapshot_max_s: float
     snapshot_total_s: float
     driver_peak_mb: float
+    fit_cpu_by_thread_s: dict[str, float]
+    """The driver's CPU in Tune's fit by thread (the last driver's, when one was killed and resumed)."""
 
     @property
     def trials_per_hour(self) -> float:
@@ -161,6 +163,10 @@ class Figures:
             f"Tune snapshots: {self.snapshots}, median {1000 * self.snapshot_median_s:.1f} ms, max "
             f"{1000 * self.snapshot_max_s:.1f} ms, {self.snapshot_total_s:.1f} s in all",
             f"driver peak memory: {self.driver_peak_mb:.0f} MB",
+            "driver CPU in Tune's fit by thread, ms per result: " + ", ".join(
+                f"{name} {1000 * seconds / max(self.reports, 1):.1f}"
+                for name, seconds in sorted(self.fit_cpu_by_thread_s.items(), key=lambda item: -item[1])
+                if 1000 * seconds / max(self.reports, 1) >= 0.5),
         ])
 
 
@@ -190,7 +196,9 @@ def figures(pg: Any, search: str, record: Path, driver_metrics: Path,
         suggest_ms=suggest_by_finished([(n["finished"], n["suggest_s"]) for n in notes if "suggest_s" in n]),
         snapshots=len(snapshots), snapshot_median_s=statistics.median(snapshots) if snapshots else 0.0,
         snapshot_max_s=max(snapshots, default=0.0), snapshot_total_s=sum(snapshots),
-        driver_peak_mb=max(usage.ru_maxrss for _, usage in drivers) / 1024)
+        driver_peak_mb=max(usage.ru_maxrss for _, usage in drivers) / 1024,
+        fit_cpu_by_thread_s=next((n["fit_cpu_by_thread_s"] for n in reversed(notes) if "fit_cpu_by_thread_s" in n),
+                                 {}))
 
 
 def trials_phase_s(trials: dict[str, TrialRecord]) -> float:
