@@ -121,7 +121,7 @@ class LaunchGate:
         return True
 
 
-class _Gated(SearchAlgorithm):  # type: ignore[misc]
+class _Gated(SearchAlgorithm):
     """A Tune search algorithm that suggests nothing more once its :class:`LaunchGate` closes.
 
     It only reports itself finished: its own finished state (saved with the experiment) stays as it was, so a
@@ -141,7 +141,7 @@ class _Gated(SearchAlgorithm):  # type: ignore[misc]
         super().on_trial_result(trial_id, result)
 
 
-class GatedVariants(_Gated, BasicVariantGenerator):  # type: ignore[misc]
+class GatedVariants(_Gated, BasicVariantGenerator):
     """Tune's variant generator (random and grid search) behind a :class:`LaunchGate`."""
 
     def __init__(self, gate: LaunchGate, **generator: Any) -> None:
@@ -149,7 +149,7 @@ class GatedVariants(_Gated, BasicVariantGenerator):  # type: ignore[misc]
         self._gate = gate
 
 
-class GatedSearcher(_Gated, SearchGenerator):  # type: ignore[misc]
+class GatedSearcher(_Gated, SearchGenerator):
     """A Tune ``Searcher`` (dettune's Optuna searcher behind its concurrency limit) behind a :class:`LaunchGate`."""
 
     def __init__(self, gate: LaunchGate, searcher: Any) -> None:
@@ -157,7 +157,7 @@ class GatedSearcher(_Gated, SearchGenerator):  # type: ignore[misc]
         self._gate = gate
 
 
-class BudgetStopper(Stopper):  # type: ignore[misc]
+class BudgetStopper(Stopper):
     """Stops each trial at the first epoch it reports after the end; never the whole search at once."""
 
     def __init__(self, budget: TimeBudget) -> None:

@@ -442,15 +442,15 @@ def _utc(seconds: float) -> str:
 
 
 def _budget_end(experiment_dir: Path, tracker: Tracker) -> str | None:
-    """With a time budget, how the search ended against it: reached (with how many trials finished, and how many
-    of those the budget stopped), or every trial run within it. None without a budget."""
+    """With a time budget, how the search ended against it: reached (how many trials finished, how many more the
+    budget stopped, and when and why no more started), or within it. None without a budget."""
     budget = TimeBudget(experiment_dir)
     if budget.hours is None:
         return None
     at_budget = sum(run.data.tags.get(TAG_STOPPED_BY) == STOPPED_BY_BUDGET for run in tracker.trial_runs())
     closed = closed_because(experiment_dir)
     if closed is None and at_budget == 0:
-        return f"every trial ran within the budget of {budget.hours:g} h"
+        return f"ended within the budget of {budget.hours:g} h"
     finished = finished_trials(tracker) - at_budget
     reason = f"; no trial started after {_utc(closed[0])}: {closed[1]}" if closed else ""
     return (f"budget of {budget.hours:g} h reached: {finished} trial{'s' * (finished != 1)} finished, "

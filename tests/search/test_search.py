@@ -172,6 +172,24 @@ def test_a_time_budget_ends_the_search_on_time_and_resume_with_more_hours_goes_o
     _assert_ray_and_mlflow_agree(outcome, runs)
 
 
+@pytest.mark.slow
+def test_a_time_budget_ends_a_random_search_with_asha_on_time(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    # Random sampling (Tune's variant generator behind the gate) and ASHA, whose rungs (epochs 1, 3, 9, ...) let the
+    # one trial at a time go on until the budget stops it: the budget, not ASHA, is named as what stopped it.
+    space_file = write_space(tmp_path / "space.yaml", synth, name="hours-random",
+                             budget={"epochs": 100, "trials": 3, "max_concurrent": 1, "hours": 0.015},
+                             search={"algorithm": "random", "seed": 0},
+                             scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 3})
+    outcome = run_search(SearchOptions(space_file=space_file, storage=tmp_path / "runs"))
+    ends_at = json.loads((outcome.experiment_dir / BUDGET_FILE).read_text())["ends_at"]
+    client = MlflowClient(outcome.tracking_uri)
+    [run] = runs_of(outcome.tracking_uri, "hours-random")
+    _assert_stopped_at_the_end(client, run, ends_at)
+    assert outcome.budget_end is not None and "0 trials finished, 1 stopped at the budget" in outcome.budget_end
+    assert outcome.finished == 1  # a trial the budget stopped after an epoch counts as finished (exit status 0)
+    _assert_ray_and_mlflow_agree(outcome, [run])
+
+
 def _stamps(client: MlflowClient, run: Any) -> list[float]:
     """The run's start, then when each epoch was recorded (its train/loss point), in seconds since the epoch."""
     points = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
