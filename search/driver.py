@@ -679,7 +679,7 @@ def results_table(tracker: Tracker, space: Space) -> str:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         stopped_at = tags.get(TAG_STOPPED_AT)
         status = outcome_text(tags.get(TAG_STATUS, "?"), stopped_at=int(stopped_at) if stopped_at else None,
-                              failure=tags.get(TAG_FAILURE))
+                              failure=tags.get(TAG_FAILURE), stopped_by=tags.get(TAG_STOPPED_BY))
         scores = [m.value for m in tracker.client.get_metric_history(run.info.run_id, space.metric)]
         best = (max if space.mode == "max" else min)(scores) if scores else None
         epochs = max((m.step for m in tracker.client.get_metric_history(run.info.run_id, "train/loss")), default=0)
