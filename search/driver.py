@@ -517,7 +517,7 @@ def _stopped_because(results: Any, space: Space, plan: TrialPlan) -> str | None:
 
 
 def finished_trials(tracker: Tracker) -> int:
-    """Trials that trained and ended normally: completed, or stopped by ASHA after at least one epoch."""
+    """Trials that trained and ended normally: completed, or stopped (by ASHA or the time budget) after an epoch."""
     statuses = [(run.data.tags.get(TAG_STATUS), run.data.tags.get(TAG_STOPPED_AT)) for run in tracker.trial_runs()]
     return sum(1 for status, at in statuses if status == "completed" or (status == "stopped" and at not in (None, "0")))
 
