@@ -661,6 +661,8 @@ def _grid_line(space: Space) -> str:
 
 def _trials_line(space: Space) -> str:
     epochs = f"up to {space.budget.epochs} epochs each"
+    if space.budget.hours is not None:
+        epochs += f", within {space.budget.hours:g} h"
     if space.search.algorithm == "grid":
         return f"{space.grid_size()}, one per grid point, {epochs}"
     return f"{space.budget.trials}, {epochs}"

@@ -67,7 +67,7 @@ def plot_curves(path: Path, curves: Sequence[Curve], *, metric: str, max_epochs:
     ax.set_xlim(0.5, max_epochs + 0.5)
     ax.set_xticks(range(1, max_epochs + 1))
     if any(curve.cut for curve in curves):
-        ax.set_title(f"{metric} per epoch (x: stopped by ASHA)")
+        ax.set_title(f"{metric} per epoch (x: stopped early)")
     if 0 < len(curves) <= _MAX_LEGEND:
         ax.legend(fontsize="small", ncol=2)
     return _save(figure, ax, path)

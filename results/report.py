@@ -50,7 +50,7 @@ from spaces.objectives import (
     trial_values,
 )
 from spaces.schema import Space
-from tracking_names import TAG_INHERITED, TAG_PARETO
+from tracking_names import STOPPED_BY_BUDGET, TAG_INHERITED, TAG_PARETO
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
                 "Optimizer": "optimizer"}
@@ -97,6 +97,8 @@ def epoch_cell(trial: TrialRecord, max_epochs: int) -> str:
     if trial.status == "completed":
         return str(trial.epochs)
     reason = {"stopped": "stopped by ASHA", "failed": "failed"}.get(trial.status, trial.status)
+    if trial.stopped_by == STOPPED_BY_BUDGET:
+        reason = "stopped at the time budget"
     return f"{trial.stopped_at or trial.epochs}/{max_epochs} ({reason})"
 
 

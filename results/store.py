@@ -31,6 +31,7 @@ from tracking_names import (
     TAG_SEARCH,
     TAG_STATUS,
     TAG_STOPPED_AT,
+    TAG_STOPPED_BY,
     TAG_TRIAL,
     check_reachable,
     find_runs,
@@ -92,6 +93,8 @@ class TrialRecord:
     failure: str | None
     lb_note: str | None
     params: dict[str, str]
+    stopped_by: str | None = None
+    """``budget`` for a trial the time budget stopped; otherwise ASHA stopped a ``stopped`` trial."""
     history: dict[str, list[Point]]
 
     @property
@@ -103,7 +106,8 @@ class TrialRecord:
     @property
     def outcome(self) -> str:
         """How the trial ended, as a sentence (``stopped by ASHA at epoch 1``)."""
-        return outcome_text(self.status, stopped_at=self.stopped_at or self.epochs, failure=self.failure)
+        return outcome_text(self.status, stopped_at=self.stopped_at or self.epochs, failure=self.failure,
+                            stopped_by=self.stopped_by)
 
     def best_epoch(self, metric: str, mode: str) -> int | None:
         """The first epoch with the trial's best ``metric``, or None before any."""
@@ -199,7 +203,8 @@ def trial_record(client: MlflowClient, run: Run) -> TrialRecord:
     return TrialRecord(run_id=run.info.run_id, exp_num=tags.get(TAG_EXP_NUM, run.info.run_id),
                        trial_id=tags.get(TAG_TRIAL, ""), status=tags.get(TAG_STATUS, "running"),
                        stopped_at=int(stopped_at) if stopped_at else None, failure=tags.get(TAG_FAILURE),
-                       lb_note=tags.get(TAG_LB_NOTE), params=dict(run.data.params), history=history)
+                       lb_note=tags.get(TAG_LB_NOTE), params=dict(run.data.params), history=history,
+                       stopped_by=tags.get(TAG_STOPPED_BY))
 
 
 def find_trial_run(client: MlflowClient, ref: str) -> Run:

@@ -13,11 +13,12 @@ from typing import Any
 
 from ray.tune import Callback, Stopper
 
+from search.budget import TimeBudget
 from search.tracking import Tracker, TrackingSettings, now_ms
 from search.trainable import DATA_ERROR
 from search.writer import OrderedWriter
 from spaces.knobs import show_value
-from tracking_names import outcome_text
+from tracking_names import STOPPED_BY_BUDGET, outcome_text
 from trainers.metrics import EPOCH
 
 FailureOf = Callable[[str], "str | None"]
@@ -28,12 +29,20 @@ def trial_outcome(trial: Any, max_epochs: int, failure: str | None) -> tuple[str
     """How a trial that ended without a Ray error ended: completed, failed, or stopped at an epoch.
 
     A trial that diverged ends itself (a retry would diverge again) and leaves its reason behind. Otherwise
-    ASHA is the only thing that ends a healthy trial before its last epoch, so fewer epochs means ASHA.
+    ASHA or the time budget ends a healthy trial before its last epoch (:func:`stopped_by` tells which).
     """
     epoch = int((trial.last_result or {}).get(EPOCH, 0))
     if failure is not None:
         return "failed", None
     return ("completed", None) if epoch >= max_epochs else ("stopped", epoch)
+
+
+def stopped_by(status: str, stopped_at: int | None, budget: TimeBudget) -> str | None:
+    """:data:`STOPPED_BY_BUDGET` for a trial that stopped early after the budget's end, else None (ASHA).
+
+    Past the end Tune asks the budget's stopper before the scheduler, so every trial stopped then is the budget's.
+    """
+    return STOPPED_BY_BUDGET if status == "stopped" and stopped_at and budget.ended() else None
 
 
 def failure_reason(trial: Any) -> str:
@@ -68,8 +77,9 @@ class MlflowCallback(Callback):
 
     def __init__(self, tracker: Tracker, *, settings_file: Path,
                  params_of: Callable[[Mapping[str, Any]], dict[str, Any]], max_epochs: int, failure_of: FailureOf,
-                 retry_every_s: float = 5.0) -> None:
+                 budget: TimeBudget, retry_every_s: float = 5.0) -> None:
         self._settings_file = settings_file
+        self._budget = budget
         self._tracker = tracker
         self._down_timeout_s = TrackingSettings.load(settings_file).down_timeout_s
         self._params_of = params_of
@@ -120,8 +130,9 @@ class MlflowCallback(Callback):
         self._open.discard(trial.trial_id)
         failure = self._failure_of(trial.trial_id)
         status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
+        by = stopped_by(status, stopped_at, self._budget)
         self._send(self._start(trial), lambda: self._tracker.end_trial(
-            trial.trial_id, status=status, stopped_at=stopped_at, failure=failure))
+            trial.trial_id, status=status, stopped_at=stopped_at, failure=failure, stopped_by=by))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._open.discard(trial.trial_id)
@@ -149,9 +160,10 @@ class ConsoleCallback(Callback):
     experiment state, so stdout is looked up at each print."""
 
     def __init__(self, *, metric: str, max_epochs: int, params_of: Callable[[Mapping[str, Any]], dict[str, Any]],
-                 failure_of: FailureOf, log_of: Callable[[str], Path], data_check: str = "dettune data check",
-                 table_every_s: float = 60.0) -> None:
+                 failure_of: FailureOf, log_of: Callable[[str], Path], budget: TimeBudget,
+                 data_check: str = "dettune data check", table_every_s: float = 60.0) -> None:
         self._failure_of = failure_of
+        self._budget = budget
         self._data_check = data_check  # the command that lists every bad file of the search's dataset
         self._told_data_check = False
         self._log_of = log_of
@@ -192,7 +204,8 @@ class ConsoleCallback(Callback):
         self._open.discard(trial.trial_id)
         failure = self._failure_of(trial.trial_id)
         status, stopped_at = trial_outcome(trial, self._max_epochs, failure)
-        text = outcome_text(status, stopped_at=stopped_at, failure=failure)
+        text = outcome_text(status, stopped_at=stopped_at, failure=failure,
+                            stopped_by=stopped_by(status, stopped_at, self._budget))
         if status == "failed":
             text = f"{text} (not retried); traceback in {self._log_of(trial.trial_id)}"
         self._say(trial, text)

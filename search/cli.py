@@ -36,6 +36,10 @@ DEMO_IMAGES = 96
 STUDY_STORAGE_HELP = ("Optuna storage (an SQLAlchemy URL, e.g. postgresql+psycopg://HOST/DB) where a TPE/NSGA-II "
                       "search copies its study for optuna-dashboard (default: sqlite under --storage); a "
                       "user:password@ goes to PGUSER/PGPASSWORD, never written")
+HOURS_HELP = ("wall-clock hours the search may run: no trial starts that could not reach its first rung in "
+              "time, and at the end each running trial stops after its current epoch")
+
+
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from cocodata.synth import check_arguments, write_dataset
 
@@ -84,7 +88,8 @@ def _search_options(args: argparse.Namespace, **changes: object) -> SearchOption
     fields = dict(space_file=Path(args.space[0]), name=args.name, address=args.address,
                   tracking_uri=args.tracking_uri,
                   storage=Path(args.storage), trials=args.trials, epochs=args.epochs,
-                  max_concurrent=args.max_concurrent, data_root=Path(args.data_root) if args.data_root else None,
+                  max_concurrent=args.max_concurrent, hours=args.hours,
+                  data_root=Path(args.data_root) if args.data_root else None,
                   tracking_timeout_s=args.tracking_timeout, study_storage=args.study_storage,
                   overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False))
     fields.update(changes)
@@ -103,6 +108,8 @@ def _print_outcome(outcome: SearchOutcome) -> int:
         print(f"MLflow:      {experiment_page(outcome.tracking_uri, outcome.experiment_id)}")
     else:
         print(f"MLflow:      {outcome.tracking_uri}")  # credentials were never part of it
+    if outcome.budget_end:
+        print(f"dettune: {outcome.budget_end}")
     if outcome.stopped_because:
         print(f"dettune: search stopped: {outcome.stopped_because}; fix it (`dettune validate SPACE.yaml` checks "
               "a space) and start the search again with --overwrite", file=sys.stderr)
@@ -138,6 +145,7 @@ def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
     """The command that continues a chain at its first file: the same flags, that search resumed."""
     flags = {"--address": args.address, "--storage": args.storage if Path(args.storage) != DEFAULT_STORAGE else None,
              "--trials": args.trials, "--epochs": args.epochs, "--max-concurrent": args.max_concurrent,
+             "--hours": args.hours,
              "--data-root": args.data_root, "--tracking-timeout": (
                  args.tracking_timeout if args.tracking_timeout != DEFAULT_TRACKING_TIMEOUT_S else None),
              # from the environment it is there again; typed on the command line it is shown without credentials
@@ -150,7 +158,7 @@ def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     return _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri,
-                                                    args.tracking_timeout, args.study_storage)))
+                                                    args.tracking_timeout, args.study_storage, hours=args.hours)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -174,6 +182,7 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help="number of trials (default: budget.trials)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")
     parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: budget.max_concurrent)")
+    parser.add_argument("--hours", type=float, help=HOURS_HELP + " (default: budget.hours, else no limit)")
     parser.add_argument("--data-root", help="dataset folder, replacing the space's data.root")
     parser.add_argument("--tracking-timeout", type=float, default=DEFAULT_TRACKING_TIMEOUT_S, metavar="SECONDS",
                         help="stop the search (to resume later) when MLflow stays unreachable this long "
@@ -218,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
     resume.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                         help="stop when MLflow stays unreachable this long (default: what the search used)")
+    resume.add_argument("--hours", type=float, help=HOURS_HELP + ", counted from this resume (default: "
+                                                    "budget.hours of the search, again from this resume)")
     resume.add_argument("--study-storage", metavar="URL", help="Optuna storage of the study copy (default: the "
                                                                "one the search used)")
     resume.set_defaults(handler=_cmd_resume)

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,12 +28,22 @@ from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
+from ray.tune.stopper import CombinedStopper
 
 from cocodata.datacheck import CARD_FILE, DatasetCard, check_command
 from cocodata.datacleaning import LEFT_OUT_FILE, TAG_LEFT_OUT, with_cleaned_files
 from mmconfigs.build import MMDET_PREFIX, resolve_base
 from mmconfigs.validate import Validation, check_space
 from search import staging
+from search.budget import (
+    BudgetStopper,
+    GatedSearcher,
+    GatedVariants,
+    LaunchGate,
+    TimeBudget,
+    closed_because,
+    start_clock,
+)
 from search.callbacks import (
     SETUP_FAILURES_TO_STOP,
     ConsoleCallback,
@@ -52,11 +63,15 @@ from spaces.schema import Space, load_space
 from tracking_names import (
     DEFAULT_STORAGE,
     DEFAULT_TRACKING_TIMEOUT_S,
+    STOPPED_BY_BUDGET,
+    TAG_BUDGET,
+    TAG_ENDED_BECAUSE,
     TAG_EXP_NUM,
     TAG_FAILURE,
     TAG_PARETO,
     TAG_STATUS,
     TAG_STOPPED_AT,
+    TAG_STOPPED_BY,
     TAG_STORAGE,
     TAG_TRIAL,
     check_reachable,
@@ -124,6 +139,7 @@ class SearchOptions:
     trials: int | None = None
     epochs: int | None = None
     max_concurrent: int | None = None
+    hours: float | None = None
     data_root: Path | None = None
     tracking_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
     study_storage: str | None = None
@@ -137,8 +153,11 @@ class SearchOutcome:
     """Where a search's results are, and how it went.
 
     Attributes:
-        finished: Trials that trained at least one epoch and ended normally (completed, or stopped by ASHA).
+        finished: Trials that trained at least one epoch and ended normally (completed, or stopped by ASHA or
+            the time budget).
         stopped_because: Why the search stopped before its budget was spent, or None.
+        budget_end: With a time budget, how the search ended against it (e.g. "budget of 2 h reached: ..."), or
+            None without one.
     """
 
     name: str
@@ -149,6 +168,7 @@ class SearchOutcome:
     table: str
     finished: int
     stopped_because: str | None = None
+    budget_end: str | None = None
 
 
 def load_for_search(options: SearchOptions) -> Space:
@@ -160,7 +180,7 @@ def load_for_search(options: SearchOptions) -> Space:
     if options.data_root:
         data["data"]["root"] = str(options.data_root)
     for key, value in (("trials", options.trials), ("epochs", options.epochs),
-                       ("max_concurrent", options.max_concurrent)):
+                       ("max_concurrent", options.max_concurrent), ("hours", options.hours)):
         if value is not None:
             data["budget"][key] = value
     return Space.from_json(data, str(options.space_file))
@@ -192,14 +212,15 @@ def trial_resources(plan: TrialPlan) -> dict[str, float]:
     return {"CPU": 0, "memory": LAUNCHER_MEMORY}
 
 
-def make_searcher(space: Space, staged: staging.Staging | None = None, *, settings_file: Path | None = None
-                  ) -> tuple[Any, dict[str, Any], int]:
+def make_searcher(space: Space, staged: staging.Staging | None = None, *, settings_file: Path | None = None,
+                  gate: LaunchGate | None = None) -> tuple[Any, dict[str, Any], int]:
     """The search algorithm (limited to ``budget.max_concurrent`` trials at a time), the Tuner's
     param_space, and num_samples, for the space's algorithm.
 
     With ``staged`` warm-start points, TPE starts from a study that already holds them and a grid search
     trains only the points no earlier search trained to the full budget. With the search's saved
     ``settings_file``, an Optuna searcher's finished trials are copied to its Optuna storage (for optuna-dashboard).
+    With a ``gate`` (the time budget's), the algorithm suggests nothing more once the gate closes.
     """
     algorithm, seed = space.search.algorithm, space.search.seed
     warm = staged.warm if staged else staging.WarmStart()
@@ -212,15 +233,26 @@ def make_searcher(space: Space, staged: staging.Staging | None = None, *, settin
         study.add_trials(staging.warm_trials(space, warm))
         mirror = StudyMirror(settings_file, space, fresh=True) if settings_file else None
         searcher = ObjectiveSearch(space, study=study, mirror=mirror)
-        return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent), {}, space.budget.trials
+        limited = ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent)
+        return (GatedSearcher(gate, limited) if gate else limited), {}, space.budget.trials
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself.
     grid = staged.grid if staged else None
     if grid is not None:  # the points left, each preset whole over the grid (one sample each, nothing more)
-        return (BasicVariantGenerator(points_to_evaluate=grid, max_concurrent=space.budget.max_concurrent),
+        return (_variants(gate, points_to_evaluate=grid, max_concurrent=space.budget.max_concurrent),
                 space.tune_param_space(), len(grid))
-    generator = BasicVariantGenerator(random_state=seed, max_concurrent=space.budget.max_concurrent)
+    generator = _variants(gate, random_state=seed, max_concurrent=space.budget.max_concurrent)
     samples = 1 if algorithm == "grid" else space.budget.trials
     return generator, space.tune_param_space(), samples
+
+
+def _variants(gate: LaunchGate | None, **generator: Any) -> BasicVariantGenerator:
+    return GatedVariants(gate, **generator) if gate else BasicVariantGenerator(**generator)
+
+
+def epochs_to_first_rung(space: Space) -> int:
+    """The epochs a new trial must be able to train before the budget's end to start: to ASHA's first rung, or
+    every epoch without ASHA."""
+    return space.scheduler.grace_epochs if space.scheduler.type == "asha" else space.budget.epochs
 
 
 def make_scheduler(space: Space) -> TrialScheduler:
@@ -334,7 +366,8 @@ def _auto_address() -> str | None:
 
 
 def resume_options(name: str, storage: Path, tracking_uri: str | None = None,
-                   tracking_timeout_s: float | None = None, study_storage: str | None = None) -> SearchOptions:
+                   tracking_timeout_s: float | None = None, study_storage: str | None = None, *,
+                   hours: float | None = None) -> SearchOptions:
     """The options that continue search ``name``: its saved effective space and tracking settings, where the
     command line does not change them."""
     experiment_dir = storage.resolve() / name
@@ -346,7 +379,7 @@ def resume_options(name: str, storage: Path, tracking_uri: str | None = None,
     return SearchOptions(space_file=experiment_dir / SAVED_SPACE, name=name, storage=storage,
                          tracking_uri=tracking_uri or recorded.uri,
                          tracking_timeout_s=tracking_timeout_s or recorded.down_timeout_s,
-                         study_storage=study_storage or recorded.study_uri, resume=True)
+                         study_storage=study_storage or recorded.study_uri, hours=hours, resume=True)
 
 
 def _searches(storage: Path) -> list[str]:
@@ -357,7 +390,9 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     """Runs (or resumes) a search to its end and returns where its results are.
 
     ``train`` is the Tune function each trial runs; only a benchmark's stand-in for training replaces it.
+    A time budget (``budget.hours``) counts from this call.
     """
+    started = time.time()
     storage = options.storage.resolve()
     settings = TrackingSettings(uri=use_credentials(options.tracking_uri) if options.tracking_uri else None,
                                 down_timeout_s=options.tracking_timeout_s,
@@ -378,10 +413,11 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     with _environment_defaults(SEARCH_ENVIRONMENT), _quiet_trial_errors():
         check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
         _save(experiment_dir, space, options.space_file, settings)
+        start_clock(experiment_dir, space.budget.hours, started=started)
         if cleaned is not None:
             cleaned.write(experiment_dir / CLEANED_DATA)
         tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
-        tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged),
+        tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), **_budget_tags(experiment_dir),
                                       TAG_STORAGE: str(experiment_dir)},
                                 space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
                                 space_json=json.dumps(space.to_json(), indent=2))
@@ -390,11 +426,44 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
         results = _tuner(staged, plan, tracker, storage, resume=restorable, train=train).fit()
         reconcile(results, space, plan, tracker)
         best_id = _record_best(results, space, plan, tracker)
+        budget_end = _budget_end(experiment_dir, tracker)
+        if budget_end is not None:
+            tracker.client.set_tag(tracker.parent_run_id, TAG_ENDED_BECAUSE, budget_end)
         tracker.finish_search()
         return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
                              experiment_dir=experiment_dir,
                              best_trial_id=best_id, table=results_table(tracker, space, results),
-                             finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan))
+                             finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan),
+                             budget_end=budget_end)
+
+
+def _budget_tags(experiment_dir: Path) -> dict[str, str]:
+    """The parent's record of this driver's time budget (a tag: a resume may change it, a param could not)."""
+    budget = TimeBudget(experiment_dir)
+    if budget.hours is None or budget.ends_at is None:
+        return {}
+    return {TAG_BUDGET: f"{budget.hours:g} h, this driver from {_utc(budget.record()['started'])} "
+                        f"to {_utc(budget.ends_at)}"}
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def _budget_end(experiment_dir: Path, tracker: Tracker) -> str | None:
+    """With a time budget, how the search ended against it: reached (how many trials finished, how many more the
+    budget stopped, and when and why no more started), or within it. None without a budget."""
+    budget = TimeBudget(experiment_dir)
+    if budget.hours is None:
+        return None
+    at_budget = sum(run.data.tags.get(TAG_STOPPED_BY) == STOPPED_BY_BUDGET for run in tracker.trial_runs())
+    closed = closed_because(experiment_dir)
+    if closed is None and at_budget == 0:
+        return f"ended within the budget of {budget.hours:g} h"
+    finished = finished_trials(tracker) - at_budget
+    reason = f"; no trial started after {_utc(closed[0])}: {closed[1]}" if closed else ""
+    return (f"budget of {budget.hours:g} h reached: {finished} trial{'s' * (finished != 1)} finished, "
+            f"{at_budget} stopped at the budget{reason}")
 
 
 def _log_data(tracker: Tracker, validation: Validation) -> None:
@@ -457,7 +526,7 @@ def _stopped_because(results: Any, space: Space, plan: TrialPlan) -> str | None:
 
 
 def finished_trials(tracker: Tracker) -> int:
-    """Trials that trained and ended normally: completed, or stopped by ASHA after at least one epoch."""
+    """Trials that trained and ended normally: completed, or stopped (by ASHA or the time budget) after an epoch."""
     statuses = [(run.data.tags.get(TAG_STATUS), run.data.tags.get(TAG_STOPPED_AT)) for run in tracker.trial_runs()]
     return sum(1 for status, at in statuses if status == "completed" or (status == "stopped" and at not in (None, "0")))
 
@@ -488,12 +557,14 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
     trainable = tune.with_resources(tune.with_parameters(train, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
-    searcher, param_space, samples = make_searcher(space, staged, settings_file=storage / space.name / SAVED_OPTIONS)
+    budget = TimeBudget(storage / space.name)  # read from the budget file: a restored copy reads the resume's
+    searcher, param_space, samples = make_searcher(space, staged, settings_file=storage / space.name / SAVED_OPTIONS,
+                                                   gate=LaunchGate(budget, epochs_to_rung=epochs_to_first_rung(space)))
     epochs = space.budget.epochs
     callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
-                                max_epochs=epochs, failure_of=plan.failure_of),
+                                max_epochs=epochs, failure_of=plan.failure_of, budget=budget),
                  ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=plan.point,
-                                 failure_of=plan.failure_of, log_of=plan.trial_log,
+                                 failure_of=plan.failure_of, log_of=plan.trial_log, budget=budget,
                                  data_check=check_command(plan.data_root, space.data.train, space.data.val,
                                                           space.data.images)),
                  JsonLoggerCallback(), CSVLoggerCallback()]
@@ -506,7 +577,8 @@ def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: 
                                     reuse_actors=True),
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(storage), callbacks=callbacks, verbose=0,
-            stop=RepeatedSetupFailureStopper(plan.setup_failures, limit=setup_stop_limit(space)),
+            stop=CombinedStopper(RepeatedSetupFailureStopper(plan.setup_failures, limit=setup_stop_limit(space)),
+                                 BudgetStopper(budget)),
             failure_config=tune.FailureConfig(max_failures=space.budget.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_REPORTED_CHECKPOINTS,
                                                     checkpoint_score_attribute=space.metric,
@@ -623,7 +695,7 @@ def results_table(tracker: Tracker, space: Space, results: Any) -> str:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         stopped_at = tags.get(TAG_STOPPED_AT)
         status = outcome_text(tags.get(TAG_STATUS, "?"), stopped_at=int(stopped_at) if stopped_at else None,
-                              failure=tags.get(TAG_FAILURE))
+                              failure=tags.get(TAG_FAILURE), stopped_by=tags.get(TAG_STOPPED_BY))
         history = histories.get(tags.get(TAG_TRIAL, ""))
         scores = [] if history is None or space.metric not in history else list(history[space.metric].dropna())
         best = (max if space.mode == "max" else min)(scores) if scores else None

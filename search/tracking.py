@@ -43,6 +43,7 @@ from tracking_names import (
     TAG_SEARCH,
     TAG_STATUS,
     TAG_STOPPED_AT,
+    TAG_STOPPED_BY,
     TAG_TRIAL,
     find_runs,
     is_log_column,
@@ -295,8 +296,9 @@ class Tracker:
         return True
 
     def end_trial(self, trial_id: str, *, status: str, stopped_at: int | None = None,
-                  failure: str | None = None, only_if_open: bool = False) -> None:
-        """Tags how the trial ended (completed, stopped by ASHA at epoch k, failed: reason) and closes it.
+                  failure: str | None = None, stopped_by: str | None = None, only_if_open: bool = False) -> None:
+        """Tags how the trial ended (completed, stopped by ASHA or the time budget at epoch k, failed: reason) and
+        closes it.
 
         With ``only_if_open`` a run that already records its end is left as it is.
         """
@@ -307,6 +309,8 @@ class Tracker:
         tags = [RunTag(TAG_STATUS, status)]
         if stopped_at is not None:
             tags.append(RunTag(TAG_STOPPED_AT, str(stopped_at)))
+        if stopped_by is not None:
+            tags.append(RunTag(TAG_STOPPED_BY, stopped_by))
         if failure is not None:
             tags.append(RunTag(TAG_FAILURE, failure[:4000]))
         self.client.log_batch(run_id, tags=tags)

@@ -10,6 +10,7 @@ An example, with every section (optional ones are marked)::
     hypothesis: "..."               # optional free text
     method: "..."                   # optional free text
     budget: {epochs: 12, trials: 16, gpus_per_trial: 1, cpus_per_worker: 2, max_concurrent: 4, max_retries: 2}
+    # budget.hours: 8                # optional: the search ends after 8 h (README "A time budget")
     objectives: [{metric: inference/fps, mode: max}]               # optional: more objectives than metric
     constraints: {inference/fps: {min: 10}, model/params_M: {max: 60}}  # optional hard limits
     search: {algorithm: tpe, seed: 0}                   # optional: tpe (default) | nsga2 | random | grid
@@ -137,6 +138,10 @@ class Budget(_Section):
     cpus_per_worker: int = Field(default=1, ge=1, description="CPUs per training process")
     max_concurrent: int = Field(default=1, ge=1, description="trials running at the same time")
     max_retries: int = Field(default=2, ge=0, description="retries of a trial whose process died")
+    hours: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="wall-clock hours the search may run; it ends then, each running trial at its next epoch",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -496,12 +501,15 @@ _FIXES = {
     "budget.cpus_per_worker": "a training process needs at least one CPU",
     "budget.max_concurrent": "at least one trial must be allowed to run",
     "budget.max_retries": "use 0 to never retry a failed trial",
+    "budget.hours": "give the hours the search may run as a positive number, e.g. 1.5, or leave hours out "
+    "for no time limit",
     "scheduler.grace_epochs": "ASHA's first rung is after at least one epoch",
     "scheduler.reduction_factor": "ASHA keeps 1 / reduction_factor of the trials at each rung (3 is usual)",
 }
 """How to fix a broken constraint, by field path."""
 
-_CONSTRAINTS = ("greater_than_equal", "string_pattern_mismatch", "string_too_short")
+_CONSTRAINTS = ("greater_than_equal", "greater_than", "finite_number", "float_parsing", "float_type",
+                "string_pattern_mismatch", "string_too_short")
 """The pydantic error types of the ``Field`` constraints that :data:`_FIXES` explains."""
 
 
@@ -520,6 +528,8 @@ def _add_pydantic_problem(loc: tuple[Any, ...], item: Any, problems: Problems) -
         rule = str(ctx["error"])
     elif kind == "greater_than_equal":
         rule = f"must be >= {ctx['ge']}"
+    elif kind == "greater_than":
+        rule = f"must be > {ctx['gt']:g}"
     elif kind == "string_pattern_mismatch":
         rule = f"must match {ctx['pattern']}"
     else:

@@ -27,6 +27,10 @@ TAG_TRIAL = "dettune.trial_id"
 TAG_EXP_NUM = "dettune.exp_num"
 TAG_STATUS = "dettune.status"
 TAG_STOPPED_AT = "dettune.stopped_at_epoch"
+TAG_STOPPED_BY = "dettune.stopped_by"  # STOPPED_BY_BUDGET on a trial the time budget stopped (else ASHA did)
+STOPPED_BY_BUDGET = "budget"
+TAG_BUDGET = "dettune.budget"  # on the parent: the time budget of its last driver, and when it ends
+TAG_ENDED_BECAUSE = "dettune.ended_because"  # on the parent, with a time budget: why the search ended
 TAG_FAILURE = "dettune.failure"
 TAG_PARETO = "dettune.pareto"  # "true" on the trials of the Pareto front, "false" on the others
 TAG_FRONT = "dettune.pareto_front"  # on the parent: the front's Exp nums
@@ -115,10 +119,13 @@ def use_credentials(uri: str) -> str:
     return without_credentials(uri)
 
 
-def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None) -> str:
+def outcome_text(status: str, *, stopped_at: int | None = None, failure: str | None = None,
+                 stopped_by: str | None = None) -> str:
     """How a trial ended, as the console, the end-of-search table and the report say it."""
     if status == "stopped" and stopped_at == 0:  # the search stopped before this trial trained an epoch
         return "stopped before its first epoch"
+    if status == "stopped" and stopped_by == STOPPED_BY_BUDGET:
+        return f"stopped at the time budget after epoch {stopped_at if stopped_at is not None else '?'}"
     if status == "stopped":
         return f"stopped by ASHA at epoch {stopped_at if stopped_at is not None else '?'}"
     if status == "failed":

@@ -310,6 +310,16 @@ def test_a_trial_larger_than_the_cluster_is_refused_at_start(budget: dict[str, i
     search_refused(capfd, cwd, space_file).assert_refused(*words)
 
 
+@pytest.mark.parametrize(("hours", "rule"), [("0", "must be > 0"), ("-1.5", "must be > 0"),
+                                             ("nan", "finite number"), ("inf", "finite number")])
+def test_a_bad_hours_flag_is_refused(hours: str, rule: str, cwd: Path, synth: Dataset,
+                                     capfd: pytest.CaptureFixture[str]) -> None:
+    space_file = write_space(cwd / "space.yaml", synth)
+    search_refused(capfd, cwd, space_file, "--hours", hours).assert_refused(
+        "budget.hours", rule, "give the hours the search may run as a positive number")
+    assert not (cwd / STORAGE).exists()
+
+
 def test_resume_of_an_unknown_search(cwd: Path, capfd: pytest.CaptureFixture[str]) -> None:
     (cwd / STORAGE).mkdir()
     before = tree(cwd)

@@ -10,15 +10,26 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import write_space
+from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from cocodata.dataset import Dataset
+from search.budget import BUDGET_FILE
+from search.cli import main
 from search.driver import SearchOptions, SearchOutcome, make_searcher, run_search
 from search.tracking import is_tracked
 from spaces.schema import SearchSpec, load_space
-from tracking_names import TAG_EXP_NUM, TAG_STATUS, TAG_STOPPED_AT, TAG_TRIAL
+from tracking_names import (
+    STOPPED_BY_BUDGET,
+    TAG_BUDGET,
+    TAG_ENDED_BECAUSE,
+    TAG_EXP_NUM,
+    TAG_STATUS,
+    TAG_STOPPED_AT,
+    TAG_STOPPED_BY,
+    TAG_TRIAL,
+)
 from trainers.hook import FIRST_ITER_MARK
 from trainers.trial import TRIAL_LOG
 
@@ -116,6 +127,89 @@ def _assert_ray_and_mlflow_agree(outcome: SearchOutcome, children: list[Any]) ->
         assert ray_latest.keys() == mlflow_last.keys()
         for key, value in ray_latest.items():
             assert math.isclose(value, mlflow_last[key], rel_tol=1e-9), key
+
+
+@pytest.mark.slow
+def test_a_time_budget_ends_the_search_on_time_and_resume_with_more_hours_goes_on(
+        tmp_path: Path, synth: Dataset, ray_local: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # 100 epochs a trial: none can finish. The first trial starts before any epoch time is known; once it reports
+    # an epoch, no other trial could reach its last epoch in time, so none starts, and the budget stops the first
+    # at the first epoch it reports after the end.
+    storage = tmp_path / "runs"
+    space_file = write_space(tmp_path / "space.yaml", synth, name="hours",
+                             budget={"epochs": 100, "trials": 4, "max_concurrent": 1, "hours": 0.02})
+    outcome = run_search(SearchOptions(space_file=space_file, storage=storage))
+    budget = json.loads((outcome.experiment_dir / BUDGET_FILE).read_text())
+    client = MlflowClient(outcome.tracking_uri)
+    first = runs_of(outcome.tracking_uri, "hours")
+    assert len(first) == 1, "trials that could not finish in time were started"
+    epoch_s = _assert_stopped_at_the_end(client, first[0], budget["ends_at"])
+    assert outcome.budget_end is not None
+    assert outcome.budget_end.startswith("budget of 0.02 h reached: 0 trials finished, 1 stopped at the budget; "
+                                         "no trial started after"), outcome.budget_end
+    assert "a new trial would need" in outcome.budget_end  # it closed on the estimate, before the end
+    [parent] = runs_of(outcome.tracking_uri, "hours", role="parent")
+    assert parent.info.status == "FINISHED" and parent.data.tags[TAG_ENDED_BECAUSE] == outcome.budget_end
+    assert parent.data.tags[TAG_BUDGET].startswith("0.02 h, this driver from ")
+    assert "stopped at the time budget after epoch" in outcome.table
+
+    # The first driver took `setup_s` from its start to its first epoch: twice that plus two epochs is enough for
+    # the resumed driver to start a trial and train it, and far too little for 100 epochs.
+    setup_s = _stamps(client, first[0])[1] - budget["started"]
+    hours = 2 * (setup_s + 2 * epoch_s) / 3600
+    capsys.readouterr()
+    assert main(["resume", "hours", "--storage", str(storage), "--hours", f"{hours:.6f}"]) == 0
+    printed = capsys.readouterr().out
+    resumed = json.loads((outcome.experiment_dir / BUDGET_FILE).read_text())
+    assert resumed["started"] > budget["ends_at"] and math.isclose(resumed["hours"], hours, rel_tol=1e-3)
+    runs = runs_of(outcome.tracking_uri, "hours")
+    assert len(runs) == 2, "the resume started no trial, or more than could finish"
+    [new] = [run for run in runs if run.info.run_id != first[0].info.run_id]
+    _assert_stopped_at_the_end(client, new, resumed["ends_at"])
+    [again] = [run for run in runs if run.info.run_id == first[0].info.run_id]
+    assert _stamps(client, again) == _stamps(client, first[0]), "the first trial's points changed on resume"
+    assert "0 trials finished, 2 stopped at the budget" in printed, printed
+    _assert_ray_and_mlflow_agree(outcome, runs)
+
+
+@pytest.mark.slow
+def test_a_time_budget_ends_a_random_search_with_asha_on_time(tmp_path: Path, synth: Dataset, ray_local: None) -> None:
+    # Random sampling (Tune's variant generator behind the gate) and ASHA, whose rungs (epochs 1, 3, 9, ...) let the
+    # one trial at a time go on until the budget stops it: the budget, not ASHA, is named as what stopped it.
+    space_file = write_space(tmp_path / "space.yaml", synth, name="hours-random",
+                             budget={"epochs": 100, "trials": 3, "max_concurrent": 1, "hours": 0.015},
+                             search={"algorithm": "random", "seed": 0},
+                             scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 3})
+    outcome = run_search(SearchOptions(space_file=space_file, storage=tmp_path / "runs"))
+    ends_at = json.loads((outcome.experiment_dir / BUDGET_FILE).read_text())["ends_at"]
+    client = MlflowClient(outcome.tracking_uri)
+    [run] = runs_of(outcome.tracking_uri, "hours-random")
+    _assert_stopped_at_the_end(client, run, ends_at)
+    assert outcome.budget_end is not None and "0 trials finished, 1 stopped at the budget" in outcome.budget_end
+    assert outcome.finished == 1  # a trial the budget stopped after an epoch counts as finished (exit status 0)
+    _assert_ray_and_mlflow_agree(outcome, [run])
+
+
+def _stamps(client: MlflowClient, run: Any) -> list[float]:
+    """The run's start, then when each epoch was recorded (its train/loss point), in seconds since the epoch."""
+    points = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    return [run.info.start_time / 1000, *(m.timestamp / 1000 for m in points)]
+
+
+def _assert_stopped_at_the_end(client: MlflowClient, run: Any, ends_at: float) -> float:
+    """The run ended, each point once, stopped by the budget at the first epoch recorded after ``ends_at``: its last
+    point at most one epoch (its longest, measured here; the first from the run's start) after the end. Returns that
+    longest epoch in seconds."""
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_STATUS] == "stopped" and run.data.tags[TAG_STOPPED_BY] == STOPPED_BY_BUDGET
+    _assert_each_point_once(client, run)
+    stamps = _stamps(client, run)
+    epochs = len(stamps) - 1
+    assert epochs >= 1 and int(run.data.tags[TAG_STOPPED_AT]) == epochs
+    epoch_s = max(later - earlier for earlier, later in zip(stamps, stamps[1:], strict=False))
+    assert stamps[-1] >= ends_at, "the budget stopped a trial before its end"
+    assert stamps[-1] <= ends_at + epoch_s, f"trained past the end by {stamps[-1] - ends_at:.1f} s > one epoch"
+    return epoch_s
 
 
 def test_grid_search_tries_every_point_in_reused_trial_processes(

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from services import ReplyDroppingProxy, free_port, mlflow_server
 
 from cocodata.dataset import Dataset
+from search.budget import TimeBudget
 from search.callbacks import MlflowCallback
 from search.tracking import TrackingSettings
 
@@ -114,7 +115,8 @@ def test_a_write_the_server_committed_but_whose_reply_was_lost_is_not_recorded_t
         settings.save(tmp_path / "search.json")
         # Retried 50 ms later: a timestamp taken at the retry would differ from the first write's.
         callback = MlflowCallback(settings.tracker(tmp_path, "lost-reply"), settings_file=tmp_path / "search.json",
-                                  params_of=dict, max_epochs=2, failure_of=lambda _: None, retry_every_s=0.05)
+                                  params_of=dict, max_epochs=2, failure_of=lambda _: None,
+                                  budget=TimeBudget(tmp_path), retry_every_s=0.05)
         trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01}, last_result={"epoch": 1})  # what it reads
         callback.on_trial_start(0, [trial], trial)
         callback.on_experiment_end([])  # the run and its number are written before the drop is armed
@@ -138,7 +140,8 @@ def test_tunes_loop_hands_writes_over_without_waiting_for_a_slow_server(tmp_path
         settings = TrackingSettings(uri=proxy.url)
         settings.save(tmp_path / "search.json")
         callback = MlflowCallback(settings.tracker(tmp_path, "slow"), settings_file=tmp_path / "search.json",
-                                  params_of=dict, max_epochs=epochs, failure_of=lambda _: None)
+                                  params_of=dict, max_epochs=epochs, failure_of=lambda _: None,
+                                  budget=TimeBudget(tmp_path))
         trial = SimpleNamespace(trial_id="t0", config={"lr": 0.01}, last_result={"epoch": epochs})
         started = time.monotonic()
         callback.on_trial_start(0, [trial], trial)
