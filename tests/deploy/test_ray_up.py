@@ -129,8 +129,8 @@ def python_reachable_by(user: pwd.struct_passwd) -> Iterator[None]:
 @contextlib.contextmanager
 def ssh_node(client_key: Path) -> Iterator[Node]:
     """``SSH_USER`` with a fresh home in /tmp (Ray's socket paths must stay under 107 bytes): ``client_key`` may log
-    in, ~/.bashrc puts this venv first on PATH, turns token mode on and gives Ray its own temp folder; a demo
-    dataset in ~/data, the search's storage ~/runs."""
+    in, ~/.bashrc puts this venv first on PATH, turns token mode on, gives Ray its own temp folder and keeps it on
+    the loopback address; a demo dataset in ~/data, the search's storage ~/runs."""
     with LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         user = node_user()
@@ -141,7 +141,8 @@ def ssh_node(client_key: Path) -> Iterator[Node]:
             (home / ".ssh").mkdir(mode=0o700)
             shutil.copy(client_key.with_suffix(".pub"), home / ".ssh" / "authorized_keys")
             (home / ".bashrc").write_text(f'export PATH="{BIN}:$PATH"\n'
-                                          'export RAY_TMPDIR="$HOME/tmp" RAY_AUTH_MODE=token\n')
+                                          'export RAY_TMPDIR="$HOME/tmp" RAY_AUTH_MODE=token\n'
+                                          'export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n')  # Ray on 127.0.0.1
             (home / "tmp").mkdir()
             (home / "runs").mkdir()
             write_dataset(home / "data", images=16, size=160, seed=0)
