@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import pwd
 import secrets
@@ -108,6 +109,14 @@ def kill_processes_of(uid: int) -> None:
         time.sleep(0.2)
 
 
+def named_acl_entries(folder: Path) -> set[str]:
+    """``user:NAME`` and ``group:NAME`` entries of ``folder``'s ACL (none for plain mode bits)."""
+    listed = subprocess.run(["getfacl", "--omit-header", "--absolute-names", str(folder)], check=True,
+                            capture_output=True, text=True).stdout.splitlines()
+    return {line.rsplit(":", 1)[0] for line in listed if line.startswith(("user:", "group:"))
+            and line.split(":")[1]}
+
+
 @contextlib.contextmanager
 def python_reachable_by(user: pwd.struct_passwd) -> Iterator[None]:
     """``user`` may run this venv's Python: a folder on its way that others may not pass (a pyenv Python under
@@ -115,8 +124,10 @@ def python_reachable_by(user: pwd.struct_passwd) -> Iterator[None]:
     needed = {Path(sys.executable).resolve(), BIN.resolve(), REPO.resolve()}
     closed = sorted({folder for path in needed for folder in path.parents if not folder.stat().st_mode & 0o001})
     for folder in closed:
-        if "system.posix_acl_access" in os.listxattr(folder):
-            pytest.fail(f"{folder} has an ACL already; let {user.pw_name} pass it (setfacl -m u:{user.pw_name}:x)")
+        named = named_acl_entries(folder)
+        if named - {f"user:{user.pw_name}"}:  # only ours: left by a run killed before its clean-up
+            pytest.fail(f"{folder} has an ACL of its own ({', '.join(sorted(named))}); let {user.pw_name} pass it "
+                        f"(setfacl -m u:{user.pw_name}:x {folder})")
     try:
         for folder in closed:
             subprocess.run(["setfacl", "-m", f"u:{user.pw_name}:x", str(folder)], check=True)
@@ -247,6 +258,14 @@ def ray_cli(env: dict[str, str], log_dir: Path, *args: str, timeout: float) -> s
     return done
 
 
+def remove_ssh_control_folder(cluster: Path) -> None:
+    """The launcher's SSH multiplexing folder for this cluster, /tmp/ray_ssh_<user hash>/<cluster name hash>
+    (ray/autoscaler/_private/command_runner.py: SSHCommandRunner; both hashes cut to 10 characters)."""
+    name = yaml.safe_load(cluster.read_text())["cluster_name"]
+    for folder in Path("/tmp").glob(f"ray_ssh_*/{hashlib.sha256(name.encode()).hexdigest()[:10]}"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def http_status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -281,6 +300,7 @@ def test_ray_up_submit_and_down_over_ssh(tmp_path: Path) -> None:
             assert f"search {SEARCH}: best trial" in submit.stdout
         finally:
             down = ray_cli(env, tmp_path, "down", "-y", str(cluster), timeout=180)
+            remove_ssh_control_folder(cluster)
         assert down.returncode == 0, (down.stdout + down.stderr)[-6000:]
 
         # The search joined the cluster `ray up` started (one Ray session on the node, none of its own), and its
