@@ -322,6 +322,24 @@ def test_ray_cluster_yaml_for_ray_up() -> None:
     assert "RAY_AUTH_TOKEN" not in json.dumps(config), "the token must not be written into the file"
 
 
+def test_local_cluster_yaml_starts_ray_as_the_aws_example_does() -> None:
+    """ray-cluster.local.yaml: machines by address over SSH, the same start commands; run for real in
+    test_ray_up.py."""
+    import ray.autoscaler
+
+    local = yaml.safe_load((DOCKER / "ray-cluster.local.yaml").read_text())
+    aws = yaml.safe_load((DOCKER / "ray-cluster.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(local, schema)
+    assert local["provider"]["type"] == "local"
+    assert {"head_ip", "worker_ips"} <= set(local["provider"])
+    assert {"ssh_user", "ssh_private_key"} <= set(local["auth"])
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert local[commands] == aws[commands]
+    assert local["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token", "~/dettune-spaces": "spaces"}
+    assert (REPO / "spaces" / "demo.yaml").is_file()
+
+
 def _pyproject_version() -> str:
     import tomllib
 
