@@ -423,7 +423,12 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
                                 space_json=json.dumps(space.to_json(), indent=2))
         _log_data(tracker, validation)
         restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-        results = _tuner(staged, plan, tracker, storage, resume=restorable, train=train).fit()
+        tuner = _tuner(staged, plan, tracker, storage, resume=restorable, train=train)
+        if restorable:  # what a killed or stopped driver had not delivered goes out now, not at the search's end
+            # With a tracker of its own: the restored callbacks write through theirs, and reconcile must read
+            # the runs afresh, not from what this one saw before they wrote.
+            deliver_points(tuner.get_results(), plan, settings.tracker(storage, space.name))
+        results = tuner.fit()
         reconcile(results, space, plan, tracker)
         best_id = _record_best(results, space, plan, tracker)
         budget_end = _budget_end(experiment_dir, tracker)
@@ -615,14 +620,12 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
     The live callback writes as results arrive; this pass (idempotent, each point still written once)
     fills whatever a killed driver or an unreachable tracking server left out.
     """
+    deliver_points(results, plan, tracker)
     for result in results:
         if _epochs_of(result) is None:  # no epoch reported: the live callbacks recorded how it ended
             continue
         history = result.metrics_dataframe
         trial_id = _trial_id(result)
-        tracker.start_trial(trial_id, plan.run_params(result.config))
-        for row in history.to_dict("records"):
-            tracker.log_epoch(trial_id, {k: v for k, v in row.items() if not _is_nan(v)})
         failure = plan.failure_of(trial_id) or (failure_reason_of(result.error) if result.error else None)
         epochs = int(history[EPOCH].max())
         if failure is not None:
@@ -631,6 +634,17 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
             tracker.end_trial(trial_id, status="stopped", stopped_at=epochs, only_if_open=True)
         else:
             tracker.end_trial(trial_id, status="completed", only_if_open=True)
+
+
+def deliver_points(results: Any, plan: TrialPlan, tracker: Tracker) -> None:
+    """Writes every epoch Ray holds of each trial that MLflow lacks (each point once), without ending a run."""
+    for result in results:
+        if _epochs_of(result) is None:
+            continue
+        trial_id = _trial_id(result)
+        tracker.start_trial(trial_id, plan.run_params(result.config))
+        for row in result.metrics_dataframe.to_dict("records"):
+            tracker.log_epoch(trial_id, {k: v for k, v in row.items() if not _is_nan(v)})
 
 
 def _epochs_of(result: Any) -> Any:

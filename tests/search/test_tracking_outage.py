@@ -3,6 +3,7 @@ lost after the server committed a write leaves one point, not two."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -75,6 +76,14 @@ def test_outage_is_buffered_and_delivered(tmp_path: Path, synth: Dataset) -> Non
         _assert_all_points_once(url, "outage", epochs=3, trials=1)
 
 
+def _points(url: str, name: str) -> set[tuple[str, str]]:
+    """(trial id, epoch) of every val/bbox_mAP point of the search's trial runs."""
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.`dettune.role` = 'trial'")
+    return {(run.data.tags["dettune.trial_id"], str(m.step)) for run in runs
+            for m in client.get_metric_history(run.info.run_id, "val/bbox_mAP")}
+
+
 @pytest.mark.slow
 def test_long_outage_stops_the_search_for_resume(tmp_path: Path, synth: Dataset) -> None:
     port, seen = free_port(), []
@@ -94,7 +103,13 @@ def test_long_outage_stops_the_search_for_resume(tmp_path: Path, synth: Dataset)
         with_credentials = url.replace("http://", f"http://ann:{SECRET}@")
         resumed = _driver("resume", "long-outage", "--tracking-uri", with_credentials, "--tracking-timeout", "60",
                           cwd=tmp_path)
+        # The epochs the stopped driver saw reach the new server as the resume starts, not at the search's end.
+        reported = {tuple(m.groups()) for m in re.finditer(r"trial (\w+): epoch (\d+)/", "".join(seen))}
+        seen_resumed: list[str] = []
+        _read_until(resumed, ": epoch ", seen_resumed)
+        assert reported and reported <= _points(url, "long-outage"), "".join(seen_resumed)
         output, _ = resumed.communicate(timeout=900)
+        output = "".join(seen_resumed) + output
         assert resumed.returncode == 0, output[-3000:]
         _assert_all_points_once(url, "long-outage", epochs=3, trials=2)
         client = MlflowClient(url)
