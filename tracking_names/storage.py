@@ -94,9 +94,15 @@ class Storage:
             return bytes(stream.read()).decode("utf-8")
 
     def write_text(self, text: str) -> None:
-        filesystem, path = self._fs()
+        """Writes the file whole: a reader sees the old file or the new one, never half of it (an object store's
+        upload is whole by itself; a local file is written beside and renamed)."""
         if self.is_local:
-            filesystem.create_dir(self.parent.location, recursive=True)
+            self.local_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.local_path.with_name(self.local_path.name + ".partial")
+            partial.write_text(text, encoding="utf-8")
+            partial.replace(self.local_path)
+            return
+        filesystem, path = self._fs()
         with filesystem.open_output_stream(path) as stream:
             stream.write(text.encode("utf-8"))
 
