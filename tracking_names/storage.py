@@ -140,7 +140,11 @@ class Storage:
 
 
 def _cache_folder(kind: str, location: str) -> Path:
-    return cache_dir() / DOWNLOADS / kind / urllib.parse.quote(location, safe="")
+    """A URI's folder in the user's cache, one level per segment: a child's folder lies in its parent's."""
+    scheme, rest = location.split("://", 1)
+    segments = [urllib.parse.quote(segment, safe="") for segment in rest.split("/")]
+    segments = [segment if segment.strip(".") else segment.replace(".", "%2E") for segment in segments]  # no ..
+    return cache_dir() / DOWNLOADS / kind / scheme / Path(*segments)
 
 
 def _bucket(uri: str) -> str:
