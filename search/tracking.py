@@ -97,10 +97,10 @@ class TrackingSettings:
         Raises:
             DamagedFile: The file is not the JSON object of these settings (edited by hand, cut short).
         """
-        text = Storage.of(path).read_text()
-        if text is None:
-            raise FileNotFoundError(f"no search settings at {path}")
         try:
+            text = Storage.of(path).read_text()
+            if text is None:
+                raise FileNotFoundError(f"no search settings at {path}")
             settings = cls(**json.loads(text))
             if (isinstance(settings.uri, str | None) and isinstance(settings.study_uri, str | None)
                     and isinstance(settings.down_timeout_s, int | float)):

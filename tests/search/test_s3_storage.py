@@ -2,7 +2,8 @@
 says why moto), started on 127.0.0.1 by these tests and ended by its PID.
 
 The slow test runs a real search (Ray in the driver, real mmdet trials) to the bucket, kills its driver, resumes it
-from the bucket, then reports and exports from it; the others check what is refused before anything is written.
+from the bucket, then reports, exports and ensembles from it; the others check what is refused before anything is
+written, and that the S3 endpoint variable reaches pyarrow.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _finished(*args: str, cwd: Path, timeout: float = 900) -> str:
 
 
 @pytest.mark.slow
-def test_search_killed_and_resumed_in_s3_then_reported_and_exported(tmp_path: Path, synth: Dataset,
+def test_search_killed_and_resumed_in_s3_then_reported_exported_and_ensembled(tmp_path: Path, synth: Dataset,
                                                                     s3_env: S3Server) -> None:
     storage = f"s3://{BUCKET}/kill-resume"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -112,6 +113,10 @@ def test_search_killed_and_resumed_in_s3_then_reported_and_exported(tmp_path: Pa
     _finished("export", "s3-search", "--tracking-uri", tracking_uri, "--out", str(tmp_path / "model"), cwd=tmp_path)
     assert {path.name for path in (tmp_path / "model").iterdir()} >= {CHECKPOINT_FILE, TRIAL_CONFIG}
     assert (tmp_path / "model" / CHECKPOINT_FILE).stat().st_size > 1_000_000  # the weights, downloaded
+    _finished("ensemble", "s3-search", "--top-k", "2", "--tracking-uri", tracking_uri, "--storage", storage,
+              "--out", str(tmp_path / "ensemble"), cwd=tmp_path)
+    cached = [path for path in _objects(s3_env, "kill-resume/s3-search/ensemble") if path.endswith(".bbox.json")]
+    assert len(cached) == 2, cached  # each member's val predictions, cached in the bucket beside the trials
 
 
 def _refused(capsys: pytest.CaptureFixture[str], *args: str) -> str:
