@@ -374,3 +374,21 @@ def s3_server(tmp: Path) -> Iterator[S3Server]:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def dettune_cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """``dettune ARGS`` (``python -m search``) in a session of its own, its output merged and read as text."""
+    return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_once_a_trial_ends(driver: subprocess.Popen[str], timeout: float = 600) -> None:
+    """SIGKILLs a search driver and its Ray (its whole session) as soon as one trial has ended and others still
+    run, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        if "completed" in line or "stopped by ASHA" in line or time.monotonic() > deadline:
+            break
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()

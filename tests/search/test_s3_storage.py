@@ -8,11 +8,6 @@ written, and that the S3 endpoint variable reaches pyarrow.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +15,7 @@ import pyarrow.fs
 import pytest
 from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
-from services import S3Server, free_port, s3_server
+from services import S3Server, dettune_cli, free_port, kill_once_a_trial_ends, s3_server
 
 from cocodata.dataset import Dataset
 from search.entry import main
@@ -53,13 +48,8 @@ def _objects(s3: S3Server, prefix: str) -> list[str]:
     return [info.path for info in s3.filesystem().get_file_info(selector) if info.type == pyarrow.fs.FileType.File]
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _finished(*args: str, cwd: Path, timeout: float = 900) -> str:
-    command = _cli(*args, cwd=cwd)
+    command = dettune_cli(*args, cwd=cwd)
     output, _ = command.communicate(timeout=timeout)
     assert command.returncode == 0, f"{args}: exit {command.returncode}\n{output[-3000:]}"
     return output
@@ -73,14 +63,8 @@ def test_search_killed_and_resumed_in_s3_then_reported_exported_and_ensembled(tm
     space_file = write_space(tmp_path / "space.yaml", synth, name="s3-search",
                              budget={"epochs": 2, "trials": 3, "max_concurrent": 2},
                              scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2})
-    driver = _cli("search", str(space_file), "--storage", storage, "--tracking-uri", tracking_uri, cwd=tmp_path)
-    deadline = time.monotonic() + 600
-    assert driver.stdout is not None
-    for line in driver.stdout:  # kill as soon as one trial finished and others still run
-        if "completed" in line or "stopped by ASHA" in line or time.monotonic() > deadline:
-            break
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    kill_once_a_trial_ends(dettune_cli("search", str(space_file), "--storage", storage, "--tracking-uri", tracking_uri,
+                                       cwd=tmp_path))
 
     _finished("resume", "s3-search", "--storage", storage, cwd=tmp_path)  # the tracking URI from the bucket
 
