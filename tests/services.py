@@ -377,8 +377,12 @@ def s3_server(tmp: Path) -> Iterator[S3Server]:
 
 
 def dettune_cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    """``dettune ARGS`` (``python -m search``) in a session of its own, its output merged and read as text."""
+    """``dettune ARGS`` (``python -m search``) of this checkout, in a session of its own, its output merged and
+    read as text. The checkout goes first on the path: from another ``cwd``, the venv's editable install could be
+    another checkout's (a git worktree's tests would run the main checkout's code)."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, text=True,
+                            env={**os.environ, "PYTHONPATH": path},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
