@@ -62,8 +62,8 @@ from tracking_names import (
     TAG_ROLE,
     TAG_SEARCH,
     find_runs,
-    local_tracking_uri,
 )
+from tracking_names.storage import Storage, tracking_uri_for
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.coco_metric import STATS_INDEX
 from trainers.metrics import val_metrics
@@ -184,25 +184,19 @@ def pick_members(search: SearchHandle, top_k: int) -> list[Member]:
     return members
 
 
-def cached_predictions(variant: Variant, cache: Path, device: str) -> tuple[list[Detection], float]:
+def cached_predictions(variant: Variant, cache: Storage, device: str) -> tuple[list[Detection], float]:
     """The variant's detections on the whole val set and its seconds per image: read from ``cache``, or
     computed once and written there (the time beside the predictions, as ``<...>.seconds.json``)."""
     path = cache / variant.cache_name
-    timing = path.with_name(path.name.removesuffix(".bbox.json") + ".seconds.json")
-    if not path.is_file():
+    timing = cache / (variant.cache_name.removesuffix(".bbox.json") + ".seconds.json")
+    text = path.read_text()
+    if text is None:
         detections, seconds = predict_val(variant.member.candidate.directory, device, tta=variant.tta)
-        cache.mkdir(parents=True, exist_ok=True)
-        _write_whole(timing, {"seconds_per_image": seconds, "device": device})
-        _write_whole(path, detections)  # last: a cache file means both are there
-    loaded: list[Detection] = json.loads(path.read_text(encoding="utf-8"))
-    return loaded, float(json.loads(timing.read_text(encoding="utf-8"))["seconds_per_image"])
-
-
-def _write_whole(path: Path, data: Any) -> None:
-    """Never a half-written file under the real name."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data), encoding="utf-8")
-    partial.replace(path)
+        timing.write_text(json.dumps({"seconds_per_image": seconds, "device": device}))  # each file whole
+        text = json.dumps(detections)
+        path.write_text(text)  # last: a cache file means both are there
+    loaded: list[Detection] = json.loads(text)
+    return loaded, float(json.loads(timing.read_text() or "{}")["seconds_per_image"])
 
 
 def predict_val(checkpoint_dir: Path, device: str, *, tta: bool = False) -> tuple[list[Detection], float]:
@@ -641,7 +635,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--fusion", choices=FUSIONS, default="wbf",
                         help="wbf: Weighted Boxes Fusion (default); nms: class-wise NMS over all members' boxes")
     parser.add_argument("--storage", default=str(DEFAULT_STORAGE),
-                        help=f"the search's --storage, whose MLflow store is the default (default: {DEFAULT_STORAGE})")
+                        help=f"the search's --storage, whose MLflow store is the default (default: {DEFAULT_STORAGE}); "
+                             "with an object store pass --tracking-uri")
     add_tracking_flag(parser)
     parser.add_argument("--out", help="where ensemble.json goes (default: ensembles/NAME)")
     parser.add_argument("--device", help="torch device the members run on (default: cuda when torch sees a GPU, "
@@ -651,7 +646,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_ensemble(args: argparse.Namespace) -> int:
     """The ``ensemble`` command."""
-    uri = args.tracking_uri or local_tracking_uri(Path(args.storage))
+    uri = tracking_uri_for(args.storage, args.tracking_uri)
     search = open_search(open_tracking(uri), args.name)
     ensemble = build_ensemble(search, top_k=args.top_k, method=args.fusion, tta=args.tta, device=args.device)
     name = log_ensemble(search, ensemble, args.top_k, Path(args.out or Path("ensembles") / args.name))

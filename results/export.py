@@ -43,6 +43,7 @@ from spaces.errors import BadArgument, NotFound, UserError
 from spaces.objectives import COST_METRICS, FPS_METRIC, GFLOPS_METRIC, is_feasible, shortfall
 from spaces.schema import Limit, Space
 from tracking_names import TAG_EXP_NUM, TAG_STORAGE, is_log_column
+from tracking_names.storage import Storage, open_storage
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG, load_checkpoint
 from trainers.coco_metric import plain_mmdet
 from trainers.metrics import EPOCH, known_mode
@@ -60,12 +61,17 @@ class NothingToExport(UserError):
 
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
-    """A checkpoint on disk and the result Ray recorded with it."""
+    """A checkpoint in Ray storage and the result Ray recorded with it."""
 
     trial_id: str
     epoch: int
     result: dict[str, Any]
-    directory: Path
+    source: Storage
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint on this machine (from an object store, downloaded on first use)."""
+        return self.source.on_disk()
 
     def value(self, metric: str) -> float | None:
         """The result's ``metric``, or None where it is missing or not finite."""
@@ -98,21 +104,22 @@ def metric_mode(space: Space, metric: str) -> str:
     return mode
 
 
-def checkpoint_candidates(experiment_dir: Path) -> list[Candidate]:
-    """Every reported epoch of every trial whose checkpoint (weights and config) is still on disk."""
+def checkpoint_candidates(experiment_dir: Storage) -> list[Candidate]:
+    """Every reported epoch of every trial whose checkpoint (weights and config) is still in Ray storage."""
+    files = experiment_dir.files()  # one listing, also of an object store
     candidates = []
-    for results in sorted(experiment_dir.glob("*/result.json")):
-        for result in _results(results):
+    for results in sorted(path for path in files if path.count("/") == 1 and path.endswith("/result.json")):
+        trial = results.split("/")[0]
+        for result in _results(experiment_dir / results):
             name = result.get("checkpoint_dir_name")
-            directory = results.parent / str(name)
-            if name and (directory / CHECKPOINT_FILE).is_file() and (directory / TRIAL_CONFIG).is_file():
+            if name and {f"{trial}/{name}/{CHECKPOINT_FILE}", f"{trial}/{name}/{TRIAL_CONFIG}"} <= files:
                 candidates.append(Candidate(trial_id=str(result["trial_id"]), epoch=int(result[EPOCH]),
-                                            result=result, directory=directory))
+                                            result=result, source=experiment_dir / trial / str(name)))
     return candidates
 
 
-def _results(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text(encoding="utf-8").splitlines():
+def _results(path: Storage) -> Iterator[dict[str, Any]]:
+    for line in (path.read_text() or "").splitlines():
         try:
             yield json.loads(line)
         except json.JSONDecodeError:  # the line Ray is writing right now
@@ -136,22 +143,24 @@ def ranked_candidates(candidates: Sequence[Candidate], metric: str, mode: str) -
     return sorted(scored, key=lambda c: sign * (c.value(metric) or 0.0))
 
 
-def experiment_dir(search: SearchHandle) -> Path:
-    """The search's Ray experiment directory, as its parent run records it.
+def experiment_dir(search: SearchHandle) -> Storage:
+    """The search's Ray experiment directory, as its parent run records it: a local folder or an object store's.
 
     Raises:
         NothingToExport: The search does not record it.
-        NotFound: It is not on this machine.
+        NotFound: It is not on this machine, or no longer in its object store.
+        BadArgument: Its object store cannot be opened (credentials, endpoint).
     """
     recorded = search.parent.data.tags.get(TAG_STORAGE)
     if not recorded:
         raise NothingToExport(f"search {search.name} does not record its Ray experiment directory "
                          f"(tag {TAG_STORAGE}): it was run by an older dettune; rerun it to export")
-    path = Path(recorded)
-    if not path.is_dir():
-        raise NotFound(f"the Ray experiment directory of search {search.name}, {path}, is not on this machine: "
-                         "run export where the search's --storage is mounted")
-    return path
+    storage = open_storage(recorded)
+    if not storage.exists():
+        where = ("is not on this machine: run export where the search's --storage is mounted" if storage.is_local
+                 else "is no longer there: check the URI's bucket and prefix")
+        raise NotFound(f"the Ray experiment directory of search {search.name}, {storage}, {where}")
+    return storage
 
 
 class NoTrialMeetsLimits(NothingToExport):

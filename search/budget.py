@@ -1,7 +1,8 @@
 """A search's time budget (``budget.hours``): when new trials stop starting, and when running ones stop.
 
 The end is counted from the moment a driver starts, ``dettune search`` or ``dettune resume`` alike:
-:func:`start_clock` writes it to the search's directory, and the objects Tune pickles with the experiment read it
+:func:`start_clock` writes it to the search's local folder (its Ray directory, or for an object store its
+folder in the user's cache), and the objects Tune pickles with the experiment read it
 from there, so a resumed driver's end reaches the searcher and stopper that Tune restores.
 
 Starting: a new trial starts only while it could still reach its first rung (``scheduler.grace_epochs``, or every
@@ -35,6 +36,7 @@ EPOCH_SECONDS = "time_this_iter_s"  # Tune's time between two reports of a trial
 def start_clock(experiment_dir: Path, hours: float | None, *, started: float) -> None:
     """Records this driver's budget: ``hours`` from ``started`` (seconds since the epoch), or none."""
     ends_at = started + hours * 3600 if hours is not None else None
+    experiment_dir.mkdir(parents=True, exist_ok=True)  # an object store's search: its folder in the user's cache
     (experiment_dir / BUDGET_FILE).write_text(json.dumps({"hours": hours, "started": started, "ends_at": ends_at}))
 
 

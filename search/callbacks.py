@@ -19,6 +19,7 @@ from search.trainable import DATA_ERROR
 from search.writer import OrderedWriter
 from spaces.knobs import show_value
 from tracking_names import STOPPED_BY_BUDGET, outcome_text
+from tracking_names.storage import Storage
 from trainers.metrics import EPOCH
 
 FailureOf = Callable[[str], "str | None"]
@@ -75,7 +76,7 @@ class MlflowCallback(Callback):
     reaches it, and no tracking URI is pickled.
     """
 
-    def __init__(self, tracker: Tracker, *, settings_file: Path,
+    def __init__(self, tracker: Tracker, *, settings_file: Path | Storage,
                  params_of: Callable[[Mapping[str, Any]], dict[str, Any]], max_epochs: int, failure_of: FailureOf,
                  budget: TimeBudget, retry_every_s: float = 5.0) -> None:
         self._settings_file = settings_file

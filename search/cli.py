@@ -23,9 +23,9 @@ from tracking_names import (
     DEFAULT_STORAGE,
     DEFAULT_TRACKING_TIMEOUT_S,
     experiment_page,
-    local_tracking_uri,
     without_credentials,
 )
+from tracking_names.storage import tracking_uri_for
 
 NO_TRIAL_FINISHED = 1
 INTERRUPTED = 3  # the search stopped on purpose and can be resumed
@@ -38,6 +38,9 @@ STUDY_STORAGE_HELP = ("Optuna storage (an SQLAlchemy URL, e.g. postgresql+psycop
                       "user:password@ goes to PGUSER/PGPASSWORD, never written")
 HOURS_HELP = ("wall-clock hours the search may run: no trial starts that could not reach its first rung in "
               "time, and at the end each running trial stops after its current epoch")
+STORAGE_HELP = (f"Ray storage: a folder shared by all nodes, or s3://BUCKET/PREFIX (any URI pyarrow.fs opens; "
+                f"credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for MinIO & co; needs "
+                f"--tracking-uri) (default: {DEFAULT_STORAGE})")
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -87,7 +90,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _search_options(args: argparse.Namespace, **changes: object) -> SearchOptions:
     fields = dict(space_file=Path(args.space[0]), name=args.name, address=args.address,
                   tracking_uri=args.tracking_uri,
-                  storage=Path(args.storage), trials=args.trials, epochs=args.epochs,
+                  storage=args.storage, trials=args.trials, epochs=args.epochs,
                   max_concurrent=args.max_concurrent, hours=args.hours,
                   data_root=Path(args.data_root) if args.data_root else None,
                   tracking_timeout_s=args.tracking_timeout, study_storage=args.study_storage,
@@ -128,7 +131,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise BadArgument("--name renames one search, but a chain runs several: drop --name (each search takes its "
                         "space's name)")
     check_chain([(file, load_for_search(_search_options(args, space_file=Path(file)))) for file in files],
-                args.tracking_uri or local_tracking_uri(Path(args.storage).resolve()))
+                tracking_uri_for(args.storage, args.tracking_uri))
     status = 0
     for index, file in enumerate(files):
         again = _continue_command(files[index:], args)
@@ -157,7 +160,7 @@ def _continue_command(files: Sequence[str], args: argparse.Namespace) -> str:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    return _print_outcome(run_search(resume_options(args.name, Path(args.storage), args.tracking_uri,
+    return _print_outcome(run_search(resume_options(args.name, args.storage, args.tracking_uri,
                                                     args.tracking_timeout, args.study_storage, hours=args.hours)))
 
 
@@ -177,8 +180,7 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
                                           "else Ray in this process)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite under --storage)")
-    parser.add_argument("--storage", default=str(DEFAULT_STORAGE),
-                        help=f"Ray storage path, shared by all nodes (default: {DEFAULT_STORAGE})")
+    parser.add_argument("--storage", default=str(DEFAULT_STORAGE), help=STORAGE_HELP)
     parser.add_argument("--trials", type=int, help="number of trials (default: budget.trials)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")
     parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: budget.max_concurrent)")
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="finish a search whose driver stopped (same trials, same runs)")
     resume.add_argument("name", help="the search's name")
     resume.add_argument("--storage", default=str(DEFAULT_STORAGE),
-                        help=f"Ray storage path the search used (default: {DEFAULT_STORAGE})")
+                        help=f"Ray storage the search used, a folder or a URI (default: {DEFAULT_STORAGE})")
     resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
     resume.add_argument("--tracking-timeout", type=float, metavar="SECONDS",
                         help="stop when MLflow stays unreachable this long (default: what the search used)")

@@ -79,6 +79,7 @@ from tracking_names import (
     use_credentials,
     use_database_credentials,
 )
+from tracking_names.storage import Storage, open_storage, tracking_uri_for
 from trainers.metrics import EPOCH
 from trainers.smoke import first_step
 
@@ -135,7 +136,8 @@ class SearchOptions:
     address: str | None = None
     tracking_uri: str | None = None
     """May hold ``user:password@``: it is moved to MLflow's credential variables, never written."""
-    storage: Path = DEFAULT_STORAGE
+    storage: str | Path = DEFAULT_STORAGE
+    """A local folder, or a URI pyarrow.fs opens (``s3://BUCKET/PREFIX``)."""
     trials: int | None = None
     epochs: int | None = None
     max_concurrent: int | None = None
@@ -163,7 +165,8 @@ class SearchOutcome:
     name: str
     tracking_uri: str
     experiment_id: str
-    experiment_dir: Path
+    experiment_dir: Path | str
+    """A local folder, or the URI of one in an object store."""
     best_trial_id: str | None
     table: str
     finished: int
@@ -186,7 +189,7 @@ def load_for_search(options: SearchOptions) -> Space:
     return Space.from_json(data, str(options.space_file))
 
 
-def make_plan(space: Space, storage: Path) -> TrialPlan:
+def make_plan(space: Space, storage: Storage | Path) -> TrialPlan:
     """Resolves every path now, in the driver: trials run with another working directory, maybe elsewhere."""
     root = Path(space.data.root).resolve()
     base = space.base if space.base.startswith(MMDET_PREFIX) else str(resolve_base(space.base).resolve())
@@ -212,7 +215,7 @@ def trial_resources(plan: TrialPlan) -> dict[str, float]:
     return {"CPU": 0, "memory": LAUNCHER_MEMORY}
 
 
-def make_searcher(space: Space, staged: staging.Staging | None = None, *, settings_file: Path | None = None,
+def make_searcher(space: Space, staged: staging.Staging | None = None, *, settings_file: Path | Storage | None = None,
                   gate: LaunchGate | None = None) -> tuple[Any, dict[str, Any], int]:
     """The search algorithm (limited to ``budget.max_concurrent`` trials at a time), the Tuner's
     param_space, and num_samples, for the space's algorithm.
@@ -365,25 +368,37 @@ def _auto_address() -> str | None:
         return None
 
 
-def resume_options(name: str, storage: Path, tracking_uri: str | None = None,
+def resume_options(name: str, storage: str | Path, tracking_uri: str | None = None,
                    tracking_timeout_s: float | None = None, study_storage: str | None = None, *,
                    hours: float | None = None) -> SearchOptions:
     """The options that continue search ``name``: its saved effective space and tracking settings, where the
     command line does not change them."""
-    experiment_dir = storage.resolve() / name
+    experiment_dir = open_storage(storage) / name
     saved = experiment_dir / SAVED_OPTIONS
-    if not saved.is_file():
+    if not saved.exists():
         raise NotFound(f"no search named {name} in {storage}: check the name and --storage "
-                       f"(searches there: {', '.join(_searches(storage)) or 'none'})")
+                       f"(searches there: {', '.join(_searches(experiment_dir.parent)) or 'none'})")
     recorded = TrackingSettings.load(saved)
-    return SearchOptions(space_file=experiment_dir / SAVED_SPACE, name=name, storage=storage,
+    return SearchOptions(space_file=_on_disk(experiment_dir / SAVED_SPACE, experiment_dir), name=name,
+                         storage=storage,
                          tracking_uri=tracking_uri or recorded.uri,
                          tracking_timeout_s=tracking_timeout_s or recorded.down_timeout_s,
                          study_storage=study_storage or recorded.study_uri, hours=hours, resume=True)
 
 
-def _searches(storage: Path) -> list[str]:
-    return sorted(p.parent.name for p in storage.glob(f"*/{SAVED_OPTIONS}"))
+def _searches(storage: Storage) -> list[str]:
+    return sorted(path.split("/")[0] for path in storage.files() if path.count("/") == 1
+                  and path.endswith(f"/{SAVED_OPTIONS}"))
+
+
+def _on_disk(file: Storage, experiment_dir: Storage) -> Path:
+    """A file of the search as a local file: itself, or a copy of it beside the trials' local folders."""
+    if file.is_local:
+        return file.local_path
+    copy = experiment_dir.local_root() / file.name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(file.read_text() or "")
+    return copy
 
 
 def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> SearchOutcome:
@@ -393,12 +408,12 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     A time budget (``budget.hours``) counts from this call.
     """
     started = time.time()
-    storage = options.storage.resolve()
+    storage = open_storage(options.storage)
     settings = TrackingSettings(uri=use_credentials(options.tracking_uri) if options.tracking_uri else None,
                                 down_timeout_s=options.tracking_timeout_s,
                                 study_uri=use_database_credentials(options.study_storage)
                                 if options.study_storage else None)
-    tracking_uri = settings.effective_uri(storage)
+    tracking_uri = tracking_uri_for(storage, settings.uri)
     check_reachable(tracking_uri)
     staged = staging.stage_from_store(load_for_search(options), tracking_uri)
     space = staged.space  # inherited knobs are fixed in it, and saved so: a resume keeps them
@@ -406,24 +421,28 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     cleaned = validation.cleaned
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
-    if cleaned is not None:  # data.on_bad: skip: the trials read the cleaned copy, the user's files stay as they are
-        space = with_cleaned_files(space, cleaned.paths(experiment_dir / CLEANED_DATA))
+    # data.on_bad: skip: the trials read the cleaned copy (a local file), the user's files stay as they are
+    cleaned_dir = experiment_dir.local_root() / CLEANED_DATA
+    if cleaned is not None:
+        space = with_cleaned_files(space, cleaned.paths(cleaned_dir))
     plan = make_plan(space, storage)
     quiet_tune_console()
     with _environment_defaults(SEARCH_ENVIRONMENT), _quiet_trial_errors():
         check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
         _save(experiment_dir, space, options.space_file, settings)
-        start_clock(experiment_dir, space.budget.hours, started=started)
+        start_clock(experiment_dir.local_root(), space.budget.hours, started=started)
         if cleaned is not None:
-            cleaned.write(experiment_dir / CLEANED_DATA)
+            cleaned.write(cleaned_dir)
         tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
-        tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged), **_budget_tags(experiment_dir),
-                                      TAG_STORAGE: str(experiment_dir)},
-                                space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text(),
+        tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged),
+                                      **_budget_tags(experiment_dir.local_root()), TAG_STORAGE: str(experiment_dir)},
+                                space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text() or "",
                                 space_json=json.dumps(space.to_json(), indent=2))
         _log_data(tracker, validation)
         restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
-        tuner = _tuner(staged, plan, tracker, storage, resume=restorable, train=train)
+        # The study copy's default, optuna.db, is SQLite beside a local storage; an object store needs --study-storage.
+        study_copy = storage.is_local or settings.study_uri is not None
+        tuner = _tuner(staged, plan, tracker, storage, resume=restorable, train=train, study_copy=study_copy)
         if restorable:  # what a killed or stopped driver had not delivered goes out now, not at the search's end
             # With a tracker of its own: the restored callbacks write through theirs, and reconcile must read
             # the runs afresh, not from what this one saw before they wrote.
@@ -431,12 +450,12 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
         results = tuner.fit()
         reconcile(results, space, plan, tracker)
         best_id = _record_best(results, space, plan, tracker)
-        budget_end = _budget_end(experiment_dir, tracker)
+        budget_end = _budget_end(experiment_dir.local_root(), tracker)
         if budget_end is not None:
             tracker.client.set_tag(tracker.parent_run_id, TAG_ENDED_BECAUSE, budget_end)
         tracker.finish_search()
         return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
-                             experiment_dir=experiment_dir,
+                             experiment_dir=experiment_dir.local_path if storage.is_local else str(experiment_dir),
                              best_trial_id=best_id, table=results_table(tracker, space, results),
                              finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan),
                              budget_end=budget_end)
@@ -536,37 +555,40 @@ def finished_trials(tracker: Tracker) -> int:
     return sum(1 for status, at in statuses if status == "completed" or (status == "stopped" and at not in (None, "0")))
 
 
-def _save(experiment_dir: Path, space: Space, space_file: Path, settings: TrackingSettings) -> None:
+def _save(experiment_dir: Storage, space: Space, space_file: Path, settings: TrackingSettings) -> None:
     """Writes what a resume needs: the effective space, the space file as written (kept from the first run), and
     the tracking settings."""
-    experiment_dir.mkdir(parents=True, exist_ok=True)
     original = experiment_dir / SAVED_SPACE_FILE
-    if not original.is_file():  # a resume starts from space.json; the file the user wrote stays as it was
+    if not original.exists():  # a resume starts from space.json; the file the user wrote stays as it was
         original.write_text(space_file.read_text())
     (experiment_dir / SAVED_SPACE).write_text(json.dumps(space.to_json(), indent=2))
     settings.save(experiment_dir / SAVED_OPTIONS)
 
 
-def _claim(experiment_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    if experiment_dir.exists() and not (resume or overwrite):
+def _claim(experiment_dir: Storage, *, resume: bool, overwrite: bool) -> None:
+    exists = experiment_dir.exists()
+    if exists and not (resume or overwrite):
         raise SearchExists(f"a search named {experiment_dir.name} already exists in {experiment_dir.parent}: "
                            "continue it with `dettune resume NAME`, pass --overwrite to start again, "
                            "or choose another --name")
-    if overwrite and experiment_dir.exists():
-        shutil.rmtree(experiment_dir)
+    if overwrite:
+        if exists:
+            experiment_dir.delete()
+        shutil.rmtree(experiment_dir.local_root(), ignore_errors=True)  # a URI's trials' local folders
 
 
-def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Path, *, resume: bool,
-           train: TrialFunction) -> tune.Tuner:
+def _tuner(staged: staging.Staging, plan: TrialPlan, tracker: Tracker, storage: Storage, *, resume: bool,
+           train: TrialFunction, study_copy: bool) -> tune.Tuner:
     space = staged.space
     trainable = tune.with_resources(tune.with_parameters(train, plan=plan), trial_resources(plan))
     if resume:
         return tune.Tuner.restore(str(storage / space.name), trainable=trainable, resume_errored=True)
-    budget = TimeBudget(storage / space.name)  # read from the budget file: a restored copy reads the resume's
-    searcher, param_space, samples = make_searcher(space, staged, settings_file=storage / space.name / SAVED_OPTIONS,
+    settings_file = storage / space.name / SAVED_OPTIONS
+    budget = TimeBudget((storage / space.name).local_root())  # a restored copy reads the resume's budget file
+    searcher, param_space, samples = make_searcher(space, staged, settings_file=settings_file if study_copy else None,
                                                    gate=LaunchGate(budget, epochs_to_rung=epochs_to_first_rung(space)))
     epochs = space.budget.epochs
-    callbacks = [MlflowCallback(tracker, settings_file=storage / space.name / SAVED_OPTIONS, params_of=plan.run_params,
+    callbacks = [MlflowCallback(tracker, settings_file=settings_file, params_of=plan.run_params,
                                 max_epochs=epochs, failure_of=plan.failure_of, budget=budget),
                  ConsoleCallback(metric=space.metric, max_epochs=epochs, params_of=plan.point,
                                  failure_of=plan.failure_of, log_of=plan.trial_log, budget=budget,

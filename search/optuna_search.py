@@ -41,6 +41,7 @@ from ray.tune.search import Searcher
 from search.tracking import TrackingSettings
 from spaces.objectives import fold_row, limit_violations
 from spaces.schema import Space
+from tracking_names.storage import Storage
 from trainers.metrics import EPOCH
 
 TRIAL_ATTR = "dettune.trial"
@@ -74,7 +75,7 @@ class StudyMirror:
     given another ``--study-storage`` copies there: Tune restores this object from its snapshot, not from them.
     """
 
-    def __init__(self, settings_file: Path, space: Space, *, fresh: bool) -> None:
+    def __init__(self, settings_file: Path | Storage, space: Space, *, fresh: bool) -> None:
         """Args:
             settings_file: The search's ``search.json`` (:class:`~search.tracking.TrackingSettings`).
             space: The search's space (its name and directions name the study).
@@ -92,7 +93,7 @@ class StudyMirror:
     @property
     def uri(self) -> str:
         """The Optuna storage URL (credentials, if any, are in PGUSER/PGPASSWORD)."""
-        return TrackingSettings.load(self._settings_file).effective_study_uri(self._settings_file.parents[1])
+        return TrackingSettings.load(self._settings_file).effective_study_uri(self._settings_file.parent.parent)
 
     def add(self, trials: Iterable[FrozenTrial]) -> None:
         """Hands the finished ones of ``trials`` to the copying thread, which copies those the storage lacks.

@@ -43,7 +43,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="MLflow tracking URI as the cluster reaches it (default: $MLFLOW_TRACKING_URI, else "
                              "SQLite under --storage on the cluster)")
     parser.add_argument("--storage", default=str(DEFAULT_STORAGE),
-                        help=f"Ray storage path on the cluster, shared by its nodes (default: {DEFAULT_STORAGE})")
+                        help=f"Ray storage on the cluster: a folder shared by its nodes, or s3://BUCKET/PREFIX "
+                             f"(default: {DEFAULT_STORAGE})")
     parser.add_argument("--name", help="search name (one space file only)")
     parser.add_argument("--trials", type=int, help="number of trials (default: budget.trials)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default: budget.epochs)")

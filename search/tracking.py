@@ -51,6 +51,7 @@ from tracking_names import (
     local_tracking_uri,
     without_credentials,
 )
+from tracking_names.storage import Storage
 
 
 def is_tracked(key: str) -> bool:
@@ -72,31 +73,36 @@ class TrackingSettings:
     study_uri: str | None = None
     """The Optuna storage of the study copy, without credentials; None is ``optuna.db`` beside the Ray storage."""
 
-    def effective_uri(self, storage: Path) -> str:
-        return self.uri or local_tracking_uri(storage)
+    def effective_uri(self, storage: Path | Storage) -> str:
+        """The tracking URI; the local default only for a local ``storage`` (the driver refuses a URI without one)."""
+        return self.uri or local_tracking_uri(Storage.of(storage).local_path)
 
-    def effective_study_uri(self, storage: Path) -> str:
-        return self.study_uri or local_study_uri(storage)
+    def effective_study_uri(self, storage: Path | Storage) -> str:
+        return self.study_uri or local_study_uri(Storage.of(storage).local_path)
 
-    def tracker(self, storage: Path, search: str, *, fresh: bool = False) -> Tracker:
+    def tracker(self, storage: Path | Storage, search: str, *, fresh: bool = False) -> Tracker:
         """The search's tracker; the local default keeps artifacts under ``storage/mlartifacts``."""
         if self.uri is None:
-            ensure_store(storage / LOCAL_STORE)
+            local = Storage.of(storage).local_path
+            ensure_store(local / LOCAL_STORE)
         return Tracker(self.effective_uri(storage), search, fresh=fresh,
-                       artifact_root=None if self.uri else storage / "mlartifacts")
+                       artifact_root=None if self.uri else local / "mlartifacts")
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)))
+    def save(self, path: Path | Storage) -> None:
+        Storage.of(path).write_text(json.dumps(asdict(self)))
 
     @classmethod
-    def load(cls, path: Path) -> TrackingSettings:
+    def load(cls, path: Path | Storage) -> TrackingSettings:
         """Reads what :meth:`save` wrote.
 
         Raises:
             DamagedFile: The file is not the JSON object of these settings (edited by hand, cut short).
         """
         try:
-            settings = cls(**json.loads(path.read_text()))
+            text = Storage.of(path).read_text()
+            if text is None:
+                raise FileNotFoundError(f"no search settings at {path}")
+            settings = cls(**json.loads(text))
             if (isinstance(settings.uri, str | None) and isinstance(settings.study_uri, str | None)
                     and isinstance(settings.down_timeout_s, int | float)):
                 return settings

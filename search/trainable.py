@@ -28,6 +28,7 @@ from ray.train import Checkpoint
 from cocodata.dataset import open_dataset
 from search.rung import with_rung_score
 from spaces.schema import Space
+from tracking_names.storage import Storage
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
 from trainers.hook import TrialDiverged
 from trainers.inference import fps_settings
@@ -54,6 +55,7 @@ class TrialPlan:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0  # below 1 with one worker: trials share a GPU
     storage: str
+    """Ray storage: a local folder or a URI (:class:`~tracking_names.storage.Storage`)."""
     name: str
     pretrained: Mapping[str, str] = field(default_factory=dict)
 
@@ -70,24 +72,30 @@ class TrialPlan:
         """What a trial's MLflow run records as params: its knobs and how its FPS is measured."""
         return {**self.point(sampled), **fps_settings("cuda" if self.gpus_per_worker else "cpu")}
 
+    @property
+    def trials_dir(self) -> Path:
+        """The trials' own files: next to Ray's results in a local (shared) storage folder; with an object store,
+        in a local folder of the user's cache, on the node that runs the trial."""
+        return Storage(self.storage).local_root() / self.name / "trials"
+
     def work_dir(self, trial_id: str, rank: int) -> Path:
-        """Where a worker's mmengine work dir and trial.log live: next to Ray's results, on shared storage."""
-        return Path(self.storage) / self.name / "trials" / trial_id / f"rank{rank}"
+        """Where a worker's mmengine work dir and trial.log live."""
+        return self.trials_dir / trial_id / f"rank{rank}"
 
     def failure_file(self, trial_id: str) -> Path:
         """Holds the reason a trial failed for good (diverged, out of memory); the driver reads it."""
-        return Path(self.storage) / self.name / "trials" / trial_id / FAILURE_FILE
+        return self.trials_dir / trial_id / FAILURE_FILE
 
     def setup_failure_file(self, trial_id: str) -> Path:
         """Holds the reason a trial failed before its first training iteration (config, file, import, shape)."""
-        return Path(self.storage) / self.name / "trials" / trial_id / SETUP_FAILURE_FILE
+        return self.trials_dir / trial_id / SETUP_FAILURE_FILE
 
     def setup_failure_of(self, trial_id: str) -> str | None:
         return _read(self.setup_failure_file(trial_id))
 
     def setup_failures(self) -> dict[str, str]:
         """Trial id -> reason, for every trial of this search that failed at setup so far."""
-        trials = Path(self.storage) / self.name / "trials"
+        trials = self.trials_dir
         return {path.parent.name: path.read_text().strip() for path in trials.glob(f"*/{SETUP_FAILURE_FILE}")}
 
     def failure_of(self, trial_id: str) -> str | None:

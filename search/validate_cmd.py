@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from spaces.errors import USAGE_ERROR
 from tracking_names import DEFAULT_STORAGE
@@ -35,7 +34,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="MLflow store holding the searches named by inherit and warm_start (default: "
                              "$MLFLOW_TRACKING_URI, else the SQLite store under --storage, as `dettune search`)")
     parser.add_argument("--storage", default=str(DEFAULT_STORAGE),
-                        help=f"the search's Ray storage path (default: {DEFAULT_STORAGE})")
+                        help=f"the search's Ray storage, a folder or a URI (default: {DEFAULT_STORAGE})")
     parser.set_defaults(handler=run_validate)
 
 
@@ -48,12 +47,12 @@ def run_validate(args: argparse.Namespace) -> int:
     from mmconfigs.validate import check_file, check_space, summary
     from search.staging import stage_from_store
     from spaces.errors import SpaceError
-    from tracking_names import local_tracking_uri
+    from tracking_names.storage import tracking_uri_for
     from trainers.smoke import first_step
 
     try:
         validation = check_file(args.space, first_step=first_step)
-        tracking_uri = args.tracking_uri or local_tracking_uri(Path(args.storage).resolve())
+        tracking_uri = tracking_uri_for(args.storage, args.tracking_uri)
         staged = stage_from_store(validation.space, tracking_uri, pending_ok=True)
         if staged.inherited:  # the models change with the inherited knobs: build them again
             validation = check_space(staged.space, args.space, first_step=first_step)

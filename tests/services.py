@@ -332,3 +332,67 @@ def postgres(*, user: str = "mlflow", password: str | None = None, database: str
         subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
                        timeout=120)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """An S3-compatible server on 127.0.0.1 and the standard variables that point a client at it."""
+
+    endpoint: str
+    secret: str
+
+    def environment(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "dettune-test", "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def filesystem(self) -> Any:
+        """A pyarrow client of its own (not through dettune), allowed to create buckets."""
+        import pyarrow.fs
+
+        return pyarrow.fs.S3FileSystem(access_key="dettune-test", secret_key=self.secret, region="us-east-1",
+                                       endpoint_override=self.endpoint, allow_bucket_creation=True)
+
+
+@contextmanager
+def s3_server(tmp: Path) -> Iterator[S3Server]:
+    """moto's S3 server (``moto_server``, from PyPI's moto) on a free port of 127.0.0.1, its state in memory.
+
+    moto rather than MinIO: it installs with pip into the venv (no binary or Debian package to fetch), starts in
+    about a second, speaks the S3 API pyarrow and Ray use (multipart uploads, listings, deletes), and keeps
+    nothing on disk, so a test leaves nothing behind. It accepts any credentials.
+    """
+    port = free_port()
+    log_path = tmp / "moto-server.log"
+    log = open(log_path, "a")  # noqa: SIM115 - closed below, after the server
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{endpoint}/moto-api/", process=server, log=log_path)
+        yield S3Server(endpoint=endpoint, secret=secrets.token_hex(16))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def dettune_cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """``dettune ARGS`` (``python -m search``) of this checkout, in a session of its own, its output merged and
+    read as text. The checkout goes first on the path: from another ``cwd``, the venv's editable install could be
+    another checkout's (a git worktree's tests would run the main checkout's code)."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, text=True,
+                            env={**os.environ, "PYTHONPATH": path},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_once_a_trial_ends(driver: subprocess.Popen[str], timeout: float = 600) -> None:
+    """SIGKILLs a search driver and its Ray (its whole session) as soon as one trial has ended and others still
+    run, or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        if "completed" in line or "stopped by ASHA" in line or time.monotonic() > deadline:
+            break
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()

@@ -29,6 +29,7 @@ from results.export import (
 from results.store import open_search, open_tracking
 from spaces.errors import BadArgument
 from spaces.schema import Objective, load_space
+from tracking_names.storage import Storage
 
 VAL = ["val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_s", "val/bbox_mAP_m", "val/bbox_mAP_l"]
 
@@ -137,18 +138,19 @@ def test_only_checkpoints_on_disk_count_while_the_search_runs(tmp_path: Path) ->
     _fake_trial(tmp_path, "b", [{"epoch": 1, "val/bbox_mAP": 0.2, "checkpoint_dir_name": "checkpoint_000000"}],
                 kept={"checkpoint_000000"}, partial=True)  # Ray is writing its next line
 
-    ranked = ranked_candidates(checkpoint_candidates(tmp_path), "val/bbox_mAP", "max")
+    candidates = checkpoint_candidates(Storage.of(tmp_path))
+    ranked = ranked_candidates(candidates, "val/bbox_mAP", "max")
 
     assert [(c.trial_id, c.epoch) for c in ranked] == [("b", 1), ("a", 1)]
-    assert [c.trial_id for c in ranked_candidates(checkpoint_candidates(tmp_path), "val/bbox_mAP", "min")] == ["a", "b"]
+    assert [c.trial_id for c in ranked_candidates(candidates, "val/bbox_mAP", "min")] == ["a", "b"]
 
 
 def test_no_checkpoint_or_unknown_metric_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(NothingToExport, match="no trial checkpoint is on disk yet"):
-        ranked_candidates(checkpoint_candidates(tmp_path), "val/bbox_mAP", "max")
+        ranked_candidates(checkpoint_candidates(Storage.of(tmp_path)), "val/bbox_mAP", "max")
     _fake_trial(tmp_path, "a", [{"epoch": 1, "val/bbox_mAP": 0.1, "checkpoint_dir_name": "c"}], kept={"c"})
     with pytest.raises(BadArgument, match=r"no checkpoint has the metric 'val/bbox_mAP_xl'.*val/bbox_mAP"):
-        ranked_candidates(checkpoint_candidates(tmp_path), "val/bbox_mAP_xl", "max")
+        ranked_candidates(checkpoint_candidates(Storage.of(tmp_path)), "val/bbox_mAP_xl", "max")
 
 
 def test_metric_mode_follows_the_space_then_the_metrics_kind() -> None:
@@ -171,6 +173,7 @@ def test_an_objectives_mode_is_the_spaces() -> None:
 def test_params_of_a_grid_over_lists_are_the_values_the_trial_trained(tmp_path: Path) -> None:
     space = load_space(Path(__file__).parents[2] / "spaces" / "scale-vs-small.yaml")
     # Tune's grid hands the trial the list itself (Optuna would have sent the text "[768, 768]").
-    candidate = Candidate(trial_id="a", epoch=1, result={"config": {"scale": [768, 768]}}, directory=tmp_path)
+    candidate = Candidate(trial_id="a", epoch=1, result={"config": {"scale": [768, 768]}},
+                          source=Storage.of(tmp_path))
 
     assert trial_params(space, candidate) == {**space.fixed, "epochs": space.budget.epochs, "scale": [768, 768]}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from conftest import runs_of, write_space
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
-from services import descendants, proc_bytes
+from services import descendants, dettune_cli, kill_once_a_trial_ends, proc_bytes
 
 from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
@@ -99,26 +97,14 @@ def test_killed_trial_process_resumes_in_the_same_run(tmp_path: Path, synth: Dat
     assert "Load checkpoint from" in log or "resumed epoch: 1" in log
 
 
-def _search_cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "search", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 @pytest.mark.slow
 def test_killed_driver_resumes_with_the_same_trials(tmp_path: Path, synth: Dataset) -> None:
     space_file = write_space(tmp_path / "space.yaml", synth, name="kill-driver",
                              budget={"epochs": 2, "trials": 4, "max_concurrent": 2},
                              scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2})
-    driver = _search_cli("search", str(space_file), cwd=tmp_path)
-    deadline = time.monotonic() + 600
-    assert driver.stdout is not None
-    for line in driver.stdout:  # kill as soon as one trial finished and others still run
-        if "completed" in line or "stopped by ASHA" in line or time.monotonic() > deadline:
-            break
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    kill_once_a_trial_ends(dettune_cli("search", str(space_file), cwd=tmp_path))
 
-    resumed = _search_cli("resume", "kill-driver", cwd=tmp_path)
+    resumed = dettune_cli("resume", "kill-driver", cwd=tmp_path)
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output[-3000:]
 
