@@ -28,7 +28,7 @@ SUBMITTED = "submitted"
 """The upload's folder for the space files, in the order given."""
 PASSED_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                    "AWS_ENDPOINT_URL")
+                    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 """Set on this machine, they reach the job's driver as they are."""
 FAILED = 1
 
