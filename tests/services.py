@@ -19,8 +19,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,17 @@ def _kill_processes_using(marker: str) -> None:
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
         except (OSError, ValueError):  # gone meanwhile
             continue
+
+
+def kill_until_gone(pids_of_ours: Callable[[], list[int]], *, timeout_s: float = 10.0, every_s: float = 0.2) -> None:
+    """SIGKILLs what ``pids_of_ours`` lists (processes the caller started, found by its own marker) until it lists
+    none, or ``timeout_s``: a process may start another while its parent dies."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := pids_of_ours()) and time.monotonic() < deadline:
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(every_s)
 
 
 def proc_bytes(path: str | Path) -> bytes:

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import services
-from services import BIN, Postgres, free_port, tail, wait_for_http
+from services import BIN, Postgres, free_port, kill_until_gone, tail, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +90,7 @@ def stop_group(process: subprocess.Popen[bytes], marker: str, *, group: bool, gr
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while (stragglers := _pids_with(marker)) and time.monotonic() < deadline:
-        for pid in stragglers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
+    kill_until_gone(lambda: _pids_with(marker), every_s=0.5)
 
 
 def _pids_with(marker: str) -> list[int]:

@@ -24,7 +24,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from services import BIN, agent_ports, free_port, free_ports, mlflow_server, tail
+from services import BIN, agent_ports, free_port, free_ports, kill_until_gone, mlflow_server, tail
 
 from cocodata.synth import write_dataset
 
@@ -101,12 +100,7 @@ def processes_of(uid: int) -> dict[int, str]:
 
 def kill_processes_of(uid: int) -> None:
     """SIGKILLs every process of ``uid`` (the test's own user: all of them are this test's), by pid."""
-    deadline = time.monotonic() + 10
-    while (pids := processes_of(uid)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
+    kill_until_gone(lambda: processes_of(uid))
 
 
 def named_acl_entries(folder: Path) -> set[str]:
