@@ -351,6 +351,7 @@ def _pyproject_version() -> str:
 def test_readme_cluster_section_matches_the_files(compose: dict[str, Any], env_example: dict[str, str]) -> None:
     """The commands the README gives name services, settings and search flags that exist."""
     from search.cli import build_parser
+    from search.submit import PASSED_VARIABLES
 
     readme = (REPO / "README.md").read_text()
     assert "\n## Run on a cluster\n" in readme
@@ -359,9 +360,11 @@ def test_readme_cluster_section_matches_the_files(compose: dict[str, Any], env_e
     for name in re.findall(r"`((?:ray|mlflow|minio|postgres)[a-z-]*)`", section):
         assert name in known or name in ("ray", "mlflow"), f"README names {name}, which compose.yaml lacks"
     build_args = set(re.findall(r"^ARG ([A-Z][A-Z0-9_]+)", (REPO / "docker" / "Dockerfile").read_text(), re.MULTILINE))
-    settings = set(env_example) | build_args | {"RAY_AUTH_MODE"}
+    # Or a variable dettune's commands read on the user's machine: the tracking URI, what submit passes to a job.
+    settings = set(env_example) | build_args | {"RAY_AUTH_MODE", "MLFLOW_TRACKING_URI"} | set(PASSED_VARIABLES)
     for setting in re.findall(r"`([A-Z][A-Z0-9_]{3,})(?:=[^`]*)?`", section):
-        assert setting in settings, f"README names setting {setting}, which .env.example and the ARGs lack"
+        assert setting in settings, (f"README names setting {setting}, which .env.example, the ARGs and the "
+                                     f"variables dettune reads lack")
     commands = re.findall(r"python -m search (search .+?)(?:\n\S|\n\n|```)", section.replace("\\\n", " "),
                           flags=re.DOTALL)
     assert commands, "the README shows how to submit a search"
