@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.entities import Run
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -422,7 +423,8 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     experiment_dir = storage / space.name
     _claim(experiment_dir, resume=options.resume, overwrite=options.overwrite)
     # data.on_bad: skip: the trials read the cleaned copy (a local file), the user's files stay as they are
-    cleaned_dir = experiment_dir.local_root() / CLEANED_DATA
+    local_dir = experiment_dir.local_root()  # the trials' local files, the cleaned data, the time budget
+    cleaned_dir = local_dir / CLEANED_DATA
     if cleaned is not None:
         space = with_cleaned_files(space, cleaned.paths(cleaned_dir))
     plan = make_plan(space, storage)
@@ -430,12 +432,12 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
     with _environment_defaults(SEARCH_ENVIRONMENT), _quiet_trial_errors():
         check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
         _save(experiment_dir, space, options.space_file, settings)
-        start_clock(experiment_dir.local_root(), space.budget.hours, started=started)
+        start_clock(local_dir, space.budget.hours, started=started)
         if cleaned is not None:
             cleaned.write(cleaned_dir)
         tracker = settings.tracker(storage, space.name, fresh=options.overwrite)
         tracker.describe_search(tags={**_search_tags(space), **staging.tags(staged),
-                                      **_budget_tags(experiment_dir.local_root()), TAG_STORAGE: str(experiment_dir)},
+                                      **_budget_tags(local_dir), TAG_STORAGE: str(experiment_dir)},
                                 space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text() or "",
                                 space_json=json.dumps(space.to_json(), indent=2))
         _log_data(tracker, validation)
@@ -450,14 +452,15 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
         results = tuner.fit()
         reconcile(results, space, plan, tracker)
         best_id = _record_best(results, space, plan, tracker)
-        budget_end = _budget_end(experiment_dir.local_root(), tracker)
+        runs = tracker.trial_runs()  # read once, with the ends, stops and Pareto tags written above
+        budget_end = _budget_end(local_dir, runs)
         if budget_end is not None:
             tracker.client.set_tag(tracker.parent_run_id, TAG_ENDED_BECAUSE, budget_end)
         tracker.finish_search()
         return SearchOutcome(name=space.name, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
                              experiment_dir=experiment_dir.local_path if storage.is_local else str(experiment_dir),
-                             best_trial_id=best_id, table=results_table(tracker, space, results),
-                             finished=finished_trials(tracker), stopped_because=_stopped_because(results, space, plan),
+                             best_trial_id=best_id, table=results_table(runs, space, results),
+                             finished=finished_trials(runs), stopped_because=_stopped_because(results, space, plan),
                              budget_end=budget_end)
 
 
@@ -474,17 +477,17 @@ def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
-def _budget_end(experiment_dir: Path, tracker: Tracker) -> str | None:
+def _budget_end(experiment_dir: Path, runs: list[Run]) -> str | None:
     """With a time budget, how the search ended against it: reached (how many trials finished, how many more the
     budget stopped, and when and why no more started), or within it. None without a budget."""
     budget = TimeBudget(experiment_dir)
     if budget.hours is None:
         return None
-    at_budget = sum(run.data.tags.get(TAG_STOPPED_BY) == STOPPED_BY_BUDGET for run in tracker.trial_runs())
+    at_budget = sum(run.data.tags.get(TAG_STOPPED_BY) == STOPPED_BY_BUDGET for run in runs)
     closed = closed_because(experiment_dir)
     if closed is None and at_budget == 0:
         return f"ended within the budget of {budget.hours:g} h"
-    finished = finished_trials(tracker) - at_budget
+    finished = finished_trials(runs) - at_budget
     reason = f"; no trial started after {_utc(closed[0])}: {closed[1]}" if closed else ""
     return (f"budget of {budget.hours:g} h reached: {finished} trial{'s' * (finished != 1)} finished, "
             f"{at_budget} stopped at the budget{reason}")
@@ -549,9 +552,10 @@ def _stopped_because(results: Any, space: Space, plan: TrialPlan) -> str | None:
             f"other trial would repeat: {reason}")
 
 
-def finished_trials(tracker: Tracker) -> int:
-    """Trials that trained and ended normally: completed, or stopped (by ASHA or the time budget) after an epoch."""
-    statuses = [(run.data.tags.get(TAG_STATUS), run.data.tags.get(TAG_STOPPED_AT)) for run in tracker.trial_runs()]
+def finished_trials(runs: list[Run]) -> int:
+    """Of a search's trial runs, those that trained and ended normally: completed, or stopped (by ASHA or the time
+    budget) after an epoch."""
+    statuses = [(run.data.tags.get(TAG_STATUS), run.data.tags.get(TAG_STOPPED_AT)) for run in runs]
     return sum(1 for status, at in statuses if status == "completed" or (status == "stopped" and at not in (None, "0")))
 
 
@@ -714,11 +718,11 @@ def _trial_id(result: Any) -> str:
     return str(result.metrics_dataframe["trial_id"].iloc[-1])
 
 
-def results_table(tracker: Tracker, space: Space, results: Any) -> str:
-    """The end-of-search summary: one line per trial run in MLflow, its score at its best epoch; with objectives,
-    each one's last measurement and a ``*`` on the trials of the Pareto front.
+def results_table(runs: list[Run], space: Space, results: Any) -> str:
+    """The end-of-search summary: one line per trial run of the search (``runs``, read back from MLflow), its score
+    at its best epoch; with objectives, each one's last measurement and a ``*`` on the trials of the Pareto front.
 
-    Runs, knobs, status and objectives are read back from MLflow in one listing; the best score and the epochs
+    Runs, knobs, status and objectives come from that one listing; the best score and the epochs
     come from Ray's results, which :func:`reconcile` has just made MLflow hold (two metric-history requests per
     trial were 27 ms of the search's end per trial on a tracking server).
     """
@@ -727,7 +731,7 @@ def results_table(tracker: Tracker, space: Space, results: Any) -> str:
     others = [metric for metric, _ in space.directions() if metric != space.metric]
     header = ["trial", *knobs, "epochs", space.metric, *others, *(["pareto"] if space.objectives else []), "status"]
     lines = [header]
-    for run in tracker.trial_runs():
+    for run in runs:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         stopped_at = tags.get(TAG_STOPPED_AT)
         status = outcome_text(tags.get(TAG_STATUS, "?"), stopped_at=int(stopped_at) if stopped_at else None,
