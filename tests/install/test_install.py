@@ -1,7 +1,8 @@
 """scripts/install.sh as a user on a fresh machine runs it: no prebuilt wheel, an empty cache.
 
 The full test builds mmcv from source (about 11 minutes on 2 cores), the path every user without a
-wheelhouse takes, under SOURCE_BUILD_PYTHON. It stays 3.11 until a 3.12 source build has passed on a 2-core machine
+wheelhouse takes, under SOURCE_BUILD_PYTHON; the build starts with the session and the test runs last
+(installing.py says why). It stays 3.11 until a 3.12 source build has passed on a 2-core machine
 (under 3.12 pip brings torch's CUDA build, several GB): a CI run must not be the first to try it. The others check
 that each failing step says what failed and what to do, in seconds.
 """
@@ -9,11 +10,9 @@ that each failing step says what failed and what to do, in seconds.
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,36 +20,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from installing import BUILD_TIMEOUT_S, INSTALL, REPO, SOURCE_BUILD_PYTHON, SourceBuild, install_environment, python_of
 
-REPO = Path(__file__).resolve().parents[2]
-INSTALL = REPO / "scripts" / "install.sh"
 MMCV_WHEEL_NAME = "mmcv-2.1.0-cp311-cp311-linux_x86_64.whl"
-SOURCE_BUILD_PYTHON = "3.11"
-BUILD_TIMEOUT_S = 3000  # the source build alone is ~11 min on an idle 2-core machine; CI machines are slower
 
 
 def _install(venv: Path, cache: Path, wheelhouse: Path | None, timeout: float, drop: tuple[str, ...] = (),
              **env: str) -> subprocess.CompletedProcess[str]:
-    """Runs scripts/install.sh into ``venv`` with only the given wheelhouse and cache, as on a fresh machine.
-
-    ``drop`` names more environment variables to leave out; ``env`` sets others.
-    """
-    environ = {k: v for k, v in os.environ.items() if k not in ("DETTUNE_WHEELHOUSE", "VIRTUAL_ENV", *drop)}
-    environ.update(VENV=str(venv), XDG_CACHE_HOME=str(cache), **env)
-    if wheelhouse is not None:
-        environ["DETTUNE_WHEELHOUSE"] = str(wheelhouse)
+    """Runs scripts/install.sh into ``venv`` with only the given wheelhouse and cache, as on a fresh machine."""
+    environ = install_environment(venv, cache, wheelhouse, drop, **env)
     return subprocess.run(["bash", str(INSTALL)], cwd=REPO, env=environ, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _python(version: str) -> str:
-    """A working ``python3.X`` on PATH, else pyenv's (its shims exist but fail for a version not selected)."""
-    candidates = [shutil.which(f"python{version}") or ""]
-    candidates += sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python")))
-    for python in candidates:
-        if python and subprocess.run([python, "-c", ""], capture_output=True).returncode == 0:
-            return python
-    raise AssertionError(f"this test needs Python {version} (python{version} on PATH or under pyenv)")
 
 
 def _last_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -86,15 +66,13 @@ def _validate_demo(venv: Path, tmp_path: Path) -> subprocess.CompletedProcess[st
 
 @pytest.mark.slow
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 900)
-def test_fresh_machine_builds_mmcv_then_reuses_the_cached_wheel(tmp_path: Path) -> None:
-    venv, cache, wheelhouse = tmp_path / "venv", tmp_path / "cache", tmp_path / "wheelhouse"
-    wheelhouse.mkdir()
-    python = _python(SOURCE_BUILD_PYTHON)
+def test_fresh_machine_builds_mmcv_then_reuses_the_cached_wheel(source_build: SourceBuild, tmp_path: Path) -> None:
+    venv, cache, wheelhouse = source_build.venv, source_build.cache, source_build.wheelhouse
     tag = "cp" + SOURCE_BUILD_PYTHON.replace(".", "")
 
-    first = _install(venv, cache, wheelhouse, timeout=BUILD_TIMEOUT_S, PYTHON=python)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "building from source" in first.stderr
+    returncode, output = source_build.wait()
+    assert returncode == 0, output[-3000:]
+    assert "building from source" in output
     cached = list(cache.glob(f"dettune/wheels/torch-*/mmcv-2.1.0-{tag}-{tag}-linux_x86_64.whl"))
     assert len(cached) == 1, f"the built wheel is cached: {sorted(cache.rglob('*.whl'))}"
 
@@ -113,7 +91,7 @@ def test_fresh_machine_builds_mmcv_then_reuses_the_cached_wheel(tmp_path: Path) 
 
     # A second install finds the cached wheel: no build (it would take minutes, and say so).
     subprocess.run([str(venv_python), "-m", "pip", "uninstall", "-q", "-y", "mmcv"], check=True, timeout=300)
-    second = _install(venv, cache, wheelhouse, timeout=900, PYTHON=python)
+    second = _install(venv, cache, wheelhouse, timeout=900, PYTHON=python_of(SOURCE_BUILD_PYTHON))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "building" not in second.stderr
     assert f"installing mmcv from {cached[0]}" in second.stderr
