@@ -50,13 +50,11 @@ from spaces.objectives import (
     trial_values,
 )
 from spaces.schema import Space
+from tracking_names import LOG_METRICS as METRIC_COLUMNS
 from tracking_names import STOPPED_BY_BUDGET, TAG_INHERITED, TAG_PARETO
 
 KNOB_COLUMNS = {"Backbone": "backbone", "RoI Head": "roi_head", "initial lr": "lr", "Lr schd": "schedule",
                 "Optimizer": "optimizer"}
-METRIC_COLUMNS = ("val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_l", "val/bbox_mAP_m",
-                  "val/bbox_mAP_s", "train/loss_rpn_cls", "train/s1.loss_bbox", "train/s2.loss_cls", "train/s1.acc",
-                  "train/s2.acc", "train/loss")
 FPS_COLUMN = "Inf time (fps)"
 COST_COLUMNS = {FPS_COLUMN: FPS_METRIC, "GFLOPs": GFLOPS_METRIC, "Params (M)": PARAMS_METRIC}
 COLUMNS = ("Exp num", "Backbone", "RoI Head", "Epoch", "initial lr", "Lr schd", "Optimizer", *COST_COLUMNS,

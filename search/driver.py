@@ -440,6 +440,7 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
                                       **_budget_tags(local_dir), TAG_STORAGE: str(experiment_dir)},
                                 space_yaml=(experiment_dir / SAVED_SPACE_FILE).read_text() or "",
                                 space_json=json.dumps(space.to_json(), indent=2))
+        tracker.save_runs_view(space.metric, space.mode)
         _log_data(tracker, validation)
         restorable = options.resume and tune.Tuner.can_restore(str(experiment_dir))
         # The study copy's default, optuna.db, is SQLite beside a local storage; an object store needs --study-storage.

@@ -27,11 +27,15 @@ from search.local_store import ensure_store
 from search.rung import RUNG_SCORE
 from spaces.errors import DamagedFile
 from spaces.knobs import param_text
+from spaces.objectives import COST_METRICS
 from tracking_names import (
     DEFAULT_TRACKING_TIMEOUT_S,
     EXP_NUM_CLAIM,
     EXPERIMENT_TAGS,
     LOCAL_STORE,
+    LOG_METRICS,
+    RUNS_VIEW,
+    SHARED_VIEW_TAG,
     TAG_BEST_EPOCH,
     TAG_BEST_KNOB,
     TAG_BEST_TRIAL,
@@ -49,6 +53,7 @@ from tracking_names import (
     is_log_column,
     local_study_uri,
     local_tracking_uri,
+    run_filter,
     without_credentials,
 )
 from tracking_names.storage import Storage
@@ -186,6 +191,19 @@ class Tracker:
         self.client.log_batch(self.parent_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_text(self.parent_run_id, space_yaml, "space.yaml")
         self.client.log_text(self.parent_run_id, space_json, "space.json")
+
+    def save_runs_view(self, metric: str, mode: str) -> None:
+        """Saves the view of the runs table that the printed page opens (:func:`tracking_names.experiment_page`):
+        the trial runs, the best by ``metric`` (``mode`` "max" or "min") first, with it and the log's metric columns.
+
+        An experiment tag in the format of the UI's own "Save as new view" (it lists it under Views, too),
+        rewritten at every driver start, so a search started before dettune saved it gets it when resumed.
+        """
+        columns = [f"metrics.`{key}`" for key in dict.fromkeys([metric, *COST_METRICS, *LOG_METRICS])]
+        state = {"searchFilter": run_filter({TAG_ROLE: "trial"}), "orderByKey": f"metrics.`{metric}`",
+                 "orderByAsc": mode == "min", "selectedColumns": columns, "columnOrder": columns}
+        view = {"name": f"{self.search} trials", "createdAt": int(time.time() * 1000), "state": json.dumps(state)}
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + RUNS_VIEW, json.dumps(view))
 
     def record_best(self, params: Mapping[str, Any], metrics: Mapping[str, float], *, epoch: int,
                     trial_id: str) -> bool:

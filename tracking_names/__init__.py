@@ -45,6 +45,10 @@ TAG_BEST_EPOCH = "dettune.best_epoch"
 EXP_NUM_CLAIM = "exp_num."  # + n: a parent param naming the run that holds Exp num <search>-<n>
 TAG_BEST_KNOB = "dettune.best."  # + knob name: the best trial's value (a tag, since params can't change)
 LOGGED_PREFIXES = ("val/", "train/", "inference/", "model/", "lb/")
+LOG_METRICS = ("val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_l", "val/bbox_mAP_m",
+               "val/bbox_mAP_s", "train/loss_rpn_cls", "train/s1.loss_bbox", "train/s2.loss_cls", "train/s1.acc",
+               "train/s2.acc", "train/loss")
+"""The experiment log's metric columns, in its order: the report's table and the runs view in MLflow's UI."""
 LOCAL_STORE = "mlflow.db"  # the embedded default store, in the storage folder
 STUDY_STORE = "optuna.db"  # the Optuna storage optuna-dashboard opens, beside it
 DEFAULT_STORAGE = Path("runs")
@@ -76,13 +80,23 @@ def without_credentials(uri: str) -> str:
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
 
 
-def experiment_page(server: str, experiment_id: str) -> str:
-    """The experiment's page on an MLflow server, in the UI's model-training view (runs, metrics, charts).
+RUNS_VIEW = "dettune"
+"""The share key of the runs-table view dettune saves on each search's experiment (see :func:`experiment_page`)."""
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+"""+ a share key: an experiment tag holding a view of the runs table, as MLflow's UI saves one ("Save as new
+view") and opens when the page's ``viewStateShareKey`` names it."""
 
-    MLflow 3.17's UI takes the view from this URL parameter, else from the browser's last choice, else its GenAI
-    view (traces, prompts): never from the experiment's kind tag.
+
+def experiment_page(server: str, experiment_id: str) -> str:
+    """The experiment's runs table on an MLflow server, in the view the search saved (``search.tracking``).
+
+    MLflow 3.17's UI takes the model-training view (runs, metrics, charts) from ``workflowType``, else from the
+    browser's last choice, else its GenAI view (traces, prompts): never from the experiment's kind tag. The page is
+    the ``runs`` tab itself: the UI's redirect from the bare experiment page keeps ``workflowType`` and drops
+    ``viewStateShareKey``.
     """
-    return f"{without_credentials(server).rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    return (f"{without_credentials(server).rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}")
 
 
 def credential_variables(uri: str, user_variable: str, password_variable: str) -> dict[str, str]:

@@ -1,8 +1,9 @@
-"""The MLflow bookkeeping on a real SQLite store, without Ray: the best trial on the parent, filter strings, and
-two drivers creating the same search at once."""
+"""The MLflow bookkeeping on a real SQLite store, without Ray: the best trial on the parent, filter strings, the
+runs view, and two drivers creating the same search at once."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import traceback
@@ -50,6 +51,21 @@ def test_a_search_experiment_is_recorded_as_model_training(tmp_path: Path) -> No
 
     experiment = MlflowClient(local_tracking_uri(tmp_path)).get_experiment(tracker.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_runs_view_ranks_by_the_spaces_metric_the_way_its_mode_says(tmp_path: Path) -> None:
+    # What the page shows is tests/search/test_mlflow_ui.py's concern; here, a metric to minimise, written twice.
+    tracker = Tracker(local_tracking_uri(tmp_path), "view")
+    tracker.save_runs_view("val/bbox_mAP", "max")
+    tracker.save_runs_view("val/bbox_mAP_s", "min")
+
+    tags = MlflowClient(local_tracking_uri(tmp_path)).get_experiment(tracker.experiment_id).tags
+    (key,) = [key for key in tags if key.startswith("mlflow.sharedViewState.")]
+    state = json.loads(json.loads(tags[key])["state"])
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`val/bbox_mAP_s`", True)
+    columns = state["selectedColumns"]
+    assert columns[0] == "metrics.`val/bbox_mAP_s`" and len(set(columns)) == len(columns)
+    assert {"metrics.`val/bbox_mAP`", "metrics.`train/loss`", "metrics.`inference/fps`"} <= set(columns)
 
 
 def test_a_new_best_replaces_the_knob_values_of_the_old_one(tmp_path: Path) -> None:
