@@ -85,6 +85,10 @@ def test_tpe_search_with_asha(tmp_path: Path, synth_large: Dataset, ray_local: N
 
     _assert_ray_and_mlflow_agree(outcome, children)
     _assert_study_copy_matches_mlflow(tmp_path / "runs" / "optuna.db", "tpe-asha", client, children)
+    # the view the printed page opens: the trials ranked by the space's metric (write_space's), highest first
+    view = json.loads(client.get_experiment(children[0].info.experiment_id).tags["mlflow.sharedViewState.dettune"])
+    assert json.loads(view["state"])["orderByKey"] == "metrics.`val/bbox_mAP_50`"
+    assert json.loads(view["state"])["orderByAsc"] is False
 
 
 def _assert_study_copy_matches_mlflow(db: Path, name: str, client: MlflowClient, children: list[Any]) -> None:
