@@ -90,18 +90,50 @@ class TrialPlan:
         """Holds the reason a trial failed before its first training iteration (config, file, import, shape)."""
         return self.trials_dir / trial_id / SETUP_FAILURE_FILE
 
+    def _shared_reason(self, trial_id: str, file_name: str) -> Storage | None:
+        """A reason's copy in an object store, which the driver reads when the trial ran on another node (the
+        local file is on that node); None for a storage folder, which the trials' folder lies in."""
+        storage = Storage(self.storage)
+        return None if storage.is_local else storage / self.name / "trials" / trial_id / file_name
+
+    def record_failure(self, trial_id: str, exc: BaseException) -> None:
+        """Keeps the first reason: with several workers, the rank that failed first knows why."""
+        reason = f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(FileExistsError), self.failure_file(trial_id).open("x") as file:
+            file.write(reason)
+            self._share(trial_id, FAILURE_FILE, reason)
+
+    def record_setup_failure(self, trial_id: str, reason: str) -> None:
+        self.setup_failure_file(trial_id).write_text(reason)
+        self._share(trial_id, SETUP_FAILURE_FILE, reason)
+
+    def _share(self, trial_id: str, file_name: str, reason: str) -> None:
+        shared = self._shared_reason(trial_id, file_name)
+        if shared is not None:
+            shared.write_text(reason)
+
+    def _reason(self, trial_id: str, path: Path) -> str | None:
+        """The reason in this node's file, else in the object store's copy."""
+        local = _read(path)
+        if local is not None:
+            return local
+        shared = self._shared_reason(trial_id, path.name)
+        text = shared.read_text() if shared is not None else None
+        return text.strip() if text is not None else None
+
     def setup_failure_of(self, trial_id: str) -> str | None:
-        return _read(self.setup_failure_file(trial_id))
+        return self._reason(trial_id, self.setup_failure_file(trial_id))
 
     def setup_failures(self) -> dict[str, str]:
-        """Trial id -> reason, for every trial of this search that failed at setup so far."""
+        """Trial id -> reason, for every trial of this search that failed at setup so far on this node (Tune's
+        loop asks at each step until a trial has trained: an object store is not listed that often)."""
         trials = self.trials_dir
         return {path.parent.name: path.read_text().strip() for path in trials.glob(f"*/{SETUP_FAILURE_FILE}")}
 
     def failure_of(self, trial_id: str) -> str | None:
         """Why the trial ended itself as failed (never retried), or None."""
         setup = self.setup_failure_of(trial_id)
-        return SETUP_FAILED + setup if setup is not None else _read(self.failure_file(trial_id))
+        return SETUP_FAILED + setup if setup is not None else self._reason(trial_id, self.failure_file(trial_id))
 
     def trial_log(self, trial_id: str) -> Path:
         """Rank 0's log: the Runner's output and the traceback of whatever ended the trial."""
@@ -180,14 +212,14 @@ def _train(config: dict[str, Any], plan: TrialPlan, trial_id: str, *,
     try:
         run_trial(spec, report=report_epoch, resume_from=resume_from)
     except UNRECOVERABLE as exc:
-        _record_failure(plan.failure_file(trial_id), exc)
+        plan.record_failure(trial_id, exc)
         if plan.workers > 1:
             # The other ranks may wait in a collective for this one (an OOM is not agreed like a NaN loss):
             # failing the worker makes Ray Train stop the whole group within seconds.
             raise
     except TrialSetupFailed as exc:  # a retry would fail the same way: end the trial now, as failed
         if rank == 0:
-            plan.setup_failure_file(trial_id).write_text(str(exc))
+            plan.record_setup_failure(trial_id, str(exc))
     finally:
         for stale in work_dir.rglob("*.pth"):  # reported copies live in Ray storage
             stale.unlink()
@@ -213,12 +245,6 @@ def assigned_device(plan: TrialPlan, *, cuda_visible: bool) -> str:
         raise RuntimeError(f"Ray gave this worker {plan.gpus_per_worker:g} GPU, but torch {torch.__version__} "
                            "cannot use CUDA: install the CUDA build of torch (scripts/install.sh --gpu)")
     return str(ray.train.torch.get_device()) if plan.workers > 1 else "cuda:0"
-
-
-def _record_failure(path: Path, exc: BaseException) -> None:
-    """Keeps the first reason: with several workers, the rank that failed first knows why."""
-    with contextlib.suppress(FileExistsError), path.open("x") as file:
-        file.write(f"{type(exc).__name__}: {exc}")
 
 
 def _read(path: Path) -> str | None:

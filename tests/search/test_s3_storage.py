@@ -19,10 +19,12 @@ from services import S3Server, dettune_cli, free_port, kill_once_a_trial_ends, s
 
 from cocodata.dataset import Dataset
 from search.entry import main
+from search.trainable import FAILURE_FILE, SETUP_FAILED, SETUP_FAILURE_FILE, TrialPlan
 from spaces.errors import USAGE_ERROR
 from tracking_names import TAG_STATUS, TAG_STORAGE, TAG_TRIAL
 from tracking_names.storage import Storage, open_storage
 from trainers.checkpoint import CHECKPOINT_FILE, TRIAL_CONFIG
+from trainers.hook import TrialDiverged
 
 BUCKET = "dettune-test"
 
@@ -152,3 +154,23 @@ def test_the_s3_endpoint_variable_reaches_pyarrow(s3: S3Server, monkeypatch: pyt
         assert stream.read() == b"written through the variable"
     downloaded = (folder / "a").on_disk()
     assert (downloaded / "note.txt").read_text() == "written through the variable"
+
+
+def test_a_failure_on_another_node_reaches_the_driver_through_the_bucket(s3_env: S3Server, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's own files stay in its node's cache; the reason it failed is what the driver must still read."""
+    plan = TrialPlan(space={}, base="b", data_root="d", storage=f"s3://{BUCKET}/reasons", name="s")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "trials-node"))
+    for trial_id in ("diverged", "broken"):
+        plan.failure_file(trial_id).parent.mkdir(parents=True)
+    plan.record_failure("diverged", TrialDiverged("loss is nan at iteration 7"))
+    plan.record_failure("diverged", RuntimeError("a later rank's reason"))  # the first reason stays
+    plan.record_setup_failure("broken", "KeyError: 'roi_head'")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "driver-node"))
+    assert not plan.failure_file("diverged").exists()
+    assert plan.failure_of("diverged") == "TrialDiverged: loss is nan at iteration 7"
+    assert plan.failure_of("broken") == SETUP_FAILED + "KeyError: 'roi_head'"
+    assert plan.failure_of("healthy") is None
+    assert sorted(_objects(s3_env, "reasons")) == [f"{BUCKET}/reasons/s/trials/broken/{SETUP_FAILURE_FILE}",
+                                                   f"{BUCKET}/reasons/s/trials/diverged/{FAILURE_FILE}"]
