@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic datasets written once per session, and the tiny trial preset."""
+"""Shared fixtures: synthetic datasets written once per session, the tiny trial preset, and the mmcv source build
+started with the session when its test is selected (it then runs last: tests/installing.py says why)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from installing import SourceBuild
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -18,6 +20,30 @@ from cocodata.synth import write_dataset
 
 CASCADE_BASE = "mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py"
 FASTER_BASE = "mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
+SOURCE_BUILD_TEST = "test_fresh_machine_builds_mmcv_then_reuses_the_cached_wheel"
+BUILD = pytest.StashKey[SourceBuild]()
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` have deselected what they deselect
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    selected = [item for item in items if item.name == SOURCE_BUILD_TEST]
+    for item in selected:
+        items.remove(item)
+    items.extend(selected)
+    if selected and not config.option.collectonly:
+        config.stash[BUILD] = SourceBuild.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    build = config.stash.get(BUILD, None)
+    if build is not None:
+        build.remove()
+
+
+@pytest.fixture
+def source_build(request: pytest.FixtureRequest) -> SourceBuild:
+    """The build started with the session: its venv, cache and wheelhouse, and its outcome once it ends."""
+    return request.config.stash[BUILD]
 
 
 @pytest.fixture(scope="session", autouse=True)

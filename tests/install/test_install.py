@@ -2,7 +2,7 @@
 
 The full test builds mmcv from source (about 11 minutes on 2 cores), the path every user without a
 wheelhouse takes, under SOURCE_BUILD_PYTHON; the build starts with the session and the test runs last
-(installing.py says why). It stays 3.11 until a 3.12 source build has passed on a 2-core machine
+(tests/installing.py says why). It stays 3.11 until a 3.12 source build has passed on a 2-core machine
 (under 3.12 pip brings torch's CUDA build, several GB): a CI run must not be the first to try it. The others check
 that each failing step says what failed and what to do, in seconds.
 """

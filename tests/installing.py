@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "scripts" / "install.sh"
 SOURCE_BUILD_PYTHON = "3.11"
 BUILD_TIMEOUT_S = 3000  # the source build alone is ~11 min on an idle 2-core machine; CI machines are slower
