@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -44,7 +45,6 @@ from bench.asha import FIXED, GRIDS, METRIC
 from cocodata.dataset import open_dataset
 from cocodata.synth import write_dataset
 from search.driver import (
-    SEARCH_ENVIRONMENT,
     connect_ray,
     make_plan,
     make_scheduler,
@@ -67,11 +67,11 @@ CONCURRENCY = 2
 WITHIN = 0.005
 """0.5 AP in mAP units: "as good as the best" for the epochs-to-best column."""
 SHARES = (0.25, 0.5, 1.0)
-EPOCH_S = 9.0
-"""Seconds one epoch took on 48 images at 160 px, tiny preset, 2 trials at once on the 2-core machine, its start
-included (measured with --quick, see the report); the estimate printed at start is built from it."""
-RUN_START_S = 15.0
-"""A run's fixed cost: Tune's start and end, or the Optuna processes' imports."""
+EPOCH_S = 7.5
+"""Seconds one trial's epoch takes on 48 images at 160 px, tiny preset, 2 trials at once on the 2-core machine
+(trial starts after the first included): the --quick race of 7 x 12 epochs took 51-88 s a run at load 4-6."""
+RUN_START_S = 25.0
+"""A run's seconds to its first epoch: Ray's trial processes or the two Optuna processes importing mmdet, Tune."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Size:
 
     images: int = 48
     epochs: int = 4
-    budget: int = 28
+    budget: int = 24
     grids: tuple[str, ...] = ("heads", "scales")
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -146,13 +146,18 @@ def _append(log: Path, event: Event) -> None:
 
 
 class EpochBudget(Stopper):
-    """Counts every epoch a Tune trial reports into ``log`` until ``budget`` are counted, then stops the run."""
+    """Counts every epoch a Tune trial reports into ``log`` until ``budget`` are counted, then stops the run.
+
+    Each epoch once: when a trial's function returns, Tune hands its last result to the stopper again.
+    """
 
     def __init__(self, log: Path, budget: int, began: float, *, spent: int = 0) -> None:
         self._log, self._budget, self._began, self._spent = log, budget, began, spent
+        self._counted: set[tuple[str, int]] = set()
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if METRIC in result and self._spent < self._budget:
+        if METRIC in result and self._spent < self._budget and (trial_id, result[EPOCH]) not in self._counted:
+            self._counted.add((trial_id, result[EPOCH]))
             self._spent += 1
             _append(self._log, Event(trial_id, int(result[EPOCH]), float(result[METRIC]),
                                      time.time() - self._began, float(result.get(RUNG_SCORE, result[METRIC]))))
@@ -481,7 +486,8 @@ def summary(runs: list[Run]) -> str:
             mine = [run for run in on_grid if run.method == method]
             cells = [_mean_sd([run.best_within(share * budget) for run in mine]) for share in SHARES]
             reached = [e for run in mine if (e := run.epochs_to(target[run.seed] - WITHIN)) is not None]
-            to_best = f"{statistics.mean(reached) if reached else math.nan:4.1f} ({len(reached)}/{len(mine)})"
+            to_best = f"{statistics.mean(reached):4.1f}" if reached else "   -"
+            to_best += f" ({len(reached)}/{len(mine)})"
             wall = statistics.mean(run.wall for run in mine)
             lines.append(f"  {method:<22} {'  '.join(f'{c:>13}' for c in cells)}   to best {to_best:<11}"
                          f" wall {wall:5.0f} s")
@@ -535,6 +541,7 @@ def race_all(size: Size, methods: Sequence[str], out: Path) -> list[Run]:
             print(f"{grid} seed {seed} {method}: {len(run.events)} epochs, best "
                   f"{run.best_within(size.budget) * 100:.2f} AP, {run.wall:.0f} s", flush=True)
             (out / "race.json").write_text(json.dumps({"size": asdict(size), "runs": [asdict(r) for r in runs]}))
+            shutil.rmtree(race.work / method)  # its checkpoints: gigabytes over the whole race
     return runs
 
 
@@ -543,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for race.json and race.png")
     parser.add_argument("--quick", action="store_true", help=f"1 seed, grid heads, B {QUICK.budget}")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--budget", type=int, help="epochs per run (default 28, --quick 12)")
+    parser.add_argument("--budget", type=int, help="epochs per run (default 24, --quick 12)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default 4)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else Size()
@@ -555,8 +562,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"epochs a trial, budget {size.budget} epochs a run; {size.images} images at 160 px; estimated "
           f"{estimate_s(size, len(args.methods)) / 60:.0f} min", flush=True)
     print(f"load at start: {_uptime()}", flush=True)
-    for key, value in SEARCH_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output at verbose 0: nothing per run
     connect_ray(None)
     quiet_tune_console()
     runs = race_all(size, args.methods, args.out)

@@ -46,6 +46,7 @@ def test_each_method_stays_within_the_budget_and_its_curve_holds_the_best_it_tra
     assert 1 <= len(run.events) <= BUDGET, run.events
     read = trained(tmp_path / method)
     counted = [(event.trial, event.epoch) for event in run.events]
+    assert len(set(counted)) == len(counted), f"an epoch counted twice: {counted}"
     assert set(counted) <= set(read), (counted, read)
     assert all(event.value == read[(event.trial, event.epoch)] for event in run.events)
     curve = run.curve()
