@@ -8,6 +8,10 @@ later report counts). Each run's anytime curve is the best val/bbox_mAP so far a
 the wall seconds; printed per grid and method: the best at 25/50/100 % of B (mean ± standard deviation over the
 seeds) and the epochs to come within 0.5 AP of the best any method found with that seed.
 
+The methods (:data:`METHODS`; each function's docstring says what it stands for): dettune's default, Ray Tune's
+default (random + ``ASHAScheduler()``), Optuna alone (TPE + ``HyperbandPruner``, TPE + ``MedianPruner``), the
+exhaustive grid as ``mim gridsearch`` runs it, PASHA and top-K after one epoch. None is left out.
+
     .venv/bin/python -m bench.race --quick --out race-quick   # 1 seed, grid heads, B 12: a first look
     .venv/bin/python -m bench.race --out race                  # both grids, 3 seeds, 7 methods
 
@@ -234,7 +238,9 @@ def _tune_run(race: Race, space: Space, *, search_alg: Any, scheduler: TrialSche
 
 def dettune_default(race: Race, log: Path, began: float) -> None:
     """dettune's default: TPE (Optuna's sampler through dettune's Tune searcher) and RecheckedASHA (grace 1,
-    factor 3, rung score): the searcher and scheduler run_search builds for a space that names neither."""
+    factor 3, rung score): the searcher and scheduler run_search builds for a space that names neither, and its
+    trial function, in a Tuner of the race's own (run_search takes no stopper: the budget in epochs needs one;
+    nothing else of it changes what is trained: no MLflow, no time budget)."""
     space = space_of(race, "dettune", "tpe")
     searcher, param_space, samples = make_searcher(space)
     _tune_run(race, space, search_alg=searcher, scheduler=make_scheduler(space), samples=samples,
@@ -335,6 +341,7 @@ def optuna_worker(job: OptunaJob, worker: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core each, as Ray gives each trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial into the race's output
     race = job.race
     space = space_of(race, f"optuna-{job.pruner}", "tpe")
     dataset = open_dataset(race.data, "train.json", "val.json")
@@ -557,10 +564,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     size = Size(size.images, args.epochs or size.epochs, args.budget or size.budget, size.grids, size.seeds)
     if size.budget < 1 or size.epochs < 2:
         parser.error("--budget must be at least 1 and --epochs at least 2 (ASHA's first rung is epoch 1)")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: name a folder for race.json and race.png")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"race: grids {', '.join(size.grids)}; seeds {size.seeds}; {len(args.methods)} methods; {size.epochs} "
           f"epochs a trial, budget {size.budget} epochs a run; {size.images} images at 160 px; estimated "
-          f"{estimate_s(size, len(args.methods)) / 60:.0f} min", flush=True)
+          f"{estimate_s(size, len(args.methods)) / 60:.0f} min (at load 4-6 on 2 cores)", flush=True)
     print(f"load at start: {_uptime()}", flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output at verbose 0: nothing per run
     connect_ray(None)

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import optuna
 import pytest
 
-from bench.race import METHODS, Race, journal_storage, run_method
+from bench.race import METHODS, PASHA, Race, journal_storage, run_method
 from cocodata.synth import write_dataset
 
 BUDGET = 2
 METRIC = "val/bbox_mAP"
+NO_CONTROLLER: Any = None  # PASHA decides from the trial and its result alone
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +55,25 @@ def test_each_method_stays_within_the_budget_and_its_curve_holds_the_best_it_tra
     curve = run.curve()
     assert [consumed for consumed, _, _ in curve] == list(range(1, len(counted) + 1))
     assert curve[-1][2] == max(read[key] for key in counted)
+
+
+def _pasha_after(rung3_of_a: float) -> tuple[PASHA, list[str]]:
+    """Trials b then a reach epoch 1 (a better), then epoch 3, the current maximum: b at 0.6, a at ``rung3_of_a``."""
+    pasha = PASHA(time_attr="epoch", metric=METRIC, mode="max", max_t=9, grace_period=1, reduction_factor=3)
+    decisions = [pasha.on_trial_result(NO_CONTROLLER, cast(Any, SimpleNamespace(trial_id=trial)),
+                                       {"epoch": epoch, METRIC: value})
+                 for trial, epoch, value in [("b", 1, 0.4), ("a", 1, 0.5), ("b", 3, 0.6), ("a", 3, rung3_of_a)]]
+    return pasha, decisions
+
+
+def test_pasha_keeps_its_maximum_rung_while_the_top_two_rungs_agree() -> None:
+    pasha, decisions = _pasha_after(0.7)  # a above b at epochs 1 and 3
+    assert decisions == ["CONTINUE", "CONTINUE", "STOP", "STOP"]
+    assert pasha.max_rung == 3
+
+
+def test_pasha_raises_its_maximum_rung_once_the_top_two_rungs_disagree() -> None:
+    pasha, decisions = _pasha_after(0.55)  # a above b at epoch 1, below at epoch 3
+    assert pasha.max_rung == 9
+    assert decisions[:3] == ["CONTINUE", "CONTINUE", "STOP"]  # b reached the maximum while it was 3
+    assert decisions[3] == "STOP"  # a: below the cutoff of rung 3 (b's 0.6), as ASHA stops it
