@@ -367,7 +367,8 @@ def optuna_worker(job: OptunaJob, worker: int) -> None:
         rows = run_trial(spec, report=report)
         return rows[-1][METRIC]
 
-    study.optimize(objective, n_trials=race.budget)
+    # As a user keeps a study going past a trial that diverged or ran out of memory (both RuntimeErrors).
+    study.optimize(objective, n_trials=race.budget, catch=(RuntimeError,))
 
 
 def _count_optuna_epoch(job: OptunaJob, trial: optuna.Trial, row: dict[str, float]) -> bool:
