@@ -3,7 +3,9 @@
 # constraints scripts/install.sh and the images install with. pyproject.toml keeps ranges for library users.
 #
 #   scripts/lock.sh                 resolve pyproject's ranges afresh: the newest releases they allow today
-#   scripts/lock.sh --from VENV     the versions installed in VENV (pip freeze), e.g. a venv just tested
+#   scripts/lock.sh --from VENV     the versions installed in VENV (pip freeze), e.g. a venv just tested;
+#                                   --from again adds another venv's (the CUDA build of torch under 3.12 pulls in
+#                                   triton and the nvidia-* libraries the CPU build does not): one version each
 #
 # Either way it then checks that every pin has a wheel (or source) for each Python dettune supports, so a pin that
 # would break `PYTHON=python3.13 make install` is found here. Left out: mmcv (install.sh builds it against torch),
@@ -34,11 +36,20 @@ for item in json.load(open(sys.argv[1]))["install"]:
     print(f"{item[\"metadata\"][\"name\"]}=={item[\"metadata\"][\"version\"]}")' "$tmp/report.json"
 }
 
+frozen() {
+  [ -x "${1:-}/bin/python" ] || { echo "lock.sh: --from needs a venv folder" >&2; exit 2; }
+  "$1/bin/python" -m pip --disable-pip-version-check freeze --all --exclude-editable | normalise
+}
+
 case "${1:-}" in
-  --from) [ -x "${2:-}/bin/python" ] || { echo "lock.sh: --from needs a venv folder" >&2; exit 2; }
-          "$2/bin/python" -m pip --disable-pip-version-check freeze --all --exclude-editable | normalise > "$tmp/body" ;;
+  --from) while [ "${1:-}" = --from ]; do frozen "${2:-}" >> "$tmp/pins"; shift 2; done
+          [ $# -eq 0 ] || { echo "usage: $0 [--from VENV]..." >&2; exit 2; }
+          sort -fu "$tmp/pins" > "$tmp/body"
+          twice=$(sed 's/==.*//' "$tmp/body" | tr 'A-Z_.' 'a-z--' | uniq -d)
+          [ -z "$twice" ] || { echo "lock.sh: the venvs hold different versions of: $twice; the lock was not written" >&2
+                               exit 1; } ;;
   "") resolved | normalise > "$tmp/body" ;;
-  *) echo "usage: $0 [--from VENV]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--from VENV]..." >&2; exit 2 ;;
 esac
 
 for version in $PYTHONS; do
