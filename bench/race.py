@@ -14,6 +14,7 @@ exhaustive grid as ``mim gridsearch`` runs it, PASHA and top-K after one epoch. 
 
     .venv/bin/python -m bench.race --quick --out race-quick   # 1 seed, grid heads, B 12: a first look
     .venv/bin/python -m bench.race --out race                  # both grids, 3 seeds, 7 methods
+    .venv/bin/python -m bench.race --out race --summarise      # the table and PNG again from race/race.json
 
 (``-m`` from the repository root: the bench imports bench.asha.) The JSON of every run's curve and one PNG of the
 mean curves go to ``--out``.
@@ -553,14 +554,27 @@ def race_all(size: Size, methods: Sequence[str], out: Path) -> list[Run]:
     return runs
 
 
+def saved_runs(results: Path) -> list[Run]:
+    """The runs of a race.json, as race_all wrote them (it rewrites the file after each run)."""
+    saved = json.loads(results.read_text())["runs"]
+    return [Run(**{**run, "events": [Event(**event) for event in run["events"]]}) for run in saved]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for race.json and race.png")
+    parser.add_argument("--summarise", action="store_true",
+                        help="print the table and draw the PNG of the runs already in --out's race.json, train nothing")
     parser.add_argument("--quick", action="store_true", help=f"1 seed, grid heads, B {QUICK.budget}")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--budget", type=int, help="epochs per run (default 24, --quick 12)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default 4)")
     args = parser.parse_args(argv)
+    if args.summarise:
+        runs = saved_runs(args.out / "race.json")
+        print(summary(runs))
+        plot(runs, args.out / "race.png")
+        return
     size = QUICK if args.quick else Size()
     size = Size(size.images, args.epochs or size.epochs, args.budget or size.budget, size.grids, size.seeds)
     if size.budget < 1 or size.epochs < 2:
