@@ -257,22 +257,14 @@ def tune_default(race: Race, log: Path, began: float) -> None:
               log=log, began=began, metric=METRIC)
 
 
-def grid_points(race: Race) -> list[dict[str, Any]]:
-    """Every combination of the grid in ``mim gridsearch``'s order: itertools.product over the knobs as listed."""
-    grid = grid_of(race)
-    values = [d.get("grid", d.get("choice")) or [] for d in grid.values()]
-    return [dict(zip(grid, combination, strict=True)) for combination in itertools.product(*values)]
-
-
 def exhaustive_grid(race: Race, log: Path, began: float) -> None:
-    """An exhaustive grid as ``mim gridsearch`` runs it: every combination for every epoch, in the grid's order,
-    2 at a time, no early stopping; cut where the budget ends."""
+    """An exhaustive grid as ``search.algorithm: grid`` (and ``mim gridsearch``) runs it: every combination for every
+    epoch, 2 at a time, no early stopping, in Tune's order of the grid (``grid_search`` per knob); cut where the
+    budget ends. (Handing Tune the combinations as ``points_to_evaluate``, in itertools.product's order, fails on a
+    knob whose values are lists: ``scale``.)"""
     space = space_of(race, "grid", "grid")
-    points = grid_points(race)
-    # Tune resolves each point against the param space: every knob is a choice there, each point fixes them all.
-    choices = {knob: tune.choice(d.get("grid", d.get("choice")) or []) for knob, d in grid_of(race).items()}
-    _tune_run(race, space, search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=CONCURRENCY),
-              scheduler=FIFOScheduler(), samples=len(points), param_space=choices, log=log, began=began)
+    _tune_run(race, space, search_alg=BasicVariantGenerator(max_concurrent=CONCURRENCY), scheduler=FIFOScheduler(),
+              samples=1, param_space=space.tune_param_space(), log=log, began=began)
 
 
 def pasha(race: Race, log: Path, began: float) -> None:
@@ -569,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--budget", type=int, help="epochs per run (default 24, --quick 12)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (default 4)")
+    parser.add_argument("--grids", nargs="+", choices=list(GRIDS), help="default: both (--quick: heads)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2 (--quick: 0)")
     args = parser.parse_args(argv)
     if args.summarise:
         runs = saved_runs(args.out / "race.json")
@@ -576,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         plot(runs, args.out / "race.png")
         return
     size = QUICK if args.quick else Size()
-    size = Size(size.images, args.epochs or size.epochs, args.budget or size.budget, size.grids, size.seeds)
+    size = Size(size.images, args.epochs or size.epochs, args.budget or size.budget,
+                tuple(args.grids or size.grids), tuple(args.seeds or size.seeds))
     if size.budget < 1 or size.epochs < 2:
         parser.error("--budget must be at least 1 and --epochs at least 2 (ASHA's first rung is epoch 1)")
     if args.out.exists() and not args.out.is_dir():
