@@ -507,6 +507,8 @@ def plot(runs: list[Run], path: Path) -> None:
     for row, grid in zip(axes, grids, strict=True):
         for method in dict.fromkeys(run.method for run in runs):
             mine = [run for run in runs if run.grid == grid and run.method == method]
+            if not mine:  # a partial race (--grids, --methods)
+                continue
             budget = mine[0].budget
             by_epoch = [statistics.mean(run.best_within(e) for run in mine) for e in range(1, budget + 1)]
             row[0].plot(range(1, budget + 1), [v * 100 for v in by_epoch], label=method)
