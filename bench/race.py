@@ -301,11 +301,13 @@ def top_k_after_one_epoch(race: Race, log: Path, began: float) -> None:
     spent = len(read_events(log))
     if not best or spent >= race.budget:
         return
-    space = space_of(race, "top-k-2", "random")
-    _tune_run(race, space, search_alg=BasicVariantGenerator(points_to_evaluate=[configs[t] for t in best],
-                                                            max_concurrent=CONCURRENCY),
-              scheduler=FIFOScheduler(), samples=len(best), param_space=space.tune_param_space(), log=log,
-              began=began, spent=spent)
+    # The K configurations go to Tune as points in Optuna's encoding (a list-valued choice such as scale as text:
+    # Tune's check of preset points fails on list values), which the trials of a "tpe" space decode.
+    space = space_of(race, "top-k-2", "tpe")
+    points = [space.encode_optuna(configs[t]) for t in best]
+    choices = {knob: tune.choice(list(dict.fromkeys(point[knob] for point in points))) for knob in points[0]}
+    _tune_run(race, space, search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=CONCURRENCY),
+              scheduler=FIFOScheduler(), samples=len(best), param_space=choices, log=log, began=began, spent=spent)
 
 
 @dataclass(frozen=True)
