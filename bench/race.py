@@ -31,7 +31,6 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -145,9 +144,14 @@ def read_events(log: Path) -> list[Event]:
     return [Event(**json.loads(line)) for line in log.read_text().splitlines() if line]
 
 
+def _line(event: Event) -> str:
+    """An event as its line of the run's log (:func:`read_events` reads them back)."""
+    return json.dumps(asdict(event)) + "\n"
+
+
 def _append(log: Path, event: Event) -> None:
     with log.open("a") as file:
-        file.write(json.dumps(asdict(event)) + "\n")
+        file.write(_line(event))
 
 
 class EpochBudget(Stopper):
@@ -378,8 +382,7 @@ def _count_optuna_epoch(job: OptunaJob, trial: optuna.Trial, row: dict[str, floa
         epoch = int(row[EPOCH])
         trial.report(row[METRIC], epoch)
         score = rung_score(row, metric=METRIC, mode="max")
-        file.write(json.dumps(asdict(Event(f"optuna-{trial.number}", epoch, row[METRIC],
-                                           time.time() - job.began, score))) + "\n")
+        file.write(_line(Event(f"optuna-{trial.number}", epoch, row[METRIC], time.time() - job.began, score)))
         file.flush()
         if spent + 1 >= job.race.budget:
             job.spent_flag.touch()
@@ -529,8 +532,9 @@ def _best_at_second(run: Run, second: float) -> float:
     return bests[-1] if bests else 0.0
 
 
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+def _load() -> str:
+    """The 1, 5 and 15-minute load averages, as the other benches print the machine's load."""
+    return ", ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def race_all(size: Size, methods: Sequence[str], out: Path) -> list[Run]:
@@ -584,14 +588,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"race: grids {', '.join(size.grids)}; seeds {size.seeds}; {len(args.methods)} methods; {size.epochs} "
           f"epochs a trial, budget {size.budget} epochs a run; {size.images} images at 160 px; estimated "
           f"{estimate_s(size, len(args.methods)) / 60:.0f} min (at load 4-6 on 2 cores)", flush=True)
-    print(f"load at start: {_uptime()}", flush=True)
+    print(f"load at start: {_load()} ({time.strftime('%H:%M:%S')})", flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output at verbose 0: nothing per run
     connect_ray(None)
     quiet_tune_console()
     runs = race_all(size, args.methods, args.out)
     print(summary(runs))
     plot(runs, args.out / "race.png")
-    print(f"load at end: {_uptime()}")
+    print(f"load at end: {_load()} ({time.strftime('%H:%M:%S')})")
     print(f"wrote {args.out / 'race.json'} and {args.out / 'race.png'}")
 
 
