@@ -218,23 +218,29 @@ def mlflow_server(tmp: Path, port: int | None = None, *, backend_uri: str | None
         log.close()
 
 
-class ReplyDroppingProxy:
-    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that, once armed for a path, forwards the next request
-    to it, lets the server answer (the write is committed) and then closes the connection without the reply: what
-    a client sees when a network drops a reply or its timeout ends the wait just after the server committed.
-    With ``reply_delay_s`` every reply comes that much later: a distant or busy server."""
+class FaultyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that makes the network's faults happen when a test says:
+    once armed for a path, it forwards the next request, lets the server answer (the write is committed) and then
+    closes the connection without the reply (a dropped reply, or a client timeout just after the commit); while
+    cut, it closes every connection before forwarding anything (the server is gone, at once and for certain,
+    unlike a server process that takes its time to stop). With ``reply_delay_s`` every reply comes that much
+    later: a distant or busy server."""
 
     def __init__(self, upstream: str, *, reply_delay_s: float = 0.0) -> None:
         self.upstream = urllib.parse.urlsplit(upstream).netloc
         self.reply_delay_s = reply_delay_s
         self.armed_for: str | None = None
         self.dropped: list[str] = []
+        self.is_cut = False
         proxy = self
 
         class Forward(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as MLflow's client uses it
 
             def forward(self) -> None:
+                if proxy.is_cut:
+                    self.close_connection = True  # the client's request goes nowhere and it hears nothing
+                    return
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
@@ -258,7 +264,7 @@ class ReplyDroppingProxy:
                 self.end_headers()
                 self.wfile.write(content)
 
-            do_GET = do_POST = do_PATCH = do_DELETE = forward
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
                 pass
@@ -270,7 +276,14 @@ class ReplyDroppingProxy:
         """The next request whose path ends with ``path_end`` reaches the server; its reply never comes back."""
         self.armed_for = path_end
 
-    def __enter__(self) -> ReplyDroppingProxy:
+    def cut(self) -> None:
+        """From now on no request reaches the server, until ``restore``."""
+        self.is_cut = True
+
+    def restore(self) -> None:
+        self.is_cut = False
+
+    def __enter__(self) -> FaultyProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 

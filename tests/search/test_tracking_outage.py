@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import write_space
 from mlflow.tracking import MlflowClient
-from services import ReplyDroppingProxy, free_port, mlflow_server
+from services import FaultyProxy, free_port, mlflow_server
 
 from cocodata.dataset import Dataset
 from search.budget import TimeBudget
@@ -29,15 +29,17 @@ def _driver(*args: str, cwd: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _read_until(process: subprocess.Popen[str], text: str, seen: list[str], timeout: float = 600) -> None:
+def _read_until(process: subprocess.Popen[str], *texts: str, seen: list[str], timeout: float = 600) -> None:
+    """Reads the driver's output into ``seen`` until each of ``texts`` has been printed, in any order."""
     assert process.stdout is not None
-    deadline = time.monotonic() + timeout
+    deadline, missing = time.monotonic() + timeout, set(texts)
     for line in process.stdout:
         seen.append(line)
-        if text in line:
+        missing = {text for text in missing if text not in line}
+        if not missing:
             return
-        assert time.monotonic() < deadline, f"no '{text}' within {timeout} s"
-    raise AssertionError(f"the driver ended before printing '{text}':\n{''.join(seen[-40:])}")
+        assert time.monotonic() < deadline, f"no {sorted(missing)} within {timeout} s"
+    raise AssertionError(f"the driver ended before printing {sorted(missing)}:\n{''.join(seen[-40:])}")
 
 
 def _assert_all_points_once(url: str, name: str, epochs: int, trials: int) -> None:
@@ -60,14 +62,14 @@ def _space(tmp_path: Path, synth: Dataset, name: str, **budget: Any) -> Path:
 
 @pytest.mark.slow
 def test_outage_is_buffered_and_delivered(tmp_path: Path, synth: Dataset) -> None:
-    port, seen = free_port(), []
+    seen: list[str] = []
     space_file = _space(tmp_path, synth, "outage")
-    with mlflow_server(tmp_path, port) as url:
-        driver = _driver("search", str(space_file), "--tracking-uri", url, cwd=tmp_path)
-        _read_until(driver, "epoch 1/3", seen)
-    _read_until(driver, "MLflow unreachable", seen)  # training goes on while the server is down
-    _read_until(driver, "epoch 3/3", seen)
-    with mlflow_server(tmp_path, port) as url:
+    with mlflow_server(tmp_path) as url, FaultyProxy(url) as proxy:
+        driver = _driver("search", str(space_file), "--tracking-uri", proxy.url, cwd=tmp_path)
+        _read_until(driver, "epoch 1/3", seen=seen)
+        proxy.cut()  # the server is gone from the driver's view before the trial's second epoch can be written
+        _read_until(driver, "MLflow unreachable", "epoch 3/3", seen=seen)  # training goes on meanwhile
+        proxy.restore()
         output, _ = driver.communicate(timeout=600)
         assert driver.returncode == 0, "".join(seen) + output
         assert "buffered writes delivered" in "".join(seen) + output
@@ -91,7 +93,7 @@ def test_long_outage_stops_the_search_for_resume(tmp_path: Path, synth: Dataset)
     with mlflow_server(tmp_path, port) as url:
         driver = _driver("search", str(space_file), "--tracking-uri", url, "--tracking-timeout", "3",
                          cwd=tmp_path)
-        _read_until(driver, "epoch 1/3", seen)
+        _read_until(driver, "epoch 1/3", seen=seen)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 3, "".join(seen) + output
     assert "dettune resume long-outage" in output and "Traceback" not in output
@@ -106,7 +108,7 @@ def test_long_outage_stops_the_search_for_resume(tmp_path: Path, synth: Dataset)
         # The epochs the stopped driver saw reach the new server as the resume starts, not at the search's end.
         reported = {tuple(m.groups()) for m in re.finditer(r"trial (\w+): epoch (\d+)/", "".join(seen))}
         seen_resumed: list[str] = []
-        _read_until(resumed, ": epoch ", seen_resumed)
+        _read_until(resumed, ": epoch ", seen=seen_resumed)
         assert reported and reported <= _points(url, "long-outage"), "".join(seen_resumed)
         output, _ = resumed.communicate(timeout=900)
         output = "".join(seen_resumed) + output
@@ -125,7 +127,7 @@ def test_long_outage_stops_the_search_for_resume(tmp_path: Path, synth: Dataset)
 def test_a_write_the_server_committed_but_whose_reply_was_lost_is_not_recorded_twice(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as in a search: the callback retries, not the client
-    with mlflow_server(tmp_path) as url, ReplyDroppingProxy(url) as proxy:
+    with mlflow_server(tmp_path) as url, FaultyProxy(url) as proxy:
         settings = TrackingSettings(uri=proxy.url)
         settings.save(tmp_path / "search.json")
         # Retried 50 ms later: a timestamp taken at the retry would differ from the first write's.
@@ -151,7 +153,7 @@ def test_a_write_the_server_committed_but_whose_reply_was_lost_is_not_recorded_t
 
 def test_tunes_loop_hands_writes_over_without_waiting_for_a_slow_server(tmp_path: Path) -> None:
     epochs, delay_s = 4, 0.5
-    with mlflow_server(tmp_path) as url, ReplyDroppingProxy(url, reply_delay_s=delay_s) as proxy:
+    with mlflow_server(tmp_path) as url, FaultyProxy(url, reply_delay_s=delay_s) as proxy:
         settings = TrackingSettings(uri=proxy.url)
         settings.save(tmp_path / "search.json")
         callback = MlflowCallback(settings.tracker(tmp_path, "slow"), settings_file=tmp_path / "search.json",
