@@ -3,16 +3,21 @@ runs view, and two drivers creating the same search at once."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import multiprocessing
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.request_header.registry import resolve_request_headers
 
+from search.driver import PLATFORM_PROBES, known_missing
 from search.tracking import Tracker, TrackingSettings
 from spaces.errors import BadArgument
 from tracking_names import (
@@ -204,3 +209,35 @@ def test_a_run_left_unnumbered_by_a_lost_server_gets_its_number_and_knobs_on_res
     assert run.data.tags[TAG_EXP_NUM] == "lost-2" and run.info.run_name == "lost-2"
     assert run.data.params == {"lr": "0.02", "scale": "512x512"}
     assert _numbers(again) == [1, 2, 3]
+
+
+class _ProbeCounter(importlib.abc.MetaPathFinder):
+    """Counts the searches of sys.path for the platform modules MLflow probes (finds nothing itself)."""
+
+    def __init__(self) -> None:
+        self.searched: list[str] = []
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.partition(".")[0] in PLATFORM_PROBES:
+            self.searched.append(name)
+
+
+def test_mlflow_requests_stop_searching_for_platform_modules_that_are_not_installed() -> None:
+    missing = [name for name in PLATFORM_PROBES if importlib.util.find_spec(name) is None]
+    assert missing, "every platform module is installed here: nothing to mark"
+    counter = _ProbeCounter()
+    sys.meta_path.insert(0, counter)
+    try:
+        resolve_request_headers()
+        assert set(counter.searched) >= set(missing), "MLflow no longer probes them: known_missing has no use"
+        with known_missing(PLATFORM_PROBES):
+            counter.searched.clear()  # known_missing's own look for them
+            resolve_request_headers()
+            assert counter.searched == []
+            with pytest.raises(ImportError):
+                importlib.import_module(missing[0])
+        counter.searched.clear()
+        resolve_request_headers()  # the marks are gone after the search: the modules are looked for again
+        assert set(counter.searched) >= set(missing)
+    finally:
+        sys.meta_path.remove(counter)
