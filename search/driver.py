@@ -328,7 +328,8 @@ def known_missing(modules: Sequence[str]) -> Iterator[None]:
     trials); a name bound to None in sys.modules fails at once, as the import system documents.
     """
     marked = [name for name in modules if name not in sys.modules and importlib.util.find_spec(name) is None]
-    sys.modules.update(dict.fromkeys(marked))
+    for name in marked:
+        sys.modules[name] = None  # type: ignore[assignment]  # the import system's "missing" mark
     try:
         yield
     finally:
