@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +73,16 @@ def tail(log: Path | None, chars: int = 4000) -> str:
     return log.read_text(errors="replace")[-chars:] if log is not None and log.exists() else "(no log)"
 
 
-def agent_ports() -> list[str]:
-    """Free ports for a node's agents: the defaults (52365, ...) may be held by another Ray on this machine,
-    and a node whose job agent can't bind answers every submission with "No available agent"."""
+def agent_ports(*, besides: Collection[int] = ()) -> list[str]:
+    """Free ports for a node's agents, none of ``besides`` (ports chosen for the node but not bound yet, which
+    the OS may hand out again): the defaults (52365, ...) may be held by another Ray on this machine, and a node
+    whose job agent can't bind answers every submission with "No available agent"."""
     flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
              "--runtime-env-agent-port", "--ray-client-server-port"]
-    return [f"{flag}={port}" for flag, port in zip(flags, free_ports(len(flags)), strict=True)]
+    ports = free_ports(len(flags))
+    while set(ports) & set(besides):
+        ports = free_ports(len(flags))
+    return [f"{flag}={port}" for flag, port in zip(flags, ports, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,8 @@ def start_worker_node(head: RayHead, *, node_manager_port: int, num_cpus: int = 
     """
     subprocess.run([str(BIN / "ray"), "start", f"--address={head.gcs_address}", "--node-ip-address=127.0.0.1",
                     f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--node-manager-port={node_manager_port}",
-                    "--disable-usage-stats", *_object_store(object_store_mb), *agent_ports()],
+                    "--disable-usage-stats", *_object_store(object_store_mb),
+                    *agent_ports(besides=[node_manager_port])],
                    check=True, env=head.env, capture_output=True, text=True)
 
 
