@@ -89,7 +89,10 @@ def problems_of(store: Store, trials: dict[str, TrialRecord]) -> list[str]:
     problems = []
     runs_of = Counter(trial for _, trial, _, _ in store.trial_runs)
     problems += [f"trial {trial}: {count} runs" for trial, count in runs_of.items() if count > 1]
-    problems += [f"trial {trial}: reported, but has no run" for trial in trials if trial not in runs_of]
+    # A trial that never reported may have no run: a driver killed as it started the trial, before Tune's snapshot
+    # and the trial's run were written, leaves nothing of it (its points: none) and the resumed search goes on.
+    problems += [f"trial {trial}: reported, but has no run" for trial, record in trials.items()
+                 if trial not in runs_of and record.epochs]
     best = None
     for run_id, trial, status, run_status in store.trial_runs:
         if status not in ENDED or run_status == "RUNNING":

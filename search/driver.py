@@ -29,6 +29,7 @@ import ray
 from mlflow.entities import Run
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.result import TRIAL_ID
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.stopper import CombinedStopper
@@ -86,6 +87,8 @@ from tracking_names.storage import Storage, open_storage, tracking_uri_for
 from trainers.metrics import EPOCH
 from trainers.smoke import first_step
 
+LOST_TRIAL = ("lost: the driver stopped just after starting this trial, before Tune's snapshot held it; the resumed "
+              "search went on without it")
 KEPT_REPORTED_CHECKPOINTS = 2
 """Ray storage keeps each trial's best reported checkpoints, by the space's metric; export picks among them."""
 SEARCH_ENVIRONMENT = {
@@ -684,17 +687,36 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
             tracker.end_trial(trial_id, status="stopped", stopped_at=epochs, only_if_open=True)
         else:
             tracker.end_trial(trial_id, status="completed", only_if_open=True)
+    _end_lost_trials(results, tracker)
+
+
+def _end_lost_trials(results: Any, tracker: Tracker) -> None:
+    """Ends the open runs of trials Tune does not know: a driver killed just after it started a trial, before
+    Tune's snapshot held it, leaves the trial's run open, and the resumed search never hears of the trial again."""
+    known = {str(result.metrics.get(TRIAL_ID)) for result in results}  # Tune fills it in even before a report
+    for trial_id, run in tracker.runs_by_trial().items():
+        if trial_id not in known and run.data.tags.get(TAG_STATUS) == "running":
+            tracker.start_trial(trial_id, {}, listed={trial_id: run})
+            tracker.end_trial(trial_id, status="failed", failure=LOST_TRIAL)
 
 
 def deliver_points(results: Any, plan: TrialPlan, tracker: Tracker) -> None:
-    """Writes every epoch Ray holds of each trial that MLflow lacks (each point once), without ending a run."""
+    """Writes every epoch Ray holds of each trial that MLflow lacks (each point once), without ending a run.
+
+    Called while no callback writes (before or after Tune's loop), so one listing of the search's runs stands for a
+    search per trial, and one history per run (of a key every row of the trial has) tells which epochs it holds.
+    """
+    listed = tracker.runs_by_trial()
     for result in results:
         if _epochs_of(result) is None:
             continue
         trial_id = _trial_id(result)
-        tracker.start_trial(trial_id, plan.run_params(result.config))
-        for row in result.metrics_dataframe.to_dict("records"):
-            tracker.log_epoch(trial_id, {k: v for k, v in row.items() if not _is_nan(v)})
+        rows = [{k: v for k, v in row.items() if not _is_nan(v)} for row in result.metrics_dataframe.to_dict("records")]
+        numbers = [{k for k, v in row.items() if isinstance(v, int | float)} for row in rows]  # what log_epoch writes
+        tracker.start_trial(trial_id, plan.run_params(result.config), listed=listed,
+                            every_row_has=set.intersection(*numbers))
+        for row in rows:
+            tracker.log_epoch(trial_id, row)
 
 
 def _epochs_of(result: Any) -> Any:
@@ -739,7 +761,7 @@ def _rows(result: Any) -> list[dict[str, float]]:
 
 
 def _trial_id(result: Any) -> str:
-    return str(result.metrics_dataframe["trial_id"].iloc[-1])
+    return str(result.metrics_dataframe[TRIAL_ID].iloc[-1])
 
 
 def results_table(runs: list[Run], space: Space, results: Any) -> str:

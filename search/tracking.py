@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -238,11 +238,18 @@ class Tracker:
 
     # --- trials ---------------------------------------------------------------------------------------
 
-    def start_trial(self, trial_id: str, params: Mapping[str, Any]) -> str:
-        """Returns the trial's run, creating it (nested under the parent) the first time."""
+    def start_trial(self, trial_id: str, params: Mapping[str, Any], *, listed: Mapping[str, Run] | None = None,
+                    every_row_has: Collection[str] = ()) -> str:
+        """Returns the trial's run, creating it (nested under the parent) the first time.
+
+        ``listed``: the search's trial runs read at once (:meth:`runs_by_trial`), taken instead of a search for this
+        one where no other writer can have created its run since. ``every_row_has``: keys every row of the trial
+        holds: an epoch's row is one write, so the history of one of them tells which epochs an existing run holds
+        (else every key's history is read: ~30 requests a run).
+        """
         if trial_id in self._runs:
             return self._runs[trial_id].run_id
-        found = self._find(**{TAG_TRIAL: trial_id})
+        found = listed.get(trial_id) if listed is not None else self._find(**{TAG_TRIAL: trial_id})
         if found is None:
             run_id = str(self.client.create_run(self.experiment_id, tags={
                 TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial_id,
@@ -253,8 +260,12 @@ class Tracker:
             run_id = str(found.info.run_id)
             if TAG_EXP_NUM not in found.data.tags:  # the server went away right after creating it
                 self._name_and_describe(run_id, params, new=False)
-            self._runs[trial_id] = _RunState(run_id, self._logged_epochs(run_id, found.data.metrics))
+            self._runs[trial_id] = _RunState(run_id, self._logged_epochs(run_id, found.data.metrics, every_row_has))
         return run_id
+
+    def runs_by_trial(self) -> dict[str, Run]:
+        """Every trial run of this search, by trial id, in one listing."""
+        return {run.data.tags[TAG_TRIAL]: run for run in self.trial_runs() if TAG_TRIAL in run.data.tags}
 
     def _name_and_describe(self, run_id: str, params: Mapping[str, Any], *, new: bool) -> None:
         """Numbers the run and writes its knob values, in one write: a run has both or neither."""
@@ -298,8 +309,9 @@ class Tracker:
         params = self.client.get_run(self.parent_run_id).data.params
         return {int(k.removeprefix(EXP_NUM_CLAIM)): v for k, v in params.items() if k.startswith(EXP_NUM_CLAIM)}
 
-    def _logged_epochs(self, run_id: str, latest: Mapping[str, float]) -> set[int]:
-        return {int(m.step) for key in latest for m in self.client.get_metric_history(run_id, key)}
+    def _logged_epochs(self, run_id: str, latest: Mapping[str, float], every_row_has: Collection[str]) -> set[int]:
+        keys = sorted(set(every_row_has) & set(latest))[:1] or list(latest)
+        return {int(m.step) for key in keys for m in self.client.get_metric_history(run_id, key)}
 
     def log_epoch(self, trial_id: str, result: Mapping[str, Any], *, stamp_ms: int | None = None) -> bool:
         """Writes one epoch's log columns at step = epoch, unless the run already has that epoch.

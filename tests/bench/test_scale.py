@@ -42,3 +42,7 @@ def test_the_check_finds_a_doubled_a_missing_and_a_wrong_point() -> None:
     assert problems_of(wrong, record) == [f"trial b: {PRIMARY} at epoch 1 is 0.3, not 0.25"]
     pending = Store([("ra", "a", "running", "RUNNING"), *store.trial_runs[1:]], store.parent_metrics, store.points)
     assert problems_of(pending, record) == ["trial a: still pending (running, RUNNING)"]
+    no_run = Store(store.trial_runs[:1], store.parent_metrics, {"ra": good})
+    assert problems_of(no_run, record) == ["trial b: reported, but has no run"]
+    started_only = {**record, "c": TrialRecord([0.0], [], {})}  # lost with a killed driver before it reported
+    assert problems_of(store, started_only) == []

@@ -18,6 +18,7 @@ from services import descendants, dettune_cli, kill_once_a_trial_ends, proc_byte
 
 from cocodata.dataset import Dataset
 from search.driver import SearchOptions, run_search
+from search.tracking import Tracker
 from tracking_names import TAG_FAILURE, TAG_STATUS, TAG_TRIAL
 
 
@@ -103,13 +104,19 @@ def test_killed_driver_resumes_with_the_same_trials(tmp_path: Path, synth: Datas
                              budget={"epochs": 2, "trials": 4, "max_concurrent": 2},
                              scheduler={"type": "asha", "grace_epochs": 1, "reduction_factor": 2})
     kill_once_a_trial_ends(dettune_cli("search", str(space_file), cwd=tmp_path))
+    tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    # What a driver killed just after starting a trial leaves when Tune's snapshot did not hold the trial yet:
+    # the trial's open run, which no resumed driver hears of again.
+    Tracker(tracking_uri, "kill-driver").start_trial("unsnapshotted", {"lr": 0.01})
 
     resumed = dettune_cli("resume", "kill-driver", cwd=tmp_path)
     output, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, output[-3000:]
 
-    tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    runs = runs_of(tracking_uri, "kill-driver")
+    (lost,) = [r for r in runs_of(tracking_uri, "kill-driver") if r.data.tags[TAG_TRIAL] == "unsnapshotted"]
+    assert lost.data.tags[TAG_STATUS] == "failed" and lost.info.status == "FAILED"
+    assert lost.data.tags[TAG_FAILURE].startswith("lost: "), lost.data.tags
+    runs = [r for r in runs_of(tracking_uri, "kill-driver") if r.data.tags[TAG_TRIAL] != "unsnapshotted"]
     assert len(runs) == 4, "trials were lost or duplicated"
     assert len({r.data.tags[TAG_TRIAL] for r in runs}) == 4
     for run in runs:

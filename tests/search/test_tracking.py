@@ -211,6 +211,40 @@ def test_a_run_left_unnumbered_by_a_lost_server_gets_its_number_and_knobs_on_res
     assert _numbers(again) == [1, 2, 3]
 
 
+def test_a_resumed_driver_writes_the_missing_epochs_once_reading_one_history_per_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"epoch": e, "val/bbox_mAP": 0.1 * e, "train/loss": 2.0 - 0.5 * e} for e in (1, 2, 3)]
+    rows[0]["inference/fps"] = 12.5  # a column only some epochs have
+    killed = Tracker(local_tracking_uri(tmp_path), "resumed")
+    delivered = (("a", 2), ("b", 0), ("c", 3))  # epochs the killed driver delivered of each trial
+    for trial, written in delivered:
+        killed.start_trial(trial, {"lr": 0.01})
+        for row in rows[:written]:
+            killed.log_epoch(trial, row)
+
+    again = Tracker(local_tracking_uri(tmp_path), "resumed")
+    listed = again.runs_by_trial()
+    reads: list[str] = []
+    history = again.client.get_metric_history
+    monkeypatch.setattr(again.client, "get_metric_history",
+                        lambda run_id, key: reads.append(key) or history(run_id, key))
+    monkeypatch.setattr(again, "_find", lambda **tags: pytest.fail(f"searched for {tags} though listed"))
+    for trial in ("a", "b", "c", "d"):  # d: a trial the killed driver never started
+        again.start_trial(trial, {"lr": 0.01}, listed=listed, every_row_has={"epoch", "val/bbox_mAP", "train/loss"})
+        for row in rows:
+            again.log_epoch(trial, row)
+
+    holding_points = [trial for trial, written in delivered if written]
+    assert len(reads) == len(holding_points) and set(reads) <= {"val/bbox_mAP", "train/loss"}  # one read a run
+    runs = again.runs_by_trial()
+    assert sorted(runs) == ["a", "b", "c", "d"]
+    for trial, run in runs.items():
+        for key in ("val/bbox_mAP", "train/loss"):
+            assert [m.step for m in sorted(history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3], (
+                trial, key)
+        assert [m.step for m in history(run.info.run_id, "inference/fps")] == [1], trial
+
+
 class _ProbeCounter(importlib.abc.MetaPathFinder):
     """Counts the searches of sys.path for the platform modules MLflow probes (finds nothing itself)."""
 
