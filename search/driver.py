@@ -8,7 +8,6 @@ Parallel Hyperparameter Tuning", MLSys 2020) with the epoch as its time attribut
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,10 +15,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +109,6 @@ SEARCH_ENVIRONMENT = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 """What Tune and MLflow read from the environment during a search (a value the user set wins)."""
-PLATFORM_PROBES = ("dbruntime", "IPython", "pyspark")
-"""Modules MLflow's client imports before every request, to tell whether it runs on Databricks or Spark."""
 SAVED_SPACE = "space.json"  # the effective space (file + command-line overrides); `dettune resume` reads it
 SAVED_SPACE_FILE = "space.yaml"  # the space file as the user wrote it, logged on the parent run
 SAVED_OPTIONS = "search.json"  # the search's TrackingSettings, without credentials
@@ -323,25 +319,6 @@ def _environment_defaults(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def known_missing(modules: Sequence[str]) -> Iterator[None]:
-    """Marks those of ``modules`` that are not installed as missing for the block's duration.
-
-    Python remembers the modules it found, not those it did not: each failed import searches sys.path again. MLflow
-    tries PLATFORM_PROBES before every request (0.4-0.8 ms a request, a fifth of the driver's MLflow thread at 100
-    trials); a name bound to None in sys.modules fails at once, as the import system documents.
-    """
-    marked = [name for name in modules if name not in sys.modules and importlib.util.find_spec(name) is None]
-    for name in marked:
-        sys.modules[name] = None  # type: ignore[assignment]  # the import system's "missing" mark
-    try:
-        yield
-    finally:
-        for name in marked:
-            if sys.modules.get(name, ...) is None:
-                del sys.modules[name]
-
-
-@contextmanager
 def _deadline(seconds: float, error: Exception) -> Iterator[None]:
     """Raises ``error`` in the block once ``seconds`` have passed, without it a hung ``ray.init`` waits forever.
 
@@ -455,7 +432,7 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
         space = with_cleaned_files(space, cleaned.paths(cleaned_dir))
     plan = make_plan(space, storage)
     quiet_tune_console()
-    with _environment_defaults(SEARCH_ENVIRONMENT), known_missing(PLATFORM_PROBES), _quiet_trial_errors():
+    with _environment_defaults(SEARCH_ENVIRONMENT), _quiet_trial_errors():
         check_cluster(plan)  # before anything is written: a trial that can never be placed would wait forever
         _save(experiment_dir, space, options.space_file, settings)
         start_clock(local_dir, space.budget.hours, started=started)

@@ -3,21 +3,16 @@ runs view, and two drivers creating the same search at once."""
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import json
 import multiprocessing
 import os
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
-from mlflow.tracking.request_header.registry import resolve_request_headers
 
-from search.driver import PLATFORM_PROBES, known_missing
 from search.tracking import Tracker, TrackingSettings
 from spaces.errors import BadArgument
 from tracking_names import (
@@ -243,35 +238,3 @@ def test_a_resumed_driver_writes_the_missing_epochs_once_reading_one_history_per
             assert [m.step for m in sorted(history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3], (
                 trial, key)
         assert [m.step for m in history(run.info.run_id, "inference/fps")] == [1], trial
-
-
-class _ProbeCounter(importlib.abc.MetaPathFinder):
-    """Counts the searches of sys.path for the platform modules MLflow probes (finds nothing itself)."""
-
-    def __init__(self) -> None:
-        self.searched: list[str] = []
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        if name.partition(".")[0] in PLATFORM_PROBES:
-            self.searched.append(name)
-
-
-def test_mlflow_requests_stop_searching_for_platform_modules_that_are_not_installed() -> None:
-    missing = [name for name in PLATFORM_PROBES if importlib.util.find_spec(name) is None]
-    assert missing, "every platform module is installed here: nothing to mark"
-    counter = _ProbeCounter()
-    sys.meta_path.insert(0, counter)
-    try:
-        resolve_request_headers()
-        assert set(counter.searched) >= set(missing), "MLflow no longer probes them: known_missing has no use"
-        with known_missing(PLATFORM_PROBES):
-            counter.searched.clear()  # known_missing's own look for them
-            resolve_request_headers()
-            assert counter.searched == []
-            with pytest.raises(ImportError):
-                importlib.import_module(missing[0])
-        counter.searched.clear()
-        resolve_request_headers()  # the marks are gone after the search: the modules are looked for again
-        assert set(counter.searched) >= set(missing)
-    finally:
-        sys.meta_path.remove(counter)
