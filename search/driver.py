@@ -452,7 +452,8 @@ def run_search(options: SearchOptions, *, train: TrialFunction = tune_trial) -> 
         if restorable:  # what a killed or stopped driver had not delivered goes out now, not at the search's end
             # With a tracker of its own: the restored callbacks write through theirs, and reconcile must read
             # the runs afresh, not from what this one saw before they wrote.
-            deliver_points(tuner.get_results(), plan, settings.tracker(storage, space.name))
+            catching_up = settings.tracker(storage, space.name)
+            deliver_points(tuner.get_results(), plan, catching_up, catching_up.runs_by_trial())
         results = tuner.fit()
         reconcile(results, space, plan, tracker)
         best_id = _record_best(results, space, plan, tracker)
@@ -650,7 +651,8 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
     The live callback writes as results arrive; this pass (idempotent, each point still written once)
     fills whatever a killed driver or an unreachable tracking server left out.
     """
-    deliver_points(results, plan, tracker)
+    listed = tracker.runs_by_trial()  # nothing else writes now: one listing serves every trial
+    deliver_points(results, plan, tracker, listed)
     for result in results:
         if _epochs_of(result) is None:  # no epoch reported: the live callbacks recorded how it ended
             continue
@@ -664,26 +666,26 @@ def reconcile(results: Any, space: Space, plan: TrialPlan, tracker: Tracker) -> 
             tracker.end_trial(trial_id, status="stopped", stopped_at=epochs, only_if_open=True)
         else:
             tracker.end_trial(trial_id, status="completed", only_if_open=True)
-    _end_lost_trials(results, tracker)
+    _end_lost_trials(results, tracker, listed)
 
 
-def _end_lost_trials(results: Any, tracker: Tracker) -> None:
+def _end_lost_trials(results: Any, tracker: Tracker, listed: dict[str, Run]) -> None:
     """Ends the open runs of trials Tune does not know: a driver killed just after it started a trial, before
     Tune's snapshot held it, leaves the trial's run open, and the resumed search never hears of the trial again."""
     known = {str(result.metrics.get(TRIAL_ID)) for result in results}  # Tune fills it in even before a report
-    for trial_id, run in tracker.runs_by_trial().items():
+    for trial_id, run in listed.items():  # the loop above ends known trials only: their status is as listed
         if trial_id not in known and run.data.tags.get(TAG_STATUS) == "running":
             tracker.start_trial(trial_id, {}, listed={trial_id: run})
             tracker.end_trial(trial_id, status="failed", failure=LOST_TRIAL)
 
 
-def deliver_points(results: Any, plan: TrialPlan, tracker: Tracker) -> None:
+def deliver_points(results: Any, plan: TrialPlan, tracker: Tracker, listed: dict[str, Run]) -> None:
     """Writes every epoch Ray holds of each trial that MLflow lacks (each point once), without ending a run.
 
-    Called while no callback writes (before or after Tune's loop), so one listing of the search's runs stands for a
-    search per trial, and one history per run (of a key every row of the trial has) tells which epochs it holds.
+    Called while no callback writes (before or after Tune's loop), so ``listed``, the search's runs read at once
+    (:meth:`Tracker.runs_by_trial`), stands for a search per trial, and one history per run (of a key every row of
+    the trial has) tells which epochs it holds.
     """
-    listed = tracker.runs_by_trial()
     for result in results:
         if _epochs_of(result) is None:
             continue

@@ -122,7 +122,7 @@ class TrackingSettings:
 class _RunState:
     run_id: str
     logged_epochs: set[int]
-    ended: bool = False  # this tracker recorded the trial's end
+    ended: bool = False  # this tracker recorded the trial's end, or found it recorded in a listing
 
 
 class Tracker:
@@ -243,7 +243,8 @@ class Tracker:
         """Returns the trial's run, creating it (nested under the parent) the first time.
 
         ``listed``: the search's trial runs read at once (:meth:`runs_by_trial`), taken instead of a search for this
-        one where no other writer can have created its run since. ``every_row_has``: keys every row of the trial
+        one where no other writer can have created or ended its run since (so an end it records is not read again
+        by :meth:`end_trial`). ``every_row_has``: keys every row of the trial
         holds: an epoch's row is one write, so the history of one of them tells which epochs an existing run holds
         (else every key's history is read: ~30 requests a run).
         """
@@ -260,7 +261,8 @@ class Tracker:
             run_id = str(found.info.run_id)
             if TAG_EXP_NUM not in found.data.tags:  # the server went away right after creating it
                 self._name_and_describe(run_id, params, new=False)
-            self._runs[trial_id] = _RunState(run_id, self._logged_epochs(run_id, found.data.metrics, every_row_has))
+            self._runs[trial_id] = _RunState(run_id, self._logged_epochs(run_id, found.data.metrics, every_row_has),
+                                             ended=listed is not None and found.data.tags.get(TAG_STATUS) != "running")
         return run_id
 
     def runs_by_trial(self) -> dict[str, Run]:

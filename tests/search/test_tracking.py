@@ -19,6 +19,7 @@ from tracking_names import (
     TAG_EXP_NUM,
     TAG_ROLE,
     TAG_SEARCH,
+    TAG_STATUS,
     TAG_TRIAL,
     local_tracking_uri,
     run_filter,
@@ -216,6 +217,7 @@ def test_a_resumed_driver_writes_the_missing_epochs_once_reading_one_history_per
         killed.start_trial(trial, {"lr": 0.01})
         for row in rows[:written]:
             killed.log_epoch(trial, row)
+    killed.end_trial("c", status="completed")
 
     again = Tracker(local_tracking_uri(tmp_path), "resumed")
     listed = again.runs_by_trial()
@@ -229,6 +231,9 @@ def test_a_resumed_driver_writes_the_missing_epochs_once_reading_one_history_per
         for row in rows:
             again.log_epoch(trial, row)
 
+    monkeypatch.setattr(again.client, "get_run", lambda run_id: pytest.fail("read back an end the listing held"))
+    again.end_trial("c", status="stopped", stopped_at=1, only_if_open=True)  # as reconcile asks: c's end stays
+
     holding_points = [trial for trial, written in delivered if written]
     assert len(reads) == len(holding_points) and set(reads) <= {"val/bbox_mAP", "train/loss"}  # one read a run
     runs = again.runs_by_trial()
@@ -238,3 +243,4 @@ def test_a_resumed_driver_writes_the_missing_epochs_once_reading_one_history_per
             assert [m.step for m in sorted(history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3], (
                 trial, key)
         assert [m.step for m in history(run.info.run_id, "inference/fps")] == [1], trial
+    assert runs["c"].data.tags[TAG_STATUS] == "completed" and runs["a"].data.tags[TAG_STATUS] == "running"
