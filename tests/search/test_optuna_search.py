@@ -139,3 +139,12 @@ def test_sampler_per_algorithm(tmp_path: Path, synth: Dataset, algorithm: str, s
     assert isinstance(made, sampler)
     if algorithm == "nsga2":
         assert made._population_size == 10
+    else:
+        assert made._n_startup_trials == 8  # a fifth of the 40 trials
+
+
+@pytest.mark.parametrize(("trials", "startup"), [(4, 2), (26, 5), (50, 10), (1000, 10)])
+def test_tpe_models_after_a_fifth_of_the_budget_between_2_and_10_random_trials(
+        tmp_path: Path, synth: Dataset, trials: int, startup: int) -> None:
+    space = _space(tmp_path, synth, search={"algorithm": "tpe", "seed": 0}, budget={"epochs": 2, "trials": trials})
+    assert make_sampler(space)._n_startup_trials == startup
