@@ -121,9 +121,10 @@ def grid_of(race: Race) -> dict[str, dict[str, list[Any]]]:
     return cast(dict[str, dict[str, list[Any]]], GRIDS[race.grid])
 
 
-def space_of(race: Race, name: str, algorithm: str) -> Space:
-    """The grid's knobs as a search space (lr log-uniform over the grid's span) or, for ``grid``, as the grid."""
-    grid = grid_of(race)
+def space_of(race: Race, name: str, algorithm: str, grid: dict[str, dict[str, list[Any]]] | None = None) -> Space:
+    """The grid's knobs (``grid``, by default the race's) as a search space (lr log-uniform over the grid's span) or,
+    for ``grid``, as the grid."""
+    grid = grid or grid_of(race)
     knobs = grid if algorithm == "grid" else {
         knob: {"loguniform": [min(d["grid"]), max(d["grid"])]} if "grid" in d else d for knob, d in grid.items()}
     return Space.from_json({
@@ -225,7 +226,7 @@ class PASHA(FIFOScheduler):
                    and abs(top[a] - top[b]) > self._epsilon for a, b in itertools.combinations(both, 2))
 
 
-def _tune_run(race: Race, space: Space, *, search_alg: Any, scheduler: TrialScheduler, samples: int,
+def tune_run(race: Race, space: Space, *, search_alg: Any, scheduler: TrialScheduler, samples: int,
               param_space: dict[str, Any], log: Path, began: float, metric: str | None = None, spent: int = 0,
               stop: Stopper | None = None) -> tune.ResultGrid:
     """Trains ``space``'s trials with dettune's Tune trial function, under the epoch budget."""
@@ -248,7 +249,7 @@ def dettune_default(race: Race, log: Path, began: float) -> None:
     nothing else of it changes what is trained: no MLflow, no time budget)."""
     space = space_of(race, "dettune", "tpe")
     searcher, param_space, samples = make_searcher(space)
-    _tune_run(race, space, search_alg=searcher, scheduler=make_scheduler(space), samples=samples,
+    tune_run(race, space, search_alg=searcher, scheduler=make_scheduler(space), samples=samples,
               param_space=param_space, log=log, began=began)
 
 
@@ -256,7 +257,7 @@ def tune_default(race: Race, log: Path, began: float) -> None:
     """Ray Tune's default: its variant generator's random sampling and ``ASHAScheduler()`` as constructed with no
     argument (grace 1, factor 4, on training_iteration, the epoch here) on val/bbox_mAP, through a Tuner."""
     space = space_of(race, "tune", "random")
-    _tune_run(race, space, search_alg=BasicVariantGenerator(random_state=race.seed, max_concurrent=CONCURRENCY),
+    tune_run(race, space, search_alg=BasicVariantGenerator(random_state=race.seed, max_concurrent=CONCURRENCY),
               scheduler=ASHAScheduler(), samples=space.budget.trials, param_space=space.tune_param_space(),
               log=log, began=began, metric=METRIC)
 
@@ -267,7 +268,7 @@ def exhaustive_grid(race: Race, log: Path, began: float) -> None:
     budget ends. (Handing Tune the combinations as ``points_to_evaluate``, in itertools.product's order, fails on a
     knob whose values are lists: ``scale``.)"""
     space = space_of(race, "grid", "grid")
-    _tune_run(race, space, search_alg=BasicVariantGenerator(max_concurrent=CONCURRENCY), scheduler=FIFOScheduler(),
+    tune_run(race, space, search_alg=BasicVariantGenerator(max_concurrent=CONCURRENCY), scheduler=FIFOScheduler(),
               samples=1, param_space=space.tune_param_space(), log=log, began=began)
 
 
@@ -276,7 +277,7 @@ def pasha(race: Race, log: Path, began: float) -> None:
     score; see :class:`PASHA` for how it departs from the paper."""
     space = space_of(race, "pasha", "random")
     scheduler = PASHA(time_attr=EPOCH, metric=RUNG_SCORE, mode="max", max_t=race.epochs)
-    _tune_run(race, space, search_alg=BasicVariantGenerator(random_state=race.seed, max_concurrent=CONCURRENCY),
+    tune_run(race, space, search_alg=BasicVariantGenerator(random_state=race.seed, max_concurrent=CONCURRENCY),
               scheduler=scheduler, samples=space.budget.trials, param_space=space.tune_param_space(), log=log,
               began=began)
 
@@ -294,7 +295,7 @@ def top_k_after_one_epoch(race: Race, log: Path, began: float) -> None:
     that epoch's rung score trained for every epoch, from scratch (their first epoch counts again)."""
     n, k = top_k_split(race)
     space = space_of(race, "top-k-1", "random")
-    first = _tune_run(race, space, search_alg=BasicVariantGenerator(random_state=race.seed,
+    first = tune_run(race, space, search_alg=BasicVariantGenerator(random_state=race.seed,
                                                                      max_concurrent=CONCURRENCY),
                       scheduler=FIFOScheduler(), samples=n, param_space=space.tune_param_space(), log=log,
                       began=began, stop=MaximumIterationStopper(1))
@@ -310,7 +311,7 @@ def top_k_after_one_epoch(race: Race, log: Path, began: float) -> None:
     space = space_of(race, "top-k-2", "tpe")
     points = [space.encode_optuna(configs[t]) for t in best]
     choices = {knob: tune.choice(list(dict.fromkeys(point[knob] for point in points))) for knob in points[0]}
-    _tune_run(race, space, search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=CONCURRENCY),
+    tune_run(race, space, search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=CONCURRENCY),
               scheduler=FIFOScheduler(), samples=len(best), param_space=choices, log=log, began=began, spent=spent)
 
 
@@ -532,7 +533,7 @@ def _best_at_second(run: Run, second: float) -> float:
     return bests[-1] if bests else 0.0
 
 
-def _load() -> str:
+def machine_load() -> str:
     """The 1, 5 and 15-minute load averages, as the other benches print the machine's load."""
     return ", ".join(f"{load:.2f}" for load in os.getloadavg())
 
@@ -588,14 +589,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"race: grids {', '.join(size.grids)}; seeds {size.seeds}; {len(args.methods)} methods; {size.epochs} "
           f"epochs a trial, budget {size.budget} epochs a run; {size.images} images at 160 px; estimated "
           f"{estimate_s(size, len(args.methods)) / 60:.0f} min (at load 4-6 on 2 cores)", flush=True)
-    print(f"load at start: {_load()} ({time.strftime('%H:%M:%S')})", flush=True)
+    print(f"load at start: {machine_load()} ({time.strftime('%H:%M:%S')})", flush=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output at verbose 0: nothing per run
     connect_ray(None)
     quiet_tune_console()
     runs = race_all(size, args.methods, args.out)
     print(summary(runs))
     plot(runs, args.out / "race.png")
-    print(f"load at end: {_load()} ({time.strftime('%H:%M:%S')})")
+    print(f"load at end: {machine_load()} ({time.strftime('%H:%M:%S')})")
     print(f"wrote {args.out / 'race.json'} and {args.out / 'race.png'}")
 
 

@@ -33,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol, cast
@@ -43,7 +44,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.variant_generator import generate_variants
 
 from bench.asha import METRIC
-from bench.race import CONCURRENCY, PASHA, PRUNERS, SHARES, Event, Race, Run, _load, space_of, top_k_split
+from bench.race import CONCURRENCY, PASHA, PRUNERS, SHARES, Event, Race, Run, machine_load, space_of, top_k_split
 from search.driver import make_scheduler, make_searcher
 from search.optuna_search import ObjectiveSearch, tpe_startup_trials
 from search.rung import RUNG_SCORE, RecheckedASHA
@@ -78,11 +79,11 @@ class Table:
 
     def key(self, config: dict[str, Any]) -> str:
         lr = min(self.lr, key=lambda value: abs(math.log(value / config["lr"])))
-        knobs = {knob: config[knob] for knob in sorted(config) if knob in self.knobs}
-        return json.dumps({**knobs, "lr": lr}, sort_keys=True)
+        return json.dumps({**{knob: config[knob] for knob in self.knobs}, "lr": lr}, sort_keys=True)
 
-    @property
+    @cached_property
     def knobs(self) -> set[str]:
+        """The grid's knobs, as every configuration of the table names them."""
         return set(json.loads(next(iter(self.curves))))
 
 
@@ -337,9 +338,8 @@ def race_replay(tables: list[Table], makers: dict[str, MethodMaker], seeds: int,
         for seed, (name, maker) in itertools.product(range(seeds), makers.items()):
             table = mine[seed % len(mine)]
             race = Race(Path("."), Path("."), grid, seed, table.epochs, budget)
-            began = time.process_time()
             events = replay(maker(race), table, budget)
-            runs.append(Run(name, grid, seed, budget, events, time.process_time() - began))
+            runs.append(Run(name, grid, seed, budget, events, wall=events[-1].seconds if events else 0.0))
     return runs
 
 
@@ -386,11 +386,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     tables = read_tables(args.table)
     names = list(dict.fromkeys([args.reference, *args.methods]))
     print(f"replay: {len(tables)} tables ({', '.join(f'{t.grid} seed {t.seed}' for t in tables)}); {args.seeds} "
-          f"seeds; budget {args.budget} epochs; load {_load()}", flush=True)
+          f"seeds; budget {args.budget} epochs; load {machine_load()}", flush=True)
     began = time.time()
     runs = race_replay(tables, {name: everything[name] for name in names}, args.seeds, args.budget)
     print(summary(runs, args.reference))
-    print(f"{time.time() - began:.0f} s; load {_load()}")
+    print(f"{time.time() - began:.0f} s; load {machine_load()}")
 
 
 if __name__ == "__main__":

@@ -15,27 +15,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from bench.asha import FIXED, METRIC
-from bench.race import (
-    BASE,
-    CONCURRENCY,
-    Race,
-    _load,
-    grid_of,
-)
+from bench.asha import METRIC
+from bench.race import CONCURRENCY, Race, grid_of, machine_load, space_of, tune_run
 from cocodata.synth import write_dataset
-from search.driver import connect_ray, make_plan, quiet_tune_console, trial_resources
+from search.driver import connect_ray, quiet_tune_console
 from search.rung import RUNG_SCORE
-from search.trainable import tune_trial
 from spaces.schema import Space
 from trainers.metrics import EPOCH
 
@@ -49,37 +42,24 @@ def lr_values(race: Race) -> list[float]:
     return [round(low * (high / low) ** (i / (LR_STEPS - 1)), 6) for i in range(LR_STEPS)]
 
 
-def table_knobs(race: Race) -> dict[str, dict[str, list[Any]]]:
-    return {**grid_of(race), "lr": {"grid": lr_values(race)}}
-
-
-def table_space(race: Race) -> Space:
-    """The grid with lr on :func:`lr_values`, every configuration for every epoch (a grid search, no ASHA stops:
-    the asha section only makes the trials report the rung score)."""
-    knobs = table_knobs(race)
-    return Space.from_json({
-        "name": f"table-{race.grid}", "base": BASE, "metric": METRIC,
-        "data": {"root": str(race.data), "train": "train.json", "val": "val.json"},
-        "budget": {"epochs": race.epochs, "trials": 1, "max_concurrent": CONCURRENCY, "cpus_per_worker": 1},
-        "search": {"algorithm": "grid", "seed": race.seed},
-        "scheduler": {"type": "asha"},
-        "space": knobs, "fixed": {knob: value for knob, value in FIXED.items() if knob not in knobs},
-    }, "race table")
+def table_race(race: Race) -> tuple[Race, Space]:
+    """The race with a budget of every epoch of every configuration, and its grid with lr on :func:`lr_values` as a
+    grid search (its asha section only makes the trials report the rung score: no scheduler stops one)."""
+    grid = {**grid_of(race), "lr": {"grid": lr_values(race)}}
+    configurations = math.prod(len(d.get("grid") or d["choice"]) for d in grid.values())
+    race = Race(race.data, race.work, race.grid, race.seed, race.epochs, budget=configurations * race.epochs)
+    return race, space_of(race, f"table-{race.grid}", "grid", grid)
 
 
 def train_table(race: Race) -> list[dict[str, Any]]:
     """Each configuration's curve: its knobs, and per epoch the mAP, the rung score and the seconds it took (a
     diverged trial's curve ends with its last epoch)."""
-    space = table_space(race)
-    plan = make_plan(space, race.work)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(tune_trial, plan=plan), trial_resources(plan)),
-        param_space=space.tune_param_space(),
-        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=CONCURRENCY),
-                                    scheduler=FIFOScheduler(), num_samples=1, reuse_actors=True),
-        run_config=tune.RunConfig(name=space.name, storage_path=str(race.work), verbose=0))
+    race, space = table_race(race)
+    results = tune_run(race, space, search_alg=BasicVariantGenerator(max_concurrent=CONCURRENCY),
+                       scheduler=FIFOScheduler(), samples=1, param_space=space.tune_param_space(),
+                       log=race.work / "events.jsonl", began=time.time())
     curves = []
-    for result in tuner.fit():
+    for result in results:
         if result.error is not None:
             raise RuntimeError(f"{result.config}: {result.error}")
         # Fewer epochs than asked: the trial diverged (its loss NaN) and ended itself, as it would in the race.
@@ -101,7 +81,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "table.json"
     tables = json.loads(path.read_text()) if path.is_file() else []  # an interrupted run goes on
-    print(f"load at start: {_load()} ({time.strftime('%H:%M:%S')})", flush=True)
+    print(f"load at start: {machine_load()} ({time.strftime('%H:%M:%S')})", flush=True)
     connect_ray(None)
     quiet_tune_console()
     with tempfile.TemporaryDirectory(prefix="dettune-race-table-") as tmp:
@@ -118,7 +98,7 @@ def main() -> None:
             path.write_text(json.dumps(tables))
             best = max(max(c["values"]) for c in curves)
             print(f"{grid} seed {seed}: {len(curves)} configurations, best {best * 100:.2f} AP, "
-                  f"{time.time() - began:.0f} s, load {_load()}", flush=True)
+                  f"{time.time() - began:.0f} s, load {machine_load()}", flush=True)
     print(f"wrote {path}")
 
 
